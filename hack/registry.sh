@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Starts a real OCI registry (CNCF distribution, Debian's docker-registry) on loopback with
+# htpasswd authentication, for tests that pull with the Secrets pullkeeper writes.
+#
+#   hack/registry.sh start DIR USER PASSWORD   start (or reuse); last line: host:port
+#   hack/registry.sh stop DIR                  stop it
+set -euo pipefail
+
+ensure_packages() {
+  local need=()
+  command -v docker-registry >/dev/null || need+=(docker-registry)
+  command -v skopeo >/dev/null || need+=(skopeo)
+  command -v htpasswd >/dev/null || need+=(apache2-utils)
+  if ((${#need[@]})); then
+    [[ $(id -u) -eq 0 ]] || { echo "missing packages: ${need[*]}" >&2; exit 1; }
+    echo "installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+cmd="${1:-}"
+dir="${2:-}"
+[[ -n "$cmd" && -n "$dir" ]] || { echo "usage: $0 start DIR USER PASSWORD | stop DIR" >&2; exit 2; }
+
+case "$cmd" in
+  start)
+    user="${3:?user}"; password="${4:?password}"
+    ensure_packages
+    mkdir -p "$dir"
+    exec 9>"$dir/.lock"
+    flock 9
+    if [[ -f "$dir/pid" && -f "$dir/addr" ]] && kill -0 "$(cat "$dir/pid")" 2>/dev/null \
+      && curl -s -o /dev/null "http://$(cat "$dir/addr")/v2/"; then
+      cat "$dir/addr"
+      exit 0
+    fi
+    port="$(free_port)"
+    htpasswd -Bbn "$user" "$password" >"$dir/htpasswd"
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<EOT
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+auth:
+  htpasswd:
+    realm: pullkeeper-test
+    path: $dir/htpasswd
+EOT
+    setsid docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 < /dev/null 9>&- &
+    echo $! >"$dir/pid"
+    for _ in $(seq 1 100); do
+      code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)"
+      if [[ "$code" == 401 ]]; then
+        echo "127.0.0.1:$port" >"$dir/addr"
+        echo "127.0.0.1:$port"
+        exit 0
+      fi
+      sleep 0.1
+    done
+    echo "registry did not start; log:" >&2
+    cat "$dir/registry.log" >&2
+    exit 1
+    ;;
+  stop)
+    if [[ -f "$dir/pid" ]]; then
+      kill "$(cat "$dir/pid")" 2>/dev/null || true
+      rm -f "$dir/pid" "$dir/addr"
+    fi
+    ;;
+  *)
+    echo "unknown command $cmd" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,101 @@
+//! What the reconciler needs from either kind, so one pipeline serves both.
+
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::crd::{ClusterRegistryCredential, RegistryCredential, RegistryCredentialStatus};
+
+use super::secret::Owner;
+use super::triggers::{SCOPE_CLUSTER, SCOPE_NAMESPACE, Trigger};
+use super::validate::{self, SpecError, ValidSpec};
+
+/// A pullkeeper credential kind.
+pub trait CredentialKind:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug + Send + Sync + 'static
+{
+    /// Kind name for messages and metrics.
+    const KIND: &'static str;
+
+    /// Validated spec.
+    fn validate(&self) -> Result<ValidSpec, SpecError>;
+
+    /// Current status.
+    fn current_status(&self) -> Option<&RegistryCredentialStatus>;
+
+    /// An API handle through which this object can be read and patched.
+    fn api(&self, client: Client) -> Api<Self>;
+
+    /// Identity stamped on the Secrets this object writes.
+    fn owner(&self) -> Owner;
+
+    /// The trigger that reconciles this object.
+    fn trigger(&self) -> Trigger;
+
+    /// `namespace/name` or `name`.
+    fn key(&self) -> String {
+        match self.namespace() {
+            Some(ns) => format!("{ns}/{}", self.name_any()),
+            None => self.name_any(),
+        }
+    }
+}
+
+impl CredentialKind for ClusterRegistryCredential {
+    const KIND: &'static str = "ClusterRegistryCredential";
+
+    fn validate(&self) -> Result<ValidSpec, SpecError> {
+        validate::cluster(&self.name_any(), &self.spec)
+    }
+
+    fn current_status(&self) -> Option<&RegistryCredentialStatus> {
+        self.status.as_ref()
+    }
+
+    fn api(&self, client: Client) -> Api<Self> {
+        Api::all(client)
+    }
+
+    fn owner(&self) -> Owner {
+        Owner {
+            scope: SCOPE_CLUSTER,
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+        }
+    }
+
+    fn trigger(&self) -> Trigger {
+        Trigger::Cluster(self.name_any())
+    }
+}
+
+impl CredentialKind for RegistryCredential {
+    const KIND: &'static str = "RegistryCredential";
+
+    fn validate(&self) -> Result<ValidSpec, SpecError> {
+        validate::namespaced(&self.name_any(), &self.namespace().unwrap_or_default(), &self.spec)
+    }
+
+    fn current_status(&self) -> Option<&RegistryCredentialStatus> {
+        self.status.as_ref()
+    }
+
+    fn api(&self, client: Client) -> Api<Self> {
+        Api::namespaced(client, &self.namespace().unwrap_or_default())
+    }
+
+    fn owner(&self) -> Owner {
+        Owner {
+            scope: SCOPE_NAMESPACE,
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+        }
+    }
+
+    fn trigger(&self) -> Trigger {
+        Trigger::Namespaced {
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The operator: one kube-runtime `Controller` per kind sharing a [`Context`].
+//!
+//! Reconcile is a short pipeline (see [`reconcile`]): validate (pure) → issue credential
+//! (provider I/O) → compute status (pure) → patch status (API I/O).
+
+pub mod apply;
+pub mod backoff;
+pub mod kind;
+pub mod plan;
+pub mod reconcile;
+pub mod secret;
+pub mod service_account;
+pub mod status;
+pub mod target;
+pub mod triggers;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{ClusterRegistryCredential, RegistryCredential};
+use crate::metrics::Metrics;
+
+pub use kind::CredentialKind;
+
+/// Field manager for status written by the controller.
+pub const STATUS_MANAGER: &str = "pullkeeper.io/status";
+/// Field manager for objects written by the controller (Secrets, ServiceAccount entries).
+pub const OBJECT_MANAGER: &str = "pullkeeper.io/controller";
+
+/// Errors of the controller's API I/O. Spec problems are not errors: they are reported in
+/// status and the object waits for a change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing status failed.
+    #[error("writing status of {kind} {key}: {source}")]
+    PatchStatus {
+        /// Kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        key: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The finalizer machinery failed (adding or removing it, or the wrapped step).
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Listing what to clean up failed.
+    #[error("listing Secrets written by {kind} {key}: {source}")]
+    Cleanup {
+        /// Kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        key: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Some cleanup steps failed; the finalizer stays until they succeed.
+    #[error("cleaning up after {kind} {key}: {message}")]
+    CleanupIncomplete {
+        /// Kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        key: String,
+        /// First failure.
+        message: String,
+    },
+    /// Serialising the status failed.
+    #[error("serialising status of {kind} {key}: {source}")]
+    Serialize {
+        /// Kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        key: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A fixed label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::PatchStatus { .. } => "patch_status",
+            Error::Serialize { .. } => "serialize",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Cleanup { .. } => "cleanup_list",
+            Error::CleanupIncomplete { .. } => "cleanup_incomplete",
+        }
+    }
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Retry delays per object.
+    pub backoffs: backoff::Backoffs,
+    /// Namespaces, managed Secrets, ServiceAccounts.
+    pub caches: triggers::Caches,
+    /// Watches on referenced source Secrets.
+    pub sources: triggers::SourceWatches,
+    /// Max parallel writes within one reconcile.
+    pub write_concurrency: usize,
+}
+
+/// Settings for [`run`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Reporter instance for Events (the pod name in a cluster).
+    pub instance: Option<String>,
+    /// Max parallel reconciles per kind.
+    pub concurrency: u16,
+    /// Max parallel writes within one reconcile.
+    pub write_concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            instance: None,
+            concurrency: 8,
+            write_concurrency: 32,
+        }
+    }
+}
+
+/// Waits until both CRDs are served, polling with a capped delay, so the operator can start
+/// before its CRDs are installed instead of crashing. Returns false if shut down first.
+pub async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> bool {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let lp = kube::api::ListParams::default().limit(1);
+        let cluster = Api::<ClusterRegistryCredential>::all(client.clone())
+            .list_metadata(&lp)
+            .await;
+        let namespaced = Api::<RegistryCredential>::all(client.clone()).list_metadata(&lp).await;
+        match (cluster, namespaced) {
+            (Ok(_), Ok(_)) => return true,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "pullkeeper CRDs are not served yet; install them (`pullkeeper crds | kubectl apply --server-side -f -`). Retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Runs both controllers until `shutdown` is cancelled. Call [`wait_for_crds`] first.
+pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
+    let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
+    let caches = triggers::start(&client, trigger_tx.clone(), &shutdown);
+    tokio::select! {
+        () = caches.ready() => {}
+        () = shutdown.cancelled() => return,
+    }
+    tracing::info!("caches of namespaces, managed Secrets and ServiceAccounts are synced");
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: crate::OPERATOR_NAME.to_owned(),
+                instance: settings.instance.clone(),
+            },
+        ),
+        client: client.clone(),
+        metrics,
+        backoffs: backoff::Backoffs::default(),
+        caches,
+        sources: triggers::SourceWatches::new(client.clone(), trigger_tx, shutdown.clone()),
+        write_concurrency: settings.write_concurrency.max(1),
+    });
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(settings.concurrency)
+        .debounce(Duration::from_millis(50));
+    let cluster_ctl = Controller::new(
+        Api::<ClusterRegistryCredential>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let namespaced_ctl = Controller::new(
+        Api::<RegistryCredential>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let (cluster_tx, cluster_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (namespaced_tx, namespaced_rx) = tokio::sync::mpsc::unbounded_channel();
+    triggers::spawn_dispatcher(
+        trigger_rx,
+        cluster_ctl.store(),
+        namespaced_ctl.store(),
+        cluster_tx,
+        namespaced_tx,
+    );
+    let cluster = cluster_ctl
+        .with_config(config.clone())
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(cluster_rx))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            reconcile::reconcile::<ClusterRegistryCredential>,
+            reconcile::error_policy::<ClusterRegistryCredential>,
+            ctx.clone(),
+        )
+        .for_each(|res| async move { log_result(res) });
+    let namespaced = namespaced_ctl
+        .with_config(config)
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(namespaced_rx))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            reconcile::reconcile::<RegistryCredential>,
+            reconcile::error_policy::<RegistryCredential>,
+            ctx,
+        )
+        .for_each(|res| async move { log_result(res) });
+    tracing::info!("controllers started");
+    futures::join!(cluster, namespaced);
+    tracing::info!("controllers stopped");
+}
+
+fn log_result<K, E1, E2>(
+    res: Result<
+        (
+            kube::runtime::reflector::ObjectRef<K>,
+            kube::runtime::controller::Action,
+        ),
+        kube::runtime::controller::Error<E1, E2>,
+    >,
+) where
+    K: kube::Resource,
+    K::DynamicType: std::fmt::Debug,
+    E1: std::error::Error,
+    E2: std::error::Error,
+{
+    match res {
+        Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+        // Reconcile errors were logged by error_policy; only watch-level problems here.
+        Err(kube::runtime::controller::Error::ReconcilerFailed(_, _)) => {}
+        Err(e) => tracing::warn!(error = %e, "controller stream error"),
+    }
+}

@@ -1,0 +1,416 @@
+//! Pure step: from the cached cluster state and the desired content, the writes needed.
+//! Nothing here talks to the apiserver, so every rule is unit-tested.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::Value;
+
+use super::secret::{self, Content, Owner, State};
+use super::service_account;
+use super::target::{self, NamespaceInfo};
+use super::validate::ValidSpec;
+
+/// A Secret to create or rewrite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Not in the cache: create it, unless someone else's Secret is there.
+    Create(String),
+    /// Ours but stale or edited: apply.
+    Apply(String),
+}
+
+/// One of our Secrets to delete, with the identity it was seen with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delete {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID precondition, so only the object we saw is deleted.
+    pub uid: Option<String>,
+}
+
+/// A ServiceAccount patch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaPatch {
+    /// Namespace.
+    pub namespace: String,
+    /// ServiceAccount name.
+    pub name: String,
+    /// JSON patch.
+    pub patch: Value,
+}
+
+/// Everything one reconcile will do.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Targeted namespaces, sorted.
+    pub targeted: Vec<String>,
+    /// Targeted namespaces already holding the current secret.
+    pub current: Vec<String>,
+    /// Secrets to create or rewrite.
+    pub writes: Vec<Write>,
+    /// Namespaces where another credential's Secret has the name.
+    pub conflicts: Vec<String>,
+    /// Our Secrets that must go (namespace left the target, or the name changed).
+    pub deletes: Vec<Delete>,
+    /// ServiceAccount patches.
+    pub sa_patches: Vec<SaPatch>,
+}
+
+/// Cached cluster state a plan is computed from.
+pub struct Snapshot<'a> {
+    /// Every namespace.
+    pub namespaces: &'a [NamespaceInfo],
+    /// Metadata of every pullkeeper-managed Secret (any credential).
+    pub managed_secrets: &'a [&'a ObjectMeta],
+    /// ServiceAccounts, any namespace.
+    pub service_accounts: &'a [Arc<ServiceAccount>],
+}
+
+/// Computes the plan. With `content` absent (the provider failed), nothing is written or
+/// rewritten, so working secrets stay; Secrets in namespaces that left the target are
+/// still removed.
+pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap: &Snapshot<'_>) -> Plan {
+    let targeted = target::targeted(&spec.scope, snap.namespaces);
+    let targeted_set: BTreeSet<&str> = targeted.iter().map(String::as_str).collect();
+    let by_ns_name: BTreeMap<(&str, &str), &ObjectMeta> = snap
+        .managed_secrets
+        .iter()
+        .map(|m| {
+            (
+                (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or("")),
+                *m,
+            )
+        })
+        .collect();
+    let mut sas_by_ns: BTreeMap<&str, Vec<&ServiceAccount>> = BTreeMap::new();
+    for sa in snap.service_accounts {
+        sas_by_ns
+            .entry(sa.metadata.namespace.as_deref().unwrap_or(""))
+            .or_default()
+            .push(sa);
+    }
+    let mut plan = Plan {
+        targeted: targeted.clone(),
+        ..Plan::default()
+    };
+
+    for ns in &targeted {
+        let existing = by_ns_name.get(&(ns.as_str(), spec.secret_name.as_str())).copied();
+        let state = match content {
+            Some(c) => secret::state(owner, existing, c),
+            // No new content: whatever of ours is there stays as it is.
+            None if existing.is_some_and(|m| owner.owns(m)) => State::Current,
+            None if existing.is_some() => State::Foreign,
+            None => State::Missing,
+        };
+        match state {
+            State::Foreign => {
+                plan.conflicts.push(ns.clone());
+                continue;
+            }
+            State::Current => plan.current.push(ns.clone()),
+            State::Stale => plan.writes.push(Write::Apply(ns.clone())),
+            State::Missing if content.is_some() => plan.writes.push(Write::Create(ns.clone())),
+            State::Missing => continue,
+        }
+        for sa in sas_by_ns.get(ns.as_str()).into_iter().flatten() {
+            let name = sa.metadata.name.clone().unwrap_or_default();
+            let patch = if spec.service_accounts.contains(&name) {
+                service_account::add_patch(sa, &spec.secret_name)
+            } else {
+                service_account::remove_patch(sa, &spec.secret_name)
+            };
+            if let Some(patch) = patch {
+                plan.sa_patches.push(SaPatch {
+                    namespace: ns.clone(),
+                    name,
+                    patch,
+                });
+            }
+        }
+    }
+
+    for meta in snap.managed_secrets.iter().filter(|m| owner.owns(m)) {
+        let ns = meta.namespace.as_deref().unwrap_or("");
+        let name = meta.name.as_deref().unwrap_or("");
+        if targeted_set.contains(ns) && name == spec.secret_name {
+            continue;
+        }
+        plan.deletes.push(Delete {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            uid: meta.uid.clone(),
+        });
+        for sa in sas_by_ns.get(ns).into_iter().flatten() {
+            if let Some(patch) = service_account::remove_patch(sa, name) {
+                plan.sa_patches.push(SaPatch {
+                    namespace: ns.to_owned(),
+                    name: sa.metadata.name.clone().unwrap_or_default(),
+                    patch,
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// The cleanup plan when the credential is deleted: every Secret it wrote and every
+/// `imagePullSecrets` entry naming one of them.
+pub fn cleanup(owner: &Owner, snap: &Snapshot<'_>) -> Plan {
+    let mut plan = Plan::default();
+    for meta in snap.managed_secrets.iter().filter(|m| owner.owns(m)) {
+        let ns = meta.namespace.clone().unwrap_or_default();
+        let name = meta.name.clone().unwrap_or_default();
+        for sa in snap
+            .service_accounts
+            .iter()
+            .filter(|sa| sa.metadata.namespace.as_deref() == Some(ns.as_str()))
+        {
+            if let Some(patch) = service_account::remove_patch(sa, &name) {
+                plan.sa_patches.push(SaPatch {
+                    namespace: ns.clone(),
+                    name: sa.metadata.name.clone().unwrap_or_default(),
+                    patch,
+                });
+            }
+        }
+        plan.deletes.push(Delete {
+            namespace: ns,
+            name,
+            uid: meta.uid.clone(),
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::validate::{Scope, ValidSpec};
+    use crate::crd::{BasicProvider, ClusterSecretRef, Provider, TlsSpec};
+    use crate::provider::Credential;
+    use crate::registry::RegistryHost;
+    use k8s_openapi::api::core::v1::LocalObjectReference;
+    use secrecy::SecretString;
+
+    fn owner() -> Owner {
+        Owner {
+            scope: "cluster",
+            name: "ghcr".into(),
+            uid: "u1".into(),
+        }
+    }
+
+    fn spec(scope: Scope) -> ValidSpec {
+        ValidSpec {
+            registry: RegistryHost::parse("ghcr.io").expect("host"),
+            provider: Provider::Basic(BasicProvider {
+                secret_ref: ClusterSecretRef {
+                    name: "s".into(),
+                    namespace: "ops".into(),
+                },
+                username_key: "username".into(),
+                password_key: "password".into(),
+            }),
+            renew_before: None,
+            refresh_interval: std::time::Duration::from_secs(3600),
+            secret_name: "pullkeeper-ghcr".into(),
+            scope,
+            service_accounts: vec!["default".into()],
+            verify: None,
+            tls: TlsSpec::default(),
+            suspend: false,
+        }
+    }
+
+    fn all() -> Scope {
+        Scope::Cluster {
+            selector: None,
+            namespaces: None,
+            exclude: vec![],
+        }
+    }
+
+    fn content() -> Content {
+        secret::content(
+            &owner(),
+            &RegistryHost::parse("ghcr.io").expect("host"),
+            &Credential {
+                username: "u".into(),
+                password: SecretString::from("p"),
+                expires_at: None,
+            },
+        )
+    }
+
+    fn ns(name: &str) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn managed(owner: &Owner, ns: &str, name: &str, hash: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{ns}")),
+            labels: Some(owner.labels()),
+            annotations: Some([(secret::HASH_ANNOTATION.to_owned(), hash.to_owned())].into()),
+            ..Default::default()
+        }
+    }
+
+    fn sa(ns: &str, name: &str, entries: &[&str]) -> Arc<ServiceAccount> {
+        let mut sa = ServiceAccount::default();
+        sa.metadata.namespace = Some(ns.into());
+        sa.metadata.name = Some(name.into());
+        sa.metadata.resource_version = Some("1".into());
+        sa.image_pull_secrets = Some(
+            entries
+                .iter()
+                .map(|n| LocalObjectReference { name: (*n).into() })
+                .collect(),
+        );
+        Arc::new(sa)
+    }
+
+    #[test]
+    fn creates_missing_rewrites_stale_skips_current() {
+        let c = content();
+        let namespaces = [ns("a"), ns("b"), ns("c")];
+        let secrets = [
+            managed(&owner(), "b", "pullkeeper-ghcr", &c.hash),
+            managed(&owner(), "c", "pullkeeper-ghcr", "old"),
+        ];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &[],
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        assert_eq!(plan.writes, vec![Write::Create("a".into()), Write::Apply("c".into())]);
+        assert_eq!(plan.current, vec!["b".to_owned()]);
+        assert!(plan.deletes.is_empty() && plan.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_resync_with_nothing_changed_writes_nothing() {
+        let c = content();
+        let namespaces = [ns("a")];
+        let secrets = [managed(&owner(), "a", "pullkeeper-ghcr", &c.hash)];
+        let sas = [sa("a", "default", &["pullkeeper-ghcr"])];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas,
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
+    }
+
+    #[test]
+    fn another_credentials_secret_is_a_conflict_and_its_sas_are_left_alone() {
+        let c = content();
+        let other = Owner {
+            name: "other".into(),
+            ..owner()
+        };
+        let namespaces = [ns("a")];
+        let secrets = [managed(&other, "a", "pullkeeper-ghcr", "x")];
+        let sas = [sa("a", "default", &[])];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas,
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        assert_eq!(plan.conflicts, vec!["a".to_owned()]);
+        assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
+    }
+
+    #[test]
+    fn namespaces_leaving_the_target_lose_secret_and_entry() {
+        let c = content();
+        let namespaces = [ns("a"), ns("gone")];
+        let secrets = [managed(&owner(), "gone", "pullkeeper-ghcr", &c.hash)];
+        let sas = [sa("gone", "default", &["theirs", "pullkeeper-ghcr"])];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas,
+        };
+        let scope = Scope::Cluster {
+            selector: None,
+            namespaces: Some(vec!["a".into()]),
+            exclude: vec![],
+        };
+        let plan = compute(&owner(), &spec(scope), Some(&c), &snap);
+        assert_eq!(plan.deletes.len(), 1);
+        assert_eq!(plan.deletes[0].namespace, "gone");
+        assert_eq!(plan.sa_patches.len(), 1);
+        assert_eq!(plan.sa_patches[0].patch[1]["op"], "remove");
+    }
+
+    #[test]
+    fn provider_failure_writes_nothing_but_keeps_existing() {
+        let namespaces = [ns("a"), ns("b")];
+        let secrets = [managed(&owner(), "a", "pullkeeper-ghcr", "whatever")];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &[],
+        };
+        let plan = compute(&owner(), &spec(all()), None, &snap);
+        assert!(plan.writes.is_empty() && plan.deletes.is_empty());
+        assert_eq!(plan.current, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn listed_service_accounts_get_the_entry_and_unlisted_lose_it() {
+        let c = content();
+        let namespaces = [ns("a")];
+        let secrets = [managed(&owner(), "a", "pullkeeper-ghcr", &c.hash)];
+        let sas = [
+            sa("a", "default", &["theirs"]),
+            sa("a", "builder", &["pullkeeper-ghcr"]),
+            sa("a", "other", &["theirs"]),
+        ];
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas,
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        let touched: Vec<_> = plan.sa_patches.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(touched, vec!["default", "builder"]);
+    }
+
+    #[test]
+    fn cleanup_removes_everything_ours_only() {
+        let other = Owner {
+            name: "other".into(),
+            ..owner()
+        };
+        let secrets = [
+            managed(&owner(), "a", "pullkeeper-ghcr", "h"),
+            managed(&other, "a", "pullkeeper-other", "h"),
+        ];
+        let sas = [sa("a", "default", &["pullkeeper-other", "pullkeeper-ghcr"])];
+        let snap = Snapshot {
+            namespaces: &[],
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas,
+        };
+        let plan = cleanup(&owner(), &snap);
+        assert_eq!(plan.deletes.len(), 1);
+        assert_eq!(plan.deletes[0].name, "pullkeeper-ghcr");
+        assert_eq!(plan.sa_patches.len(), 1);
+        assert_eq!(plan.sa_patches[0].patch[0]["path"], "/imagePullSecrets/1/name");
+    }
+}

@@ -1,0 +1,284 @@
+//! The reconcile pipeline for both kinds:
+//! validate (pure) → issue credential (provider I/O, once) → plan (pure) → apply (API I/O)
+//! → status (pure) → patch status and publish Events (API I/O).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, finalizer};
+use serde_json::json;
+use tracing::{Instrument, info_span, warn};
+
+use crate::crd::RegistryCredentialStatus;
+use crate::provider::{self, Credential, ProviderError, ProviderSpec};
+
+use super::plan::{self, Snapshot};
+use super::secret;
+use super::status::{self, Outcome, Sync};
+use super::target::NamespaceInfo;
+use super::validate::ValidSpec;
+use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply};
+
+/// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
+pub const FINALIZER: &str = "pullkeeper.io/cleanup";
+/// How long to wait before looking again at an object that needs a spec change.
+const RECHECK_INVALID: Duration = Duration::from_secs(3600);
+/// Floor between refreshes, so a past or absurd expiry never hot-loops.
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+
+/// Reconciles one object.
+pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", kind = K::KIND, object = %obj.key());
+    async move {
+        let started = Instant::now();
+        let api = obj.api(ctx.client.clone());
+        let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
+            match event {
+                finalizer::Event::Apply(o) => apply_spec(o.as_ref(), &ctx).await,
+                finalizer::Event::Cleanup(o) => cleanup(o.as_ref(), &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.observe_reconcile(
+            K::KIND,
+            result.as_ref().err().map(Error::metric_label),
+            started.elapsed(),
+        );
+        if result.is_ok() {
+            ctx.backoffs.reset(&backoff_key::<K>(&obj));
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
+    let spec = match obj.validate() {
+        Ok(spec) => spec,
+        Err(e) => {
+            ctx.sources.sync(&obj.trigger(), &[]);
+            return finish(obj, ctx, &Outcome::Invalid(e), Action::requeue(RECHECK_INVALID)).await;
+        }
+    };
+    if spec.suspend {
+        return finish(obj, ctx, &Outcome::Suspended, Action::await_change()).await;
+    }
+    ctx.sources.sync(&obj.trigger(), &source_secrets(&spec.provider));
+    let owner = obj.owner();
+    let issued = issue(ctx, &spec).await;
+    let content = issued.as_ref().ok().map(|c| secret::content(&owner, &spec.registry, c));
+
+    let namespaces: Vec<NamespaceInfo> = ctx
+        .caches
+        .namespaces
+        .state()
+        .iter()
+        .map(|n| NamespaceInfo::from_meta(&n.metadata))
+        .collect();
+    let secrets = ctx.caches.secrets.state();
+    let metas: Vec<_> = secrets.iter().map(|s| &s.metadata).collect();
+    let sas = ctx.caches.service_accounts.state();
+    let snapshot = Snapshot {
+        namespaces: &namespaces,
+        managed_secrets: &metas,
+        service_accounts: &sas,
+    };
+    let plan = plan::compute(&owner, &spec, content.as_ref(), &snapshot);
+    let done = apply::execute(
+        &ctx.client,
+        &owner,
+        &spec.secret_name,
+        content.as_ref(),
+        &plan,
+        ctx.write_concurrency,
+    )
+    .await;
+    ctx.metrics.observe_writes(K::KIND, done.requests);
+
+    let failed: std::collections::BTreeSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
+    let synced = plan
+        .targeted
+        .iter()
+        .filter(|ns| !failed.contains(ns.as_str()))
+        .filter(|ns| plan.current.contains(ns) || done.written.contains(ns))
+        .count();
+    let sync = Sync {
+        targeted: plan.targeted.len(),
+        synced,
+        failures: done.failures.clone(),
+    };
+    let delay = match &issued {
+        Ok(c) if !done.retryable => next_refresh(&spec, c),
+        Err(e) if e.is_permanent() && !done.retryable => RECHECK_INVALID,
+        _ => ctx.backoffs.next(&backoff_key::<K>(obj)),
+    };
+    let next_at = Timestamp::now().checked_add(delay).ok();
+    let outcome = Outcome::Reconciled {
+        credential: issued.map(|c| status::Issued {
+            expires_at: c.expires_at,
+            next_refresh: next_at,
+        }),
+        sync,
+    };
+    finish(obj, ctx, &outcome, Action::requeue(delay)).await
+}
+
+async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
+    ctx.sources.sync(&obj.trigger(), &[]);
+    let owner = obj.owner();
+    // Use a fresh list rather than the cache: nothing we wrote may be left behind.
+    let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone())
+        .list_metadata(&kube::api::ListParams::default().labels(&owner.selector()))
+        .await
+        .map_err(|source| Error::Cleanup {
+            kind: K::KIND,
+            key: obj.key(),
+            source,
+        })?;
+    let metas: Vec<_> = secrets.items.iter().map(|s| &s.metadata).collect();
+    let sas = ctx.caches.service_accounts.state();
+    let snapshot = Snapshot {
+        namespaces: &[],
+        managed_secrets: &metas,
+        service_accounts: &sas,
+    };
+    let plan = plan::cleanup(&owner, &snapshot);
+    let done = apply::execute(&ctx.client, &owner, "", None, &plan, ctx.write_concurrency).await;
+    if let Some(f) = done.failures.first() {
+        return Err(Error::CleanupIncomplete {
+            kind: K::KIND,
+            key: obj.key(),
+            message: f.message.clone(),
+        });
+    }
+    tracing::info!(secrets = plan.deletes.len(), "removed everything this credential wrote");
+    Ok(Action::await_change())
+}
+
+/// `(namespace, name)` of every Secret the provider reads.
+fn source_secrets(p: &ProviderSpec) -> Vec<(String, String)> {
+    use crate::crd::Provider;
+    let r = |namespace: &str, name: &str| vec![(namespace.to_owned(), name.to_owned())];
+    match p {
+        Provider::Basic(b) => r(&b.secret_ref.namespace, &b.secret_ref.name),
+        Provider::DockerConfig(d) => r(&d.secret_ref.namespace, &d.secret_ref.name),
+        Provider::Ecr(e) => e
+            .credentials_secret_ref
+            .as_ref()
+            .map(|s| r(&s.namespace, &s.name))
+            .unwrap_or_default(),
+        Provider::Gcp(g) => g
+            .service_account_key_secret_ref
+            .as_ref()
+            .map(|s| r(&s.namespace, &s.name))
+            .unwrap_or_default(),
+        Provider::Acr(a) => a
+            .client_secret_ref
+            .as_ref()
+            .map(|s| r(&s.namespace, &s.name))
+            .unwrap_or_default(),
+    }
+}
+
+async fn issue(ctx: &Context, spec: &ValidSpec) -> Result<Credential, ProviderError> {
+    let provider = provider::from_spec(&ctx.client, &spec.registry, &spec.provider)?;
+    let started = Instant::now();
+    let result = provider.issue().await;
+    ctx.metrics.observe_provider_call(
+        spec.provider.kind_name(),
+        result.as_ref().err().map(ProviderError::metric_label),
+        started.elapsed(),
+    );
+    result
+}
+
+/// When to renew: `expiresAt - renewBefore` (default a quarter of the remaining
+/// lifetime), never sooner than [`MIN_REFRESH`]; credentials without expiry are re-read
+/// every `refresh.interval`.
+pub fn next_refresh(spec: &ValidSpec, credential: &Credential) -> Duration {
+    match credential.expires_at {
+        None => spec.refresh_interval,
+        Some(at) => {
+            let left = Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default();
+            let before = spec.renew_before.unwrap_or(left / 4);
+            left.saturating_sub(before).max(MIN_REFRESH)
+        }
+    }
+}
+
+async fn finish<K: CredentialKind>(obj: &K, ctx: &Context, outcome: &Outcome, action: Action) -> Result<Action, Error> {
+    let previous = obj.current_status();
+    let next = status::build(previous, outcome, obj.meta().generation, Timestamp::now());
+    if previous != Some(&next) {
+        patch_status(obj, ctx, &next).await?;
+    }
+    for t in status::events(previous, &next) {
+        publish(obj, ctx, &t).await;
+    }
+    Ok(action)
+}
+
+async fn patch_status<K: CredentialKind>(
+    obj: &K,
+    ctx: &Context,
+    status: &RegistryCredentialStatus,
+) -> Result<(), Error> {
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": serde_json::to_value(status).map_err(|source| Error::Serialize {
+            kind: K::KIND,
+            key: obj.key(),
+            source,
+        })?,
+    });
+    obj.api(ctx.client.clone())
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| Error::PatchStatus {
+            kind: K::KIND,
+            key: obj.key(),
+            source,
+        })?;
+    Ok(())
+}
+
+async fn publish<K: CredentialKind>(obj: &K, ctx: &Context, t: &status::Transition) {
+    let event = Event {
+        type_: if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: t.reason.clone(),
+        note: Some(t.message.chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        // Events are best effort: a failure to record one must not fail the reconcile.
+        warn!(error = %e, "could not publish Event");
+    }
+}
+
+fn backoff_key<K: CredentialKind>(obj: &K) -> String {
+    format!("{}/{}", K::KIND, obj.key())
+}
+
+/// Retries failed reconciles with exponential backoff and jitter per object.
+pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoffs.next(&backoff_key::<K>(&obj));
+    warn!(kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

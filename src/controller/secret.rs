@@ -1,0 +1,307 @@
+//! Pure step: the pull secret pullkeeper writes, and whether an existing one is current.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::provider::{Credential, DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYPE};
+use crate::registry::RegistryHost;
+
+use super::OBJECT_MANAGER;
+
+/// `app.kubernetes.io/managed-by`.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "pullkeeper";
+/// Name of the credential that wrote the Secret.
+pub const CREDENTIAL_LABEL: &str = "pullkeeper.io/credential";
+/// `cluster` for a ClusterRegistryCredential, `namespace` for a RegistryCredential.
+pub const SCOPE_LABEL: &str = "pullkeeper.io/scope";
+/// RFC 3339 time at which the credential in the Secret expires.
+pub const EXPIRES_AT_ANNOTATION: &str = "pullkeeper.io/expires-at";
+/// Salted digest of the written content, to know without reading data whether a write is needed.
+pub const HASH_ANNOTATION: &str = "pullkeeper.io/content-hash";
+
+/// Which credential owns a Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// `cluster` or `namespace`.
+    pub scope: &'static str,
+    /// The credential's name.
+    pub name: String,
+    /// The credential's UID (salts the content hash).
+    pub uid: String,
+}
+
+impl Owner {
+    /// The labels every written Secret carries.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned()),
+            (CREDENTIAL_LABEL.to_owned(), self.name.clone()),
+            (SCOPE_LABEL.to_owned(), self.scope.to_owned()),
+        ])
+    }
+
+    /// Whether a Secret's labels say it is this owner's.
+    pub fn owns(&self, meta: &ObjectMeta) -> bool {
+        let labels = meta.labels.as_ref();
+        let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+        get(MANAGED_BY_LABEL) == Some(MANAGED_BY_VALUE)
+            && get(CREDENTIAL_LABEL) == Some(self.name.as_str())
+            && get(SCOPE_LABEL) == Some(self.scope)
+    }
+
+    /// Label selector for this owner's Secrets.
+    pub fn selector(&self) -> String {
+        format!(
+            "{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{CREDENTIAL_LABEL}={},{SCOPE_LABEL}={}",
+            self.name, self.scope
+        )
+    }
+}
+
+/// The content of a pull secret, ready to apply to any namespace.
+#[derive(Clone)]
+pub struct Content {
+    /// `.dockerconfigjson` bytes.
+    config: Vec<u8>,
+    /// Salted hash of everything written.
+    pub hash: String,
+    /// `pullkeeper.io/expires-at`, if the credential expires.
+    pub expires_at: Option<String>,
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Content")
+            .field("hash", &self.hash)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `.dockerconfigjson` document: one entry, under the registry's key, with `auth`,
+/// `username` and `password`, as docker, containerd and CRI-O read it.
+pub fn docker_config_json(registry: &RegistryHost, credential: &Credential) -> Vec<u8> {
+    let password = credential.password.expose_secret();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", credential.username));
+    let doc = json!({
+        "auths": {
+            registry.auth_key(): {
+                "username": credential.username,
+                "password": password,
+                "auth": auth,
+            }
+        }
+    });
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// Builds the content for `credential`.
+pub fn content(owner: &Owner, registry: &RegistryHost, credential: &Credential) -> Content {
+    let config = docker_config_json(registry, credential);
+    let expires_at = credential.expires_at.map(|t| t.to_string());
+    let mut h = Sha256::new();
+    h.update(owner.uid.as_bytes());
+    h.update([0]);
+    h.update(&config);
+    h.update([0]);
+    h.update(expires_at.as_deref().unwrap_or("").as_bytes());
+    let digest = h.finalize();
+    let hash = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    Content {
+        config,
+        hash,
+        expires_at,
+    }
+}
+
+/// The server-side apply body of the Secret in `namespace`.
+pub fn apply_body(owner: &Owner, name: &str, namespace: &str, content: &Content) -> Value {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(HASH_ANNOTATION.into(), content.hash.clone().into());
+    if let Some(at) = &content.expires_at {
+        annotations.insert(EXPIRES_AT_ANNOTATION.into(), at.clone().into());
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": owner.labels(),
+            "annotations": annotations,
+        },
+        "type": DOCKER_CONFIG_JSON_TYPE,
+        "data": {
+            DOCKER_CONFIG_JSON_KEY: base64::engine::general_purpose::STANDARD.encode(&content.config),
+        },
+    })
+}
+
+/// How an existing Secret of the target name relates to what should be there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Nothing there (as far as the cache knows).
+    Missing,
+    /// Ours and current: nothing to write.
+    Current,
+    /// Ours but out of date or edited by someone else: rewrite.
+    Stale,
+    /// Someone else's: never touch.
+    Foreign,
+}
+
+/// Classifies an existing Secret's metadata.
+pub fn state(owner: &Owner, existing: Option<&ObjectMeta>, content: &Content) -> State {
+    let Some(meta) = existing else {
+        return State::Missing;
+    };
+    if !owner.owns(meta) {
+        return State::Foreign;
+    }
+    let hash_ok = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(HASH_ANNOTATION))
+        .is_some_and(|h| *h == content.hash);
+    if hash_ok && !edited_by_others(meta) {
+        State::Current
+    } else {
+        State::Stale
+    }
+}
+
+/// Whether a field manager other than pullkeeper owns the data, type, or our labels and
+/// annotations: someone edited the Secret by hand (`kubectl edit`, `apply`, `replace`).
+pub fn edited_by_others(meta: &ObjectMeta) -> bool {
+    meta.managed_fields.iter().flatten().any(|mf| {
+        mf.manager.as_deref() != Some(OBJECT_MANAGER)
+            && mf.fields_v1.as_ref().is_some_and(|f| {
+                let v = &f.0;
+                v.get("f:data").is_some()
+                    || v.get("f:type").is_some()
+                    || v.pointer("/f:metadata/f:annotations").is_some_and(|a| {
+                        a.get(format!("f:{HASH_ANNOTATION}")).is_some()
+                            || a.get(format!("f:{EXPIRES_AT_ANNOTATION}")).is_some()
+                    })
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    use secrecy::SecretString;
+
+    fn owner() -> Owner {
+        Owner {
+            scope: "cluster",
+            name: "ghcr".into(),
+            uid: "uid-1".into(),
+        }
+    }
+
+    fn cred(password: &str) -> Credential {
+        Credential {
+            username: "bot".into(),
+            password: SecretString::from(password.to_owned()),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn config_has_bare_host_key_and_all_fields() {
+        let host = RegistryHost::parse("registry.example.com:5000").expect("host");
+        let v: Value = serde_json::from_slice(&docker_config_json(&host, &cred("pw"))).expect("json");
+        let entry = &v["auths"]["registry.example.com:5000"];
+        assert_eq!(entry["username"], "bot");
+        assert_eq!(entry["password"], "pw");
+        assert_eq!(
+            entry["auth"],
+            base64::engine::general_purpose::STANDARD.encode("bot:pw")
+        );
+        assert_eq!(v["auths"].as_object().map(|o| o.len()), Some(1));
+    }
+
+    #[test]
+    fn docker_hub_is_written_under_its_historical_key() {
+        let host = RegistryHost::parse("docker.io").expect("host");
+        let v: Value = serde_json::from_slice(&docker_config_json(&host, &cred("pw"))).expect("json");
+        assert!(v["auths"].get("https://index.docker.io/v1/").is_some(), "{v}");
+    }
+
+    #[test]
+    fn apply_body_has_type_labels_and_annotations() {
+        let host = RegistryHost::parse("ghcr.io").expect("host");
+        let c = content(&owner(), &host, &cred("pw"));
+        let body = apply_body(&owner(), "pullkeeper-ghcr", "web", &c);
+        assert_eq!(body["type"], "kubernetes.io/dockerconfigjson");
+        assert_eq!(body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "pullkeeper");
+        assert_eq!(body["metadata"]["labels"]["pullkeeper.io/credential"], "ghcr");
+        assert_eq!(body["metadata"]["annotations"][HASH_ANNOTATION], c.hash.as_str());
+        assert!(body["data"][".dockerconfigjson"].is_string());
+        assert!(!format!("{c:?}").contains("pw\""), "Debug must not show the config");
+    }
+
+    #[test]
+    fn hash_changes_with_password_and_is_salted_by_owner() {
+        let host = RegistryHost::parse("ghcr.io").expect("host");
+        let a = content(&owner(), &host, &cred("one"));
+        let b = content(&owner(), &host, &cred("two"));
+        assert_ne!(a.hash, b.hash);
+        let mut other = owner();
+        other.uid = "uid-2".into();
+        assert_ne!(a.hash, content(&other, &host, &cred("one")).hash);
+    }
+
+    fn meta_with(owner: &Owner, hash: &str, managers: &[(&str, Value)]) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(owner.labels()),
+            annotations: Some([(HASH_ANNOTATION.to_owned(), hash.to_owned())].into()),
+            managed_fields: Some(
+                managers
+                    .iter()
+                    .map(|(m, f)| ManagedFieldsEntry {
+                        manager: Some((*m).to_owned()),
+                        fields_v1: Some(FieldsV1(f.clone())),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn states() {
+        let host = RegistryHost::parse("ghcr.io").expect("host");
+        let c = content(&owner(), &host, &cred("pw"));
+        assert_eq!(state(&owner(), None, &c), State::Missing);
+        let ours = json!({"f:data": {"f:.dockerconfigjson": {}}, "f:type": {}});
+        let current = meta_with(&owner(), &c.hash, &[(OBJECT_MANAGER, ours.clone())]);
+        assert_eq!(state(&owner(), Some(&current), &c), State::Current);
+        let old = meta_with(&owner(), "old", &[(OBJECT_MANAGER, ours.clone())]);
+        assert_eq!(state(&owner(), Some(&old), &c), State::Stale);
+        let edited = meta_with(
+            &owner(),
+            &c.hash,
+            &[
+                (OBJECT_MANAGER, ours),
+                ("kubectl-edit", json!({"f:data": {"f:.dockerconfigjson": {}}})),
+            ],
+        );
+        assert_eq!(state(&owner(), Some(&edited), &c), State::Stale);
+        let mut someone_else = owner();
+        someone_else.name = "other".into();
+        let theirs = meta_with(&someone_else, &c.hash, &[]);
+        assert_eq!(state(&owner(), Some(&theirs), &c), State::Foreign);
+        assert_eq!(state(&owner(), Some(&ObjectMeta::default()), &c), State::Foreign);
+    }
+}

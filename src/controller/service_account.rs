@@ -1,0 +1,103 @@
+//! Pure step: JSON patches that add or remove pullkeeper's entry in a ServiceAccount's
+//! `imagePullSecrets`, never touching anyone else's entries or their order. Each patch
+//! first tests the resourceVersion (or the entry) it was computed from, so a concurrent
+//! change makes it fail and retry instead of clobbering.
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use serde_json::{Value, json};
+
+/// Whether the ServiceAccount lists `secret` in `imagePullSecrets`.
+pub fn has_entry(sa: &ServiceAccount, secret: &str) -> bool {
+    sa.image_pull_secrets
+        .iter()
+        .flatten()
+        .any(|r| r.name.as_str() == secret)
+}
+
+/// A JSON patch appending `secret`, or `None` if it is already there.
+pub fn add_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
+    if has_entry(sa, secret) {
+        return None;
+    }
+    let rv = sa.metadata.resource_version.clone().unwrap_or_default();
+    let add = match &sa.image_pull_secrets {
+        Some(_) => json!({"op": "add", "path": "/imagePullSecrets/-", "value": {"name": secret}}),
+        None => json!({"op": "add", "path": "/imagePullSecrets", "value": [{"name": secret}]}),
+    };
+    Some(json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, add]))
+}
+
+/// A JSON patch removing every entry naming `secret`, or `None` if there is none.
+pub fn remove_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
+    let entries = sa.image_pull_secrets.as_ref()?;
+    let mut ops = Vec::new();
+    // Remove from the end so earlier indices stay valid.
+    for (i, r) in entries.iter().enumerate().rev() {
+        if r.name.as_str() == secret {
+            ops.push(json!({"op": "test", "path": format!("/imagePullSecrets/{i}/name"), "value": secret}));
+            ops.push(json!({"op": "remove", "path": format!("/imagePullSecrets/{i}")}));
+        }
+    }
+    (!ops.is_empty()).then_some(Value::Array(ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::LocalObjectReference;
+
+    fn sa(entries: Option<&[&str]>) -> ServiceAccount {
+        let mut sa = ServiceAccount::default();
+        sa.metadata.resource_version = Some("42".into());
+        sa.image_pull_secrets = entries.map(|e| {
+            e.iter()
+                .map(|n| LocalObjectReference { name: (*n).to_owned() })
+                .collect()
+        });
+        sa
+    }
+
+    fn apply(sa: &ServiceAccount, patch: &Value) -> Vec<String> {
+        let mut doc = serde_json::to_value(sa).expect("serialises");
+        let p: json_patch::Patch = serde_json::from_value(patch.clone()).expect("valid patch");
+        json_patch::patch(&mut doc, &p).expect("applies");
+        let out: ServiceAccount = serde_json::from_value(doc).expect("deserialises");
+        out.image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
+    #[test]
+    fn appends_after_existing_entries() {
+        let s = sa(Some(&["theirs", "also-theirs"]));
+        let p = add_patch(&s, "pullkeeper-x").expect("patch");
+        assert_eq!(apply(&s, &p), vec!["theirs", "also-theirs", "pullkeeper-x"]);
+    }
+
+    #[test]
+    fn creates_the_list_when_absent_and_is_idempotent() {
+        let s = sa(None);
+        let p = add_patch(&s, "pullkeeper-x").expect("patch");
+        assert_eq!(apply(&s, &p), vec!["pullkeeper-x"]);
+        assert_eq!(add_patch(&sa(Some(&["pullkeeper-x"])), "pullkeeper-x"), None);
+    }
+
+    #[test]
+    fn add_is_guarded_by_resource_version() {
+        let s = sa(Some(&[]));
+        let p = add_patch(&s, "x").expect("patch");
+        assert_eq!(p[0]["op"], "test");
+        assert_eq!(p[0]["value"], "42");
+    }
+
+    #[test]
+    fn removes_only_ours_keeping_order() {
+        let s = sa(Some(&["a", "pullkeeper-x", "b", "pullkeeper-x"]));
+        let p = remove_patch(&s, "pullkeeper-x").expect("patch");
+        assert_eq!(apply(&s, &p), vec!["a", "b"]);
+        assert_eq!(remove_patch(&sa(Some(&["a"])), "pullkeeper-x"), None);
+        assert_eq!(remove_patch(&sa(None), "pullkeeper-x"), None);
+    }
+}

@@ -1,0 +1,337 @@
+//! Pure step: from the outcome of a reconcile, the status to write and the Events to emit.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::conditions::{self, Desired, Status, reasons, types};
+use crate::crd::{MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
+use crate::provider::ProviderError;
+
+use super::validate::SpecError;
+
+/// A credential the provider issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// When it expires, if it does.
+    pub expires_at: Option<Timestamp>,
+    /// When it will be renewed or re-read.
+    pub next_refresh: Option<Timestamp>,
+}
+
+/// How the fan-out went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sync {
+    /// Namespaces targeted.
+    pub targeted: usize,
+    /// Namespaces holding the current secret.
+    pub synced: usize,
+    /// Per-namespace failures.
+    pub failures: Vec<NamespaceFailure>,
+}
+
+/// What one reconcile found.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The spec cannot be acted on; nothing was changed.
+    Invalid(SpecError),
+    /// `suspend: true`; nothing was changed.
+    Suspended,
+    /// The credential was asked for and the fan-out done.
+    Reconciled {
+        /// What the provider said.
+        credential: Result<Issued, ProviderError>,
+        /// How the fan-out went.
+        sync: Sync,
+    },
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn sync_summary(sync: &Sync) -> String {
+    let mut listed: Vec<String> = sync
+        .failures
+        .iter()
+        .take(3)
+        .map(|f| format!("{} ({})", f.namespace, f.reason))
+        .collect();
+    if sync.failures.len() > 3 {
+        listed.push(format!("and {} more", sync.failures.len() - 3));
+    }
+    format!(
+        "{} of {} hold the current secret; failed: {}",
+        sync.synced,
+        plural(sync.targeted, "targeted namespace", "targeted namespaces"),
+        listed.join(", ")
+    )
+}
+
+impl Outcome {
+    fn conditions(&self) -> Vec<Desired> {
+        match self {
+            Outcome::Invalid(e) => vec![
+                Desired::new(types::READY, Status::False, e.reason(), e.to_string()),
+                Desired::new(
+                    types::CREDENTIAL_ISSUED,
+                    Status::False,
+                    e.reason(),
+                    "not attempted: the spec is invalid",
+                ),
+            ],
+            Outcome::Suspended => vec![Desired::new(
+                types::READY,
+                Status::Unknown,
+                reasons::SUSPENDED,
+                "spec.suspend is true: pullkeeper keeps what it has written and changes nothing",
+            )],
+            Outcome::Reconciled { credential, sync } => {
+                let failed_reason = if sync.failures.iter().all(|f| f.reason == reasons::CONFLICT) {
+                    reasons::CONFLICT
+                } else {
+                    reasons::SYNC_FAILED
+                };
+                let synced = if sync.failures.is_empty() {
+                    Desired::new(
+                        types::SYNCED,
+                        Status::True,
+                        reasons::SYNCED,
+                        format!(
+                            "{} hold the current secret",
+                            plural(sync.targeted, "targeted namespace", "targeted namespaces")
+                        ),
+                    )
+                } else {
+                    Desired::new(types::SYNCED, Status::False, failed_reason, sync_summary(sync))
+                };
+                match credential {
+                    Ok(_) => {
+                        let ready = if sync.failures.is_empty() {
+                            Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone())
+                        } else {
+                            Desired::new(types::READY, Status::False, failed_reason, synced.message.clone())
+                        };
+                        vec![
+                            ready,
+                            Desired::new(
+                                types::CREDENTIAL_ISSUED,
+                                Status::True,
+                                reasons::ISSUED,
+                                "the provider issued a credential",
+                            ),
+                            synced,
+                        ]
+                    }
+                    Err(e) => {
+                        let message = format!("{e}; secrets already written are left as they are");
+                        let mut out = vec![
+                            Desired::new(types::READY, Status::False, e.reason(), message.clone()),
+                            Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason(), message),
+                        ];
+                        if !sync.failures.is_empty() {
+                            out.push(synced);
+                        }
+                        out
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Computes the new status from the previous one. Fields this outcome says nothing
+/// about are carried over, so a failed refresh does not erase what is known (for
+/// example when the secret in place expires).
+pub fn build(
+    previous: Option<&RegistryCredentialStatus>,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> RegistryCredentialStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let existing = std::mem::take(&mut status.conditions);
+    status.conditions = conditions::merge(&existing, &outcome.conditions(), &[], generation, now);
+    status.observed_generation = generation;
+    if let Outcome::Reconciled { credential, sync } = outcome {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let failed: std::collections::BTreeSet<&str> = sync.failures.iter().map(|f| f.namespace.as_str()).collect();
+        status.namespaces = Some(NamespaceCounts {
+            targeted: count(sync.targeted),
+            synced: count(sync.synced),
+            failed: count(failed.len()),
+        });
+        status.failures = sync.failures.iter().take(MAX_LISTED_FAILURES).cloned().collect();
+        match credential {
+            Ok(issued) => {
+                // Only move lastRefreshTime when the credential actually changed hands.
+                if status.expires_at.as_ref().map(|t| t.0) != issued.expires_at || status.last_refresh_time.is_none() {
+                    status.last_refresh_time = Some(Time(now));
+                }
+                status.expires_at = issued.expires_at.map(Time);
+                status.next_refresh_time = issued.next_refresh.map(Time);
+            }
+            Err(_) => status.next_refresh_time = None,
+        }
+    }
+    status
+}
+
+/// An Event worth emitting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// True for Warning, false for Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+}
+
+/// Events for what changed: the `Ready` condition's status or reason, and each namespace
+/// that newly failed. Never one per retry of the same state.
+pub fn events(previous: Option<&RegistryCredentialStatus>, next: &RegistryCredentialStatus) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let before = previous.and_then(|s| conditions::find(&s.conditions, types::READY));
+    if let Some(after) = conditions::find(&next.conditions, types::READY) {
+        let changed = before.is_none_or(|b| b.status != after.status || b.reason != after.reason);
+        if changed {
+            out.push(Transition {
+                warning: after.status == Status::False.as_str(),
+                reason: after.reason.clone(),
+                message: after.message.clone(),
+            });
+        }
+    }
+    let old: Vec<(&str, &str)> = previous
+        .map(|p| {
+            p.failures
+                .iter()
+                .map(|f| (f.namespace.as_str(), f.reason.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for f in &next.failures {
+        if !old.contains(&(f.namespace.as_str(), f.reason.as_str())) {
+            out.push(Transition {
+                warning: true,
+                reason: f.reason.clone(),
+                message: f.message.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).expect("valid")
+    }
+
+    fn reconciled(credential: Result<Issued, ProviderError>, failures: Vec<NamespaceFailure>) -> Outcome {
+        let targeted = 3;
+        let synced = targeted - failures.len();
+        Outcome::Reconciled {
+            credential,
+            sync: Sync {
+                targeted,
+                synced,
+                failures,
+            },
+        }
+    }
+
+    fn ok() -> Result<Issued, ProviderError> {
+        Ok(Issued {
+            expires_at: None,
+            next_refresh: None,
+        })
+    }
+
+    fn ready(s: &RegistryCredentialStatus) -> (&str, &str) {
+        let c = conditions::find(&s.conditions, types::READY).expect("ready");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn all_synced_is_ready() {
+        let s = build(None, &reconciled(ok(), vec![]), Some(2), now());
+        assert_eq!(ready(&s), ("True", "Synced"));
+        assert_eq!(
+            s.namespaces,
+            Some(NamespaceCounts {
+                targeted: 3,
+                synced: 3,
+                failed: 0
+            })
+        );
+        assert_eq!(s.observed_generation, Some(2));
+        let synced = conditions::find(&s.conditions, types::SYNCED).expect("synced");
+        assert_eq!(synced.message, "3 targeted namespaces hold the current secret");
+    }
+
+    #[test]
+    fn a_conflict_is_reported_with_its_namespace() {
+        let conflict = NamespaceFailure {
+            namespace: "web".into(),
+            reason: "Conflict".into(),
+            message: "Secret web/x exists and is not managed by this pullkeeper credential".into(),
+        };
+        let s = build(None, &reconciled(ok(), vec![conflict.clone()]), Some(1), now());
+        assert_eq!(ready(&s), ("False", "Conflict"));
+        assert_eq!(s.failures, vec![conflict]);
+        let ev = events(None, &s);
+        assert!(ev.iter().any(|e| e.reason == "Conflict" && e.message.contains("web/x")));
+        // Same state again: no new Events.
+        let again = build(Some(&s), &reconciled(ok(), s.failures.clone()), Some(1), now());
+        assert!(events(Some(&s), &again).is_empty());
+    }
+
+    #[test]
+    fn provider_failure_keeps_what_is_known_about_the_secret_in_place() {
+        let expiry = Timestamp::from_second(1_800_003_600).expect("valid");
+        let first = build(
+            None,
+            &reconciled(
+                Ok(Issued {
+                    expires_at: Some(expiry),
+                    next_refresh: None,
+                }),
+                vec![],
+            ),
+            Some(1),
+            now(),
+        );
+        let failed = build(
+            Some(&first),
+            &reconciled(Err(ProviderError::NotImplemented { provider: "ecr" }), vec![]),
+            Some(1),
+            now(),
+        );
+        assert_eq!(ready(&failed), ("False", "ProviderNotImplemented"));
+        assert_eq!(failed.expires_at, Some(Time(expiry)));
+        let msg = &conditions::find(&failed.conditions, types::READY)
+            .expect("ready")
+            .message;
+        assert!(msg.contains("left as they are"), "{msg}");
+    }
+
+    #[test]
+    fn one_event_per_change_not_per_retry() {
+        let outcome = reconciled(Err(ProviderError::NotImplemented { provider: "gcp" }), vec![]);
+        let first = build(None, &outcome, Some(1), now());
+        assert_eq!(events(None, &first).len(), 1);
+        let second = build(Some(&first), &outcome, Some(1), now());
+        assert!(events(Some(&first), &second).is_empty());
+        assert_eq!(first, second, "a repeat reconcile writes an identical status");
+    }
+
+    #[test]
+    fn suspend_is_unknown_not_failed() {
+        let s = build(None, &Outcome::Suspended, Some(1), now());
+        assert_eq!(ready(&s), ("Unknown", "Suspended"));
+        assert!(!events(None, &s)[0].warning);
+    }
+}

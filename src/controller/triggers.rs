@@ -1,0 +1,292 @@
+//! Watches and caches: namespaces (metadata only), pullkeeper's own Secrets (metadata only,
+//! label-filtered), ServiceAccounts (trimmed), and one narrow watch per referenced source
+//! Secret. Every change becomes a [`Trigger`] that the dispatcher turns into reconcile
+//! requests for the credentials it concerns. Watch errors are logged and retried with
+//! backoff, never silently dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{ClusterRegistryCredential, RegistryCredential};
+
+use super::secret::{CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
+
+/// Label value of [`SCOPE_LABEL`] for ClusterRegistryCredentials.
+pub const SCOPE_CLUSTER: &str = "cluster";
+/// Label value of [`SCOPE_LABEL`] for RegistryCredentials.
+pub const SCOPE_NAMESPACE: &str = "namespace";
+
+/// Something changed that may concern some credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// A namespace, or a ServiceAccount in it, changed.
+    Namespace(String),
+    /// A ClusterRegistryCredential must look again.
+    Cluster(String),
+    /// A RegistryCredential must look again.
+    Namespaced {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Read-only caches the reconcilers plan from.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every namespace (metadata).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Every Secret labelled `app.kubernetes.io/managed-by=pullkeeper` (metadata).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Every ServiceAccount, without managed fields and annotations.
+    pub service_accounts: Store<ServiceAccount>,
+}
+
+impl Caches {
+    /// Waits until every cache has done its initial list.
+    pub async fn ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.secrets.wait_until_ready().await;
+        let _ = self.service_accounts.wait_until_ready().await;
+    }
+}
+
+/// Starts the cluster-wide watches. Triggers go to `tx` until `shutdown`.
+pub fn start(client: &Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: &CancellationToken) -> Caches {
+    let (ns_store, ns_writer) = reflector::store();
+    let namespaces = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|ns| ns.managed_fields_mut().clear())
+    .reflect(ns_writer)
+    .touched_objects()
+    .map(|r| r.map(|ns| vec![Trigger::Namespace(ns.name_any())]));
+    spawn_forwarder("namespaces", namespaces, tx.clone(), shutdown.clone());
+
+    let (secret_store, secret_writer) = reflector::store();
+    let secrets = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+    )
+    .default_backoff()
+    .reflect(secret_writer)
+    .touched_objects()
+    .map(|r| r.map(|s| owner_trigger(&s).into_iter().collect()));
+    spawn_forwarder("managed secrets", secrets, tx.clone(), shutdown.clone());
+
+    let (sa_store, sa_writer) = reflector::store();
+    let sas = watcher(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|sa| {
+            sa.managed_fields_mut().clear();
+            sa.annotations_mut().clear();
+        })
+        .reflect(sa_writer)
+        .touched_objects()
+        .map(|r| r.map(|sa| vec![Trigger::Namespace(sa.namespace().unwrap_or_default())]));
+    spawn_forwarder("service accounts", sas, tx, shutdown.clone());
+
+    Caches {
+        namespaces: ns_store,
+        secrets: secret_store,
+        service_accounts: sa_store,
+    }
+}
+
+fn owner_trigger(s: &PartialObjectMeta<Secret>) -> Option<Trigger> {
+    let labels = s.labels();
+    let name = labels.get(CREDENTIAL_LABEL)?.clone();
+    match labels.get(SCOPE_LABEL).map(String::as_str) {
+        Some(SCOPE_CLUSTER) => Some(Trigger::Cluster(name)),
+        Some(SCOPE_NAMESPACE) => Some(Trigger::Namespaced {
+            namespace: s.namespace().unwrap_or_default(),
+            name,
+        }),
+        _ => None,
+    }
+}
+
+fn spawn_forwarder<S>(what: &'static str, stream: S, tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Vec<Trigger>, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                () = shutdown.cancelled() => return,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(triggers)) => {
+                    for t in triggers {
+                        if tx.send(t).is_err() {
+                            return;
+                        }
+                    }
+                }
+                // The watcher re-lists and resumes by itself (with backoff); say so loudly.
+                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
+                None => {
+                    tracing::error!(watch = what, "watch stream ended");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Routes triggers to the controllers of both kinds.
+pub fn spawn_dispatcher(
+    mut rx: mpsc::UnboundedReceiver<Trigger>,
+    clusters: Store<ClusterRegistryCredential>,
+    namespaced: Store<RegistryCredential>,
+    cluster_tx: mpsc::UnboundedSender<ObjectRef<ClusterRegistryCredential>>,
+    namespaced_tx: mpsc::UnboundedSender<ObjectRef<RegistryCredential>>,
+) {
+    tokio::spawn(async move {
+        while let Some(t) = rx.recv().await {
+            match t {
+                Trigger::Namespace(ns) => {
+                    for c in clusters.state() {
+                        let _ = cluster_tx.send(ObjectRef::from(c.as_ref()));
+                    }
+                    for r in namespaced
+                        .state()
+                        .iter()
+                        .filter(|r| r.namespace().as_deref() == Some(&ns))
+                    {
+                        let _ = namespaced_tx.send(ObjectRef::from(r.as_ref()));
+                    }
+                }
+                Trigger::Cluster(name) => {
+                    let _ = cluster_tx.send(ObjectRef::new(&name));
+                }
+                Trigger::Namespaced { namespace, name } => {
+                    let _ = namespaced_tx.send(ObjectRef::new(&name).within(&namespace));
+                }
+            }
+        }
+    });
+}
+
+/// Narrow watches on the Secrets that credentials read, so an edit propagates at once
+/// without caching every Secret in the cluster.
+pub struct SourceWatches {
+    client: Client,
+    tx: mpsc::UnboundedSender<Trigger>,
+    shutdown: CancellationToken,
+    watches: Mutex<HashMap<(String, String), Watch>>,
+}
+
+struct Watch {
+    referrers: Arc<Mutex<HashSet<Trigger>>>,
+    stop: CancellationToken,
+}
+
+impl SourceWatches {
+    /// A new, empty set of watches.
+    pub fn new(client: Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            tx,
+            shutdown,
+            watches: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes `referrer` watch exactly `sources` (`(namespace, name)` pairs), starting and
+    /// stopping watches as needed.
+    pub fn sync(&self, referrer: &Trigger, sources: &[(String, String)]) {
+        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for source in sources {
+            let w = watches.entry(source.clone()).or_insert_with(|| self.spawn(source));
+            w.referrers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(referrer.clone());
+        }
+        watches.retain(|key, w| {
+            if !sources.contains(key) {
+                w.referrers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(referrer);
+            }
+            let keep = !w
+                .referrers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty();
+            if !keep {
+                w.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Number of source Secrets watched.
+    pub fn len(&self) -> usize {
+        self.watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether nothing is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn spawn(&self, (namespace, name): &(String, String)) -> Watch {
+        let referrers: Arc<Mutex<HashSet<Trigger>>> = Arc::default();
+        let stop = self.shutdown.child_token();
+        let stream = watcher(
+            Api::<PartialObjectMeta<Secret>>::namespaced(self.client.clone(), namespace),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .default_backoff()
+        .touched_objects();
+        let (tx, who, stop2) = (self.tx.clone(), referrers.clone(), stop.clone());
+        let label = format!("{namespace}/{name}");
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let item = tokio::select! {
+                    () = stop2.cancelled() => return,
+                    item = stream.next() => item,
+                };
+                match item {
+                    Some(Ok(_)) => {
+                        let targets: Vec<Trigger> = who
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .iter()
+                            .cloned()
+                            .collect();
+                        for t in targets {
+                            let _ = tx.send(t);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(secret = %label, error = %e, "watch of source Secret failed; retrying with backoff");
+                    }
+                    None => return,
+                }
+            }
+        });
+        Watch { referrers, stop }
+    }
+}

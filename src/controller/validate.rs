@@ -1,0 +1,353 @@
+//! Pure step: turn either kind's spec into one validated, namespace-resolved [`ValidSpec`].
+//! The CRD schema refuses most bad input at admission; this repeats the checks the schema
+//! cannot express (or that an older apiserver does not enforce) with messages that name
+//! the field to fix.
+
+use std::time::Duration;
+
+use kube::core::Selector;
+
+use crate::crd::{
+    ClusterRegistryCredentialSpec, ClusterSecretKeyRef, ClusterSecretRef, Provider, RefreshSpec,
+    RegistryCredentialSpec, TlsSpec, VerifySpec,
+};
+use crate::provider::ProviderSpec;
+use crate::registry::{HostError, RegistryHost};
+
+/// Default re-read period for credentials without an expiry.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default period between pullability checks.
+pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(1800);
+/// Prefix of the default pull secret name.
+pub const SECRET_NAME_PREFIX: &str = "pullkeeper-";
+
+/// A spec field that is not acceptable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// Bad `spec.registry`.
+    #[error(transparent)]
+    Registry(#[from] HostError),
+    /// A duration that does not parse.
+    #[error("{field} {value:?} is not a duration: write it like 90s, 30m or 1h30m")]
+    Duration {
+        /// Field path.
+        field: &'static str,
+        /// Value given.
+        value: String,
+    },
+    /// A duration of zero.
+    #[error("{field} must be longer than zero")]
+    ZeroDuration {
+        /// Field path.
+        field: &'static str,
+    },
+    /// The default secret name would be too long.
+    #[error("the default pull secret name {name:?} is longer than 253 characters: set spec.target.secretName")]
+    SecretNameTooLong {
+        /// Computed name.
+        name: String,
+    },
+    /// The namespace selector does not parse.
+    #[error("spec.target.namespaceSelector is not valid: {0}")]
+    Selector(String),
+    /// A namespace is both allowed and excluded, so nothing is targeted there.
+    #[error("namespace {0:?} is in both spec.target.namespaces and spec.target.excludeNamespaces")]
+    IncludedAndExcluded(String),
+}
+
+impl SpecError {
+    /// The CamelCase reason for conditions.
+    pub fn reason(&self) -> &'static str {
+        crate::crd::conditions::reasons::INVALID_SPEC
+    }
+}
+
+/// Where the pull secret goes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scope {
+    /// Cluster kind: namespaces chosen by the target rules.
+    Cluster {
+        /// Label selector, if any.
+        selector: Option<Selector>,
+        /// Allow-list, if any.
+        namespaces: Option<Vec<String>>,
+        /// Deny-list.
+        exclude: Vec<String>,
+    },
+    /// Namespaced kind: its own namespace only.
+    Namespace(String),
+}
+
+/// Validated spec, the same shape for both kinds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    /// Registry host.
+    pub registry: RegistryHost,
+    /// Credential source with Secret references resolved to namespaces.
+    pub provider: ProviderSpec,
+    /// Renew this long before expiry; `None` means a quarter of the lifetime.
+    pub renew_before: Option<Duration>,
+    /// Re-read period for credentials without expiry.
+    pub refresh_interval: Duration,
+    /// Name of the written pull secret.
+    pub secret_name: String,
+    /// Target namespaces.
+    pub scope: Scope,
+    /// ServiceAccounts to patch in each namespace.
+    pub service_accounts: Vec<String>,
+    /// Images to verify and their period.
+    pub verify: Option<(VerifySpec, Duration)>,
+    /// TLS settings.
+    pub tls: TlsSpec,
+    /// Change nothing.
+    pub suspend: bool,
+}
+
+/// Validates a `ClusterRegistryCredential`.
+pub fn cluster(name: &str, spec: &ClusterRegistryCredentialSpec) -> Result<ValidSpec, SpecError> {
+    let t = &spec.target;
+    if let Some(allowed) = &t.namespaces
+        && let Some(both) = allowed.iter().find(|n| t.exclude_namespaces.contains(n))
+    {
+        return Err(SpecError::IncludedAndExcluded(both.clone()));
+    }
+    common(
+        name,
+        &spec.registry,
+        spec.provider.clone(),
+        &spec.refresh,
+        t.secret_name.as_deref(),
+        Scope::Cluster {
+            selector: t
+                .namespace_selector
+                .clone()
+                .map(Selector::try_from)
+                .transpose()
+                .map_err(|e| SpecError::Selector(e.to_string()))?,
+            namespaces: t.namespaces.clone(),
+            exclude: t.exclude_namespaces.clone(),
+        },
+        t.service_accounts.as_deref(),
+        spec.verify.as_ref(),
+        spec.tls.as_ref(),
+        spec.suspend,
+    )
+}
+
+/// Validates a `RegistryCredential` living in `namespace`.
+pub fn namespaced(name: &str, namespace: &str, spec: &RegistryCredentialSpec) -> Result<ValidSpec, SpecError> {
+    let local = |r: crate::crd::LocalSecretRef| ClusterSecretRef {
+        name: r.name,
+        namespace: namespace.to_owned(),
+    };
+    let local_key = |r: crate::crd::LocalSecretKeyRef| ClusterSecretKeyRef {
+        name: r.name,
+        namespace: namespace.to_owned(),
+        key: r.key,
+    };
+    common(
+        name,
+        &spec.registry,
+        spec.provider.clone().map_refs(local, local_key),
+        &spec.refresh,
+        spec.target.secret_name.as_deref(),
+        Scope::Namespace(namespace.to_owned()),
+        spec.target.service_accounts.as_deref(),
+        spec.verify.as_ref(),
+        spec.tls.as_ref(),
+        spec.suspend,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn common(
+    name: &str,
+    registry: &str,
+    provider: ProviderSpec,
+    refresh: &RefreshSpec,
+    secret_name: Option<&str>,
+    scope: Scope,
+    service_accounts: Option<&[String]>,
+    verify: Option<&VerifySpec>,
+    tls: Option<&TlsSpec>,
+    suspend: bool,
+) -> Result<ValidSpec, SpecError> {
+    let registry = RegistryHost::parse(registry)?;
+    let renew_before = refresh
+        .renew_before
+        .as_deref()
+        .map(|v| duration("spec.refresh.renewBefore", v))
+        .transpose()?;
+    let refresh_interval = refresh
+        .interval
+        .as_deref()
+        .map(|v| duration("spec.refresh.interval", v))
+        .transpose()?
+        .unwrap_or(DEFAULT_REFRESH_INTERVAL);
+    let secret_name = match secret_name {
+        Some(n) => n.to_owned(),
+        None => {
+            let n = format!("{SECRET_NAME_PREFIX}{name}");
+            if n.len() > 253 {
+                return Err(SpecError::SecretNameTooLong { name: n });
+            }
+            n
+        }
+    };
+    let verify = verify
+        .map(|v| {
+            let every = v
+                .interval
+                .as_deref()
+                .map(|i| duration("spec.verify.interval", i))
+                .transpose()?
+                .unwrap_or(DEFAULT_VERIFY_INTERVAL);
+            Ok::<_, SpecError>((v.clone(), every))
+        })
+        .transpose()?;
+    Ok(ValidSpec {
+        registry,
+        provider,
+        renew_before,
+        refresh_interval,
+        secret_name,
+        scope,
+        service_accounts: service_accounts.map_or_else(|| vec!["default".to_owned()], <[String]>::to_vec),
+        verify,
+        tls: tls.cloned().unwrap_or_default(),
+        suspend,
+    })
+}
+
+/// Parses a Go-style duration (`90s`, `30m`, `1h30m`, `500ms`).
+pub fn duration(field: &'static str, value: &str) -> Result<Duration, SpecError> {
+    let bad = || SpecError::Duration {
+        field,
+        value: value.to_owned(),
+    };
+    let mut rest = value.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        let part = unit.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    if total.is_zero() {
+        return Err(SpecError::ZeroDuration { field });
+    }
+    Ok(total)
+}
+
+impl<R, K> Provider<R, K> {
+    /// Rewrites every Secret reference, e.g. to resolve local references to a namespace.
+    pub fn map_refs<R2, K2>(self, r: impl Fn(R) -> R2, k: impl Fn(K) -> K2) -> Provider<R2, K2> {
+        use crate::crd::{AcrProvider, BasicProvider, DockerConfigProvider, EcrProvider, GcpProvider};
+        match self {
+            Provider::Basic(b) => Provider::Basic(BasicProvider {
+                secret_ref: r(b.secret_ref),
+                username_key: b.username_key,
+                password_key: b.password_key,
+            }),
+            Provider::DockerConfig(d) => Provider::DockerConfig(DockerConfigProvider {
+                secret_ref: r(d.secret_ref),
+            }),
+            Provider::Ecr(e) => Provider::Ecr(EcrProvider {
+                region: e.region,
+                role_arn: e.role_arn,
+                external_id: e.external_id,
+                credentials_secret_ref: e.credentials_secret_ref.map(r),
+                endpoint: e.endpoint,
+            }),
+            Provider::Gcp(g) => Provider::Gcp(GcpProvider {
+                service_account_key_secret_ref: g.service_account_key_secret_ref.map(k),
+            }),
+            Provider::Acr(a) => Provider::Acr(AcrProvider {
+                tenant_id: a.tenant_id,
+                client_id: a.client_id,
+                client_secret_ref: a.client_secret_ref.map(k),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{BasicProvider, LocalSecretRef, LocalTarget};
+
+    fn local_spec() -> RegistryCredentialSpec {
+        RegistryCredentialSpec {
+            registry: "ghcr.io".into(),
+            provider: Provider::Basic(BasicProvider {
+                secret_ref: LocalSecretRef { name: "pat".into() },
+                username_key: "username".into(),
+                password_key: "password".into(),
+            }),
+            refresh: Default::default(),
+            target: LocalTarget::default(),
+            verify: None,
+            tls: None,
+            suspend: false,
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(duration("f", "90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("f", "1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration("f", "250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "1", "h", "1d", "1.5h", "-1s", "1h 30m"] {
+            assert!(duration("f", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(duration("f", "0s"), Err(SpecError::ZeroDuration { field: "f" }));
+    }
+
+    #[test]
+    fn namespaced_refs_resolve_to_own_namespace_and_defaults_apply() {
+        let v = namespaced("ghcr", "team-a", &local_spec()).expect("valid");
+        match &v.provider {
+            Provider::Basic(b) => assert_eq!(b.secret_ref.namespace, "team-a"),
+            other => panic!("unexpected provider {}", other.kind_name()),
+        }
+        assert_eq!(v.secret_name, "pullkeeper-ghcr");
+        assert_eq!(v.service_accounts, vec!["default".to_owned()]);
+        assert_eq!(v.scope, Scope::Namespace("team-a".into()));
+        assert_eq!(v.refresh_interval, DEFAULT_REFRESH_INTERVAL);
+    }
+
+    #[test]
+    fn empty_service_account_list_patches_none() {
+        let mut s = local_spec();
+        s.target.service_accounts = Some(vec![]);
+        assert!(namespaced("x", "ns", &s).expect("valid").service_accounts.is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut s = local_spec();
+        s.registry = "https://ghcr.io".into();
+        let e = namespaced("x", "ns", &s).expect_err("scheme");
+        assert!(e.to_string().contains("spec.registry"), "{e}");
+        let mut s = local_spec();
+        s.refresh.renew_before = Some("soon".into());
+        let e = namespaced("x", "ns", &s).expect_err("duration");
+        assert!(e.to_string().contains("spec.refresh.renewBefore"), "{e}");
+    }
+}

@@ -1,0 +1,285 @@
+//! Spec types shared by both kinds. Secret references are generic so that the namespaced
+//! kind cannot even express a reference into another namespace.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `host[:port]`: a DNS name or IPv4 address, or a bracketed IPv6 address, optional port.
+/// No scheme, no path.
+pub const REGISTRY_PATTERN: &str = r"^(([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?))*|\[[0-9a-fA-F:.]+\])(:[0-9]{1,5})?$";
+/// A Go-style duration of hours, minutes, seconds and milliseconds: `90s`, `30m`, `1h30m`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+/// An RFC 1123 DNS label (namespace names).
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+/// An RFC 1123 DNS subdomain (Secret and ServiceAccount names).
+pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A Secret data key.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// `os/arch[/variant]`, e.g. `linux/amd64`, `linux/arm64/v8`.
+pub const PLATFORM_PATTERN: &str = r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$";
+
+/// Reference to a Secret in any namespace (cluster-scoped resources only).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ClusterSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Namespace of the Secret.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub namespace: String,
+}
+
+/// Reference to a Secret in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LocalSecretRef {
+    /// Name of the Secret, in the same namespace as this resource.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+/// Reference to one key of a Secret in any namespace (cluster-scoped resources only).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ClusterSecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Namespace of the Secret.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub namespace: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// Reference to one key of a Secret in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LocalSecretKeyRef {
+    /// Name of the Secret, in the same namespace as this resource.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// The credential source. Exactly one variant is set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Provider<R, K> {
+    /// A static username and password or token from a Secret: a GitHub PAT, a Docker Hub
+    /// access token, a Harbor robot account, a GitLab deploy token, any self-hosted registry.
+    Basic(BasicProvider<R>),
+    /// Replicate the entry for `registry` from an existing `kubernetes.io/dockerconfigjson` Secret.
+    DockerConfig(DockerConfigProvider<R>),
+    /// AWS Elastic Container Registry: 12-hour tokens from `GetAuthorizationToken`.
+    Ecr(EcrProvider<R>),
+    /// Google Artifact Registry / Container Registry: OAuth2 access tokens (about 1 hour).
+    Gcp(GcpProvider<K>),
+    /// Azure Container Registry: an Entra ID token exchanged for an ACR refresh token.
+    Acr(AcrProvider<K>),
+}
+
+impl<R, K> Provider<R, K> {
+    /// The spec field name of the chosen source, for messages and metric labels.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Provider::Basic(_) => "basic",
+            Provider::DockerConfig(_) => "dockerConfig",
+            Provider::Ecr(_) => "ecr",
+            Provider::Gcp(_) => "gcp",
+            Provider::Acr(_) => "acr",
+        }
+    }
+}
+
+fn default_username_key() -> String {
+    "username".to_owned()
+}
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+
+/// Static basic-auth credential read from a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicProvider<R> {
+    /// The Secret holding the username and the password or token.
+    pub secret_ref: R,
+    /// Key of the username in the Secret's data.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub username_key: String,
+    /// Key of the password or token in the Secret's data.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub password_key: String,
+}
+
+/// An existing `kubernetes.io/dockerconfigjson` Secret to replicate.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerConfigProvider<R> {
+    /// The `kubernetes.io/dockerconfigjson` Secret holding an entry for `registry`.
+    pub secret_ref: R,
+}
+
+/// AWS ECR authorization tokens.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", bound(deserialize = "R: Deserialize<'de>"))]
+pub struct EcrProvider<R> {
+    /// AWS region of the registry. Default: parsed from the registry host
+    /// (`<account>.dkr.ecr.<region>.amazonaws.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
+    /// IAM role to assume before asking for the token, for cross-account pulls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/.+$"))]
+    pub role_arn: Option<String>,
+    /// External ID to present when assuming `roleArn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Secret with static AWS keys `access-key-id`, `secret-access-key` and optionally
+    /// `session-token`. Absent: the default AWS chain (IRSA, EKS Pod Identity, environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<R>,
+    /// ECR API endpoint override (a VPC endpoint, or a test server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+$"))]
+    pub endpoint: Option<String>,
+}
+
+/// Google Cloud OAuth2 access tokens.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", bound(deserialize = "K: Deserialize<'de>"))]
+pub struct GcpProvider<K> {
+    /// Secret key holding a service-account JSON key. Absent: the GKE metadata server
+    /// (Workload Identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key_secret_ref: Option<K>,
+}
+
+/// Azure Container Registry refresh tokens.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", bound(deserialize = "K: Deserialize<'de>"))]
+pub struct AcrProvider<K> {
+    /// Entra ID (Azure AD) tenant ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// Client (application) ID of the service principal or managed identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Secret key holding the client secret. Absent: the workload identity federation
+    /// token file (`AZURE_FEDERATED_TOKEN_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<K>,
+}
+
+/// Refresh timing.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshSpec {
+    /// Renew this long before the credential expires, e.g. `30m`.
+    /// Default: a quarter of the credential's lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub renew_before: Option<String>,
+    /// How often to re-read a credential that has no expiry, e.g. `1h`. Default `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: Option<String>,
+}
+
+impl RefreshSpec {
+    /// True when nothing is set (so it is left out when serialised).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Targets of a cluster-scoped credential.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTarget {
+    /// Name of the pull secret written in each namespace. Default `pullkeeper-<metadata.name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub secret_name: Option<String>,
+    /// Only namespaces whose labels match. Default: all namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Only these namespaces (an allow-list), in addition to the selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
+    pub namespaces: Option<Vec<String>>,
+    /// Never these namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
+    pub exclude_namespaces: Vec<String>,
+    /// ServiceAccounts in each targeted namespace whose `imagePullSecrets` get the
+    /// secret. Default `[default]`; `[]` patches none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    pub service_accounts: Option<Vec<String>>,
+}
+
+impl ClusterTarget {
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Target of a namespaced credential: always its own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalTarget {
+    /// Name of the pull secret. Default `pullkeeper-<metadata.name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub secret_name: Option<String>,
+    /// ServiceAccounts of this namespace whose `imagePullSecrets` get the secret.
+    /// Default `[default]`; `[]` patches none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    pub service_accounts: Option<Vec<String>>,
+}
+
+impl LocalTarget {
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Pullability checks.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifySpec {
+    /// Image references resolved with the credential, by tag or digest,
+    /// e.g. `registry.example.com/team/api:v2.1.0`.
+    #[serde(default)]
+    #[schemars(inner(length(min = 1, max = 1024)))]
+    pub images: Vec<String>,
+    /// Platforms that must be present in each image index, e.g. `linux/amd64`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = PLATFORM_PATTERN)))]
+    pub platforms: Vec<String>,
+    /// How often to re-check, e.g. `30m`. Default `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: Option<String>,
+}
+
+/// TLS settings for the registry.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// PEM bundle of CA certificates to trust, for registries with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// Skip TLS certificate verification. Only for testing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}

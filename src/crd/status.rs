@@ -1,0 +1,88 @@
+//! Status types shared by both kinds.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// At most this many namespace failures are listed in status.
+pub const MAX_LISTED_FAILURES: usize = 20;
+
+/// Observed state of a registry credential.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryCredentialStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `CredentialIssued`, `Synced` and `Pullable`, in the metav1.Condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// When the current credential expires (absent for credentials without an expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the credential was last obtained from its provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<Time>,
+    /// When the credential will next be renewed or re-read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<Time>,
+    /// How many namespaces are targeted, hold the current secret, or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<NamespaceCounts>,
+    /// Namespaces where the secret could not be written (at most 20 listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<NamespaceFailure>,
+    /// Result of resolving each `verify.images` entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageStatus>,
+}
+
+/// Namespace counts.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceCounts {
+    /// Namespaces the target selects.
+    pub targeted: u32,
+    /// Namespaces holding the current secret.
+    pub synced: u32,
+    /// Namespaces where writing failed.
+    pub failed: u32,
+}
+
+/// Why one namespace does not hold the current secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceFailure {
+    /// The namespace.
+    pub namespace: String,
+    /// CamelCase reason, e.g. `Conflict`.
+    pub reason: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+}
+
+/// Result of resolving one image.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// The image reference as given in `verify.images`.
+    pub image: String,
+    /// Whether the manifest resolved with the credential (and every requested platform exists).
+    pub pullable: bool,
+    /// Manifest digest the reference resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Platforms found in the image index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+    /// CamelCase reason: `Resolved`, `Unauthorized`, `Denied`, `NotFound`, `RateLimited`,
+    /// `TLSError`, `Unreachable` or `PlatformMissing`.
+    pub reason: String,
+    /// Details and what to do next.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the image was last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+}

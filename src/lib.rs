@@ -1,0 +1,20 @@
+//! pullkeeper: a Kubernetes operator that keeps image pull secrets fresh and correct in
+//! every namespace that needs them.
+//!
+//! Layout: [`crd`] holds the API types, [`controller`] the reconcile pipeline,
+//! [`provider`] the credential sources, [`registry`] registry host handling and the OCI
+//! client, [`metrics`], [`telemetry`] and [`http`] the operational surface.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod controller;
+pub mod crd;
+pub mod http;
+pub mod metrics;
+pub mod operator;
+pub mod provider;
+pub mod registry;
+pub mod telemetry;
+
+/// Name used as the Events reporter and in labels.
+pub const OPERATOR_NAME: &str = "pullkeeper";

@@ -1,0 +1,107 @@
+//! The `pullkeeper` command line.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pullkeeper::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// Keeps image pull secrets fresh in every namespace that needs them.
+#[derive(Parser, Debug)]
+#[command(name = "pullkeeper", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator (the default).
+    Controller(ControllerArgs),
+    /// Print the CRDs as YAML, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<crd name>.yaml` files into this directory instead of printing.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "PULLKEEPER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "PULLKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Parallel reconciles per kind.
+    #[arg(long, env = "PULLKEEPER_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Parallel writes (Secrets, ServiceAccounts) within one reconcile.
+    #[arg(long, env = "PULLKEEPER_WRITE_CONCURRENCY", default_value_t = 32)]
+    write_concurrency: usize,
+    /// Instance name reported in Events (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crds { dir }) => crds(dir),
+        Some(Command::Controller(args)) => controller(args),
+        None => controller(ControllerArgs::parse_from(["pullkeeper"])),
+    }
+}
+
+fn crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    match dir {
+        None => print!("{}", pullkeeper::crd::crds_yaml()?),
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for crd in pullkeeper::crd::crds() {
+                let path = dir.join(pullkeeper::crd::crd_file_name(&crd));
+                let yaml = format!("---\n{}", serde_yaml::to_string(&crd)?);
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ControllerArgs {
+    fn parse_from<I: IntoIterator<Item = &'static str>>(args: I) -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: ControllerArgs,
+        }
+        Only::parse_from(args).args
+    }
+}
+
+#[tokio::main]
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration found: set KUBECONFIG or run inside a cluster")?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(pullkeeper::operator::cancel_on_signal(shutdown.clone()));
+    let settings = pullkeeper::controller::Settings {
+        instance: args.instance,
+        concurrency: args.concurrency.max(1),
+        write_concurrency: args.write_concurrency.max(1),
+    };
+    pullkeeper::operator::run(client, listener, settings, shutdown)
+        .await
+        .context("serving health and metrics")?;
+    Ok(())
+}

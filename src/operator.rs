@@ -1,0 +1,67 @@
+//! Wires the operator together: HTTP endpoints, waiting for CRDs, controllers, shutdown.
+
+use std::sync::Arc;
+
+use kube::Client;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::{self, Settings};
+use crate::http::{self, Health};
+use crate::metrics::Metrics;
+
+/// Runs the operator until `shutdown` is cancelled. `listener` serves health and metrics.
+pub async fn run(
+    client: Client,
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::default());
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    }
+    let server = tokio::spawn(http::serve(
+        listener,
+        http::router(health.clone(), metrics.clone()),
+        shutdown.clone(),
+    ));
+    if controller::wait_for_crds(&client, &shutdown).await {
+        health.set_ready(true);
+        controller::run(client, metrics, settings, shutdown.clone()).await;
+    }
+    health.set_ready(false);
+    shutdown.cancel();
+    match server.await {
+        Ok(res) => res,
+        Err(join) => Err(std::io::Error::other(join)),
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives, cancelling `token`.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+                let _ = ctrl_c.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested; finishing in-flight reconciles");
+    token.cancel();
+}

@@ -1,0 +1,231 @@
+//! Credential sources. Each provider is one file behind [`CredentialProvider`], chosen by
+//! [`from_spec`]. A provider is asked once per refresh, whatever the number of namespaces.
+
+mod basic;
+mod docker_config;
+mod source;
+
+pub use docker_config::{DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYPE, EntryError, entry_for};
+
+use futures::future::BoxFuture;
+use k8s_openapi::jiff::Timestamp;
+use secrecy::SecretString;
+
+use kube::Client;
+
+use crate::crd::conditions::reasons;
+use crate::crd::{ClusterSecretKeyRef, ClusterSecretRef, Provider};
+use crate::registry::RegistryHost;
+
+/// A provider spec with every Secret reference resolved to a namespace.
+pub type ProviderSpec = Provider<ClusterSecretRef, ClusterSecretKeyRef>;
+
+/// A registry credential as issued by a provider. The password never prints.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    /// User name for the registry.
+    pub username: String,
+    /// Password or token; `Debug` shows `[REDACTED]`.
+    pub password: SecretString,
+    /// When the credential stops working, if it expires.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Why a provider gave no credential. Messages never include secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The chosen source exists in the API but not yet in this build.
+    #[error("provider.{provider} is not implemented in this version of pullkeeper")]
+    NotImplemented {
+        /// Spec field name of the provider.
+        provider: &'static str,
+    },
+    /// The referenced Secret does not exist.
+    #[error("Secret {namespace}/{name} does not exist: create it, or fix the secretRef")]
+    SecretNotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// pullkeeper may not read the referenced Secret.
+    #[error(
+        "pullkeeper is not allowed to read Secret {namespace}/{name}: grant its ServiceAccount get on secrets there"
+    )]
+    SecretForbidden {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// Reading the Secret failed for another reason (retried).
+    #[error("reading Secret {namespace}/{name} failed: {source}")]
+    SecretUnavailable {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A key is missing.
+    #[error(
+        "Secret {namespace}/{name} has no key {key:?} (keys present: {present}): add it, or set the provider's key field"
+    )]
+    SecretKeyMissing {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Missing key.
+        key: String,
+        /// Keys that are present, comma-separated.
+        present: String,
+    },
+    /// A key's value is empty.
+    #[error("Secret {namespace}/{name} key {key:?} is empty")]
+    SecretKeyEmpty {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Key.
+        key: String,
+    },
+    /// A key's value is not UTF-8 text.
+    #[error("Secret {namespace}/{name} key {key:?} is not UTF-8 text")]
+    SecretKeyNotText {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Key.
+        key: String,
+    },
+    /// The Secret has the wrong type.
+    #[error("Secret {namespace}/{name} has type {found}, expected {expected}")]
+    WrongSecretType {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Type found.
+        found: String,
+        /// Type expected.
+        expected: &'static str,
+    },
+    /// The docker config does not parse.
+    #[error("Secret {namespace}/{name}: {detail}")]
+    MalformedDockerConfig {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// What is wrong (never the content).
+        detail: String,
+    },
+    /// The docker config has no entry for the registry.
+    #[error(
+        "Secret {namespace}/{name} has no auths entry for {registry} (entries: {keys}): add one, or fix spec.registry"
+    )]
+    NoRegistryEntry {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Registry looked for.
+        registry: String,
+        /// Keys present.
+        keys: String,
+    },
+}
+
+impl ProviderError {
+    /// CamelCase reason for conditions and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProviderError::NotImplemented { .. } => reasons::PROVIDER_NOT_IMPLEMENTED,
+            ProviderError::SecretNotFound { .. } => reasons::SECRET_NOT_FOUND,
+            ProviderError::SecretForbidden { .. } => reasons::SECRET_FORBIDDEN,
+            ProviderError::SecretUnavailable { .. } => reasons::SECRET_UNAVAILABLE,
+            ProviderError::SecretKeyMissing { .. } | ProviderError::SecretKeyEmpty { .. } => {
+                reasons::SECRET_KEY_MISSING
+            }
+            ProviderError::SecretKeyNotText { .. } | ProviderError::MalformedDockerConfig { .. } => {
+                reasons::MALFORMED_SECRET
+            }
+            ProviderError::WrongSecretType { .. } => reasons::WRONG_SECRET_TYPE,
+            ProviderError::NoRegistryEntry { .. } => reasons::NO_REGISTRY_ENTRY,
+        }
+    }
+
+    /// A fixed label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        self.reason()
+    }
+
+    /// True when retrying cannot help until the spec or a referenced object changes.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, ProviderError::SecretUnavailable { .. })
+    }
+}
+
+/// A source of registry credentials.
+pub trait CredentialProvider: Send + Sync {
+    /// Obtains a credential: reads a Secret or mints a token.
+    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>>;
+}
+
+/// Chooses the provider for a spec.
+pub fn from_spec(
+    client: &Client,
+    registry: &RegistryHost,
+    spec: &ProviderSpec,
+) -> Result<Box<dyn CredentialProvider>, ProviderError> {
+    match spec {
+        Provider::Basic(b) => Ok(Box::new(basic::Basic::new(client.clone(), b.clone()))),
+        Provider::DockerConfig(d) => Ok(Box::new(docker_config::DockerConfig::new(
+            client.clone(),
+            registry.clone(),
+            d.clone(),
+        ))),
+        other => Err(ProviderError::NotImplemented {
+            provider: other.kind_name(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_debug_hides_the_password() {
+        let c = Credential {
+            username: "robot".into(),
+            password: SecretString::from("hunter2-very-secret"),
+            expires_at: None,
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("robot"));
+    }
+
+    #[test]
+    fn errors_name_the_secret_and_key_but_never_values() {
+        let e = ProviderError::SecretKeyMissing {
+            namespace: "ops".into(),
+            name: "pat".into(),
+            key: "password".into(),
+            present: "username, token".into(),
+        };
+        assert_eq!(e.reason(), "SecretKeyMissing");
+        assert!(e.is_permanent());
+        let text = e.to_string();
+        assert!(
+            text.contains("ops/pat") && text.contains("\"password\"") && text.contains("token"),
+            "{text}"
+        );
+    }
+}

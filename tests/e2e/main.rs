@@ -1,0 +1,8 @@
+//! Integration tests against a real kube-apiserver, etcd and kube-controller-manager
+//! started by `hack/control-plane.sh` (once, reused across runs), with the operator
+//! running in-process. Every test works in its own random namespaces and names.
+
+mod fanout;
+mod puller;
+mod skeleton;
+mod support;

@@ -1,0 +1,86 @@
+//! A real puller (skopeo) reads the Secrets pullkeeper writes and pulls from a real
+//! registry with them: the format is proven the way a client reads it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use pullkeeper::crd::ClusterRegistryCredential;
+use serde_json::json;
+
+use crate::support::{self, eventually};
+
+#[tokio::test]
+async fn skopeo_pulls_with_the_written_secret() {
+    let reg = support::registry();
+    support::env();
+    let client = support::client().await;
+    let src = support::namespace(&client, "pull-src", &[]).await;
+    let label = support::unique("pull");
+    let ns = support::namespace(&client, "pull", &[("e2e-target", &label)]).await;
+    let put_source = |password: String| {
+        let api = Api::<Secret>::namespaced(client.clone(), &src);
+        let body = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "login", "namespace": src},
+            "stringData": {"username": reg.user, "password": password}
+        });
+        async move {
+            api.patch("login", &PatchParams::apply("e2e-user").force(), &Patch::Apply(body))
+                .await
+                .expect("source");
+        }
+    };
+    put_source(reg.password.clone()).await;
+    let name = support::unique("pull");
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name},
+                "spec": {
+                    "registry": reg.addr,
+                    "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}}
+                }
+            })),
+        )
+        .await
+        .expect("credential");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let secret_name = format!("pullkeeper-{name}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let authfile = dir.path().join("auth.json");
+    let image = format!("{}/demo:v1", reg.addr);
+
+    let pulled = eventually(Duration::from_secs(20), || async {
+        let s = secrets.get_opt(&secret_name).await.ok()??;
+        let raw = s.data?.get(".dockerconfigjson")?.0.clone();
+        std::fs::write(&authfile, raw).ok()?;
+        support::skopeo_inspect(&authfile, &image).ok()
+    })
+    .await
+    .expect("skopeo could not pull with the written secret");
+    assert!(pulled.contains("\"Digest\""), "{pulled}");
+
+    // A wrong password propagates, and the same puller is refused.
+    put_source("wrong-password".into()).await;
+    let refused = eventually(Duration::from_secs(20), || async {
+        let s = secrets.get_opt(&secret_name).await.ok()??;
+        let raw = s.data?.get(".dockerconfigjson")?.0.clone();
+        std::fs::write(&authfile, raw).ok()?;
+        support::skopeo_inspect(&authfile, &image).err()
+    })
+    .await
+    .expect("the wrong password never reached the secret");
+    assert!(
+        refused.contains("unauthorized") || refused.contains("authentication required"),
+        "{refused}"
+    );
+    let _ = Api::<ClusterRegistryCredential>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
+}

@@ -1,0 +1,339 @@
+//! Test support: the shared control plane, the in-process operator, captured logs, and
+//! helpers for unique names and waiting.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio_util::sync::CancellationToken;
+
+/// The shared environment of this test binary.
+pub struct Env {
+    /// Kubeconfig of the admin user.
+    pub kubeconfig: PathBuf,
+    /// Everything the operator logged, at every level.
+    pub logs: Arc<Mutex<Vec<u8>>>,
+    /// Address of the operator's health and metrics endpoint.
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts (or reuses) the control plane, installs the CRDs, and starts the operator once.
+pub fn env() -> &'static Env {
+    ENV.get_or_init(|| {
+        let kubeconfig = match std::env::var_os("PULLKEEPER_TEST_KUBECONFIG") {
+            Some(p) => PathBuf::from(p),
+            None => start_control_plane(),
+        };
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        install_log_capture(logs.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kc = kubeconfig.clone();
+        std::thread::Builder::new()
+            .name("operator".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("operator runtime");
+                rt.block_on(async move {
+                    let client = client_for(&kc).await;
+                    install_crds(&client).await;
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                    let addr = listener.local_addr().expect("addr");
+                    tx.send(addr).expect("report address");
+                    let settings = pullkeeper::controller::Settings {
+                        instance: Some("e2e".into()),
+                        concurrency: 8,
+                        write_concurrency: 32,
+                    };
+                    // Runs for the life of the test binary.
+                    let _ = pullkeeper::operator::run(client, listener, settings, CancellationToken::new()).await;
+                });
+            })
+            .expect("operator thread");
+        let metrics_addr = rx.recv_timeout(Duration::from_secs(120)).expect("operator started");
+        Env {
+            kubeconfig,
+            logs,
+            metrics_addr,
+        }
+    })
+}
+
+fn start_control_plane() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("control-plane");
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack/control-plane.sh"))
+        .arg("start")
+        .arg(&dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running hack/control-plane.sh");
+    assert!(
+        out.status.success(),
+        "hack/control-plane.sh start failed (see its output above)"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("kubeconfig path").trim())
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn install_log_capture(buf: Arc<Mutex<Vec<u8>>>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let capture = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(move || Capture(buf.clone()));
+    let filter = tracing_subscriber::EnvFilter::new("trace,hyper=info,h2=info,rustls=info,tower=info");
+    let _ = tracing_subscriber::registry().with(filter).with(capture).try_init();
+}
+
+/// Everything logged so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&env().logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+}
+
+/// A client for the admin user, bound to the calling test's runtime.
+pub async fn client() -> Client {
+    client_for(&env().kubeconfig).await
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is usable");
+    Client::try_from(config).expect("client")
+}
+
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in pullkeeper::crd::crds() {
+        let name = crd.metadata.name.clone().expect("named");
+        api.patch(
+            &name,
+            &PatchParams::apply("pullkeeper-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("CRD applies");
+    }
+    for crd in pullkeeper::crd::crds() {
+        let name = crd.metadata.name.clone().expect("named");
+        eventually(Duration::from_secs(30), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let c = api.get(&name).await.ok()?;
+                c.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("CRD {name} never became Established"));
+    }
+}
+
+/// A unique DNS-label name with the given prefix.
+pub fn unique(prefix: &str) -> String {
+    let n: u32 = rand::random();
+    format!("{prefix}-{n:08x}")
+}
+
+/// Creates a namespace with a unique name and the given labels.
+pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    let name = unique(prefix);
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.clone());
+    if !labels.is_empty() {
+        ns.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+    }
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
+    name
+}
+
+/// Deletes a namespace, ignoring errors (the control plane is throwaway).
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or `None` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A real OCI registry with htpasswd auth, started once per test binary.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// User.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+static REGISTRY: OnceLock<Registry> = OnceLock::new();
+
+/// Starts (or reuses) the test registry and pushes `demo:v1` into it.
+pub fn registry() -> &'static Registry {
+    REGISTRY.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registry");
+        let user = "puller".to_owned();
+        let password = format!("reg-{}", unique("pw"));
+        // A restart needs the new htpasswd, so stop any old instance first.
+        let _ = Command::new("bash")
+            .arg(repo_root().join("hack/registry.sh"))
+            .args(["stop", &dir.to_string_lossy()])
+            .status();
+        let out = Command::new("bash")
+            .arg(repo_root().join("hack/registry.sh"))
+            .args(["start", &dir.to_string_lossy(), &user, &password])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running hack/registry.sh");
+        assert!(out.status.success(), "hack/registry.sh start failed");
+        let addr = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("address")
+            .trim()
+            .to_owned();
+        push_demo_image(&addr, &user, &password);
+        Registry { addr, user, password }
+    })
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a one-layer OCI image layout by hand and pushes it with skopeo.
+fn push_demo_image(addr: &str, user: &str, password: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let content = root.join("content");
+    std::fs::create_dir_all(&content).expect("mkdir");
+    std::fs::write(content.join("hello.txt"), "hello from pullkeeper tests\n").expect("write");
+    let run = |cmd: &mut Command| {
+        let st = cmd.status().expect("spawn");
+        assert!(st.success(), "{cmd:?} failed");
+    };
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(root.join("layer.tar"))
+        .arg("-C")
+        .arg(&content)
+        .arg("hello.txt"));
+    let tar = std::fs::read(root.join("layer.tar")).expect("tar");
+    run(Command::new("gzip").arg("-n").arg("-k").arg(root.join("layer.tar")));
+    let layer = std::fs::read(root.join("layer.tar.gz")).expect("gz");
+    let layout = root.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let put = |bytes: &[u8]| -> String {
+        let hex = sha256_hex(bytes);
+        std::fs::write(blobs.join(&hex), bytes).expect("blob");
+        format!("sha256:{hex}")
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))]}
+    }))
+    .expect("config");
+    let config_digest = put(&config);
+    let layer_digest = put(&layer);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}]
+    }))
+    .expect("manifest");
+    let manifest_digest = put(&manifest);
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "v1"}
+            }]
+        }))
+        .expect("index"),
+    )
+    .expect("index.json");
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{addr}/demo:v1")));
+}
+
+/// Runs `skopeo inspect` with `authfile`; Ok(stdout) or Err(stderr).
+pub fn skopeo_inspect(authfile: &Path, image: &str) -> Result<String, String> {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--authfile"])
+        .arg(authfile)
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("skopeo");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
