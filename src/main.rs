@@ -87,9 +87,11 @@ impl ControllerArgs {
 #[tokio::main]
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration found: set KUBECONFIG or run inside a cluster")?;
+    let metrics = std::sync::Arc::new(pullkeeper::metrics::Metrics::default());
+    let client = pullkeeper::operator::client(config, &metrics).context("building the Kubernetes client")?;
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding {}", args.metrics_addr))?;
@@ -100,7 +102,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
     };
-    pullkeeper::operator::run(client, listener, settings, shutdown)
+    pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
         .await
         .context("serving health and metrics")?;
     Ok(())

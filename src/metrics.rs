@@ -34,9 +34,17 @@ pub struct ProviderLabels {
     pub result: &'static str,
 }
 
+/// Labels of apiserver requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// HTTP method.
+    pub method: &'static str,
+}
+
 /// All metrics of the operator.
 pub struct Metrics {
     registry: Registry,
+    api_requests: Family<MethodLabels, Counter>,
     reconciles: Family<ReconcileLabels, Counter>,
     reconcile_duration: Family<KindLabels, Histogram>,
     write_requests: Family<KindLabels, Counter>,
@@ -84,8 +92,15 @@ impl Default for Metrics {
             "Latency of credential provider calls",
             provider_duration.clone(),
         );
+        let api_requests = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes apiserver, by HTTP method (watches count once)",
+            api_requests.clone(),
+        );
         Self {
             registry,
+            api_requests,
             reconciles,
             reconcile_duration,
             write_requests,
@@ -107,6 +122,19 @@ impl Metrics {
         self.reconcile_duration
             .get_or_create(&KindLabels { kind })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one apiserver request.
+    pub fn observe_api_request(&self, method: &http::Method) {
+        let method = match *method {
+            http::Method::GET => "GET",
+            http::Method::POST => "POST",
+            http::Method::PUT => "PUT",
+            http::Method::PATCH => "PATCH",
+            http::Method::DELETE => "DELETE",
+            _ => "OTHER",
+        };
+        self.api_requests.get_or_create(&MethodLabels { method }).inc();
     }
 
     /// Records write requests made by one reconcile.

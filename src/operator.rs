@@ -10,15 +10,27 @@ use crate::controller::{self, Settings};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
 
+/// A client for `config` whose every request is counted in `metrics`.
+pub fn client(config: kube::Config, metrics: &Arc<Metrics>) -> Result<Client, kube::Error> {
+    let m = metrics.clone();
+    let counting = tower::util::MapRequestLayer::new(move |req: ::http::Request<kube::client::Body>| {
+        m.observe_api_request(req.method());
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&counting)
+        .build())
+}
+
 /// Runs the operator until `shutdown` is cancelled. `listener` serves health and metrics.
 pub async fn run(
     client: Client,
+    metrics: Arc<Metrics>,
     listener: TcpListener,
     settings: Settings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::default());
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     }

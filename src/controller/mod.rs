@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod cache;
 pub mod kind;
 pub mod plan;
 pub mod reconcile;
@@ -117,6 +118,8 @@ pub struct Context {
     pub caches: triggers::Caches,
     /// Watches on referenced source Secrets.
     pub sources: triggers::SourceWatches,
+    /// Issued credentials until their refresh time.
+    pub credentials: Arc<cache::CredentialCache>,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
 }
@@ -175,6 +178,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         () = shutdown.cancelled() => return,
     }
     tracing::info!("caches of namespaces, managed Secrets and ServiceAccounts are synced");
+    let credentials = Arc::new(cache::CredentialCache::default());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -187,7 +191,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         metrics,
         backoffs: backoff::Backoffs::default(),
         caches,
-        sources: triggers::SourceWatches::new(client.clone(), trigger_tx, shutdown.clone()),
+        sources: triggers::SourceWatches::new(client.clone(), trigger_tx, credentials.clone(), shutdown.clone()),
+        credentials,
         write_concurrency: settings.write_concurrency.max(1),
     });
     let config = kube::runtime::controller::Config::default()

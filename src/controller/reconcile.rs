@@ -72,7 +72,12 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     }
     ctx.sources.sync(&obj.trigger(), &source_secrets(&spec.provider));
     let owner = obj.owner();
-    let issued = issue(ctx, &spec).await;
+    let key = obj.trigger();
+    let generation = obj.meta().generation;
+    let issued = match ctx.credentials.get(&key, generation, Timestamp::now()) {
+        Some(cached) => Ok(cached),
+        None => issue(ctx, &spec).await,
+    };
     let content = issued.as_ref().ok().map(|c| secret::content(&owner, &spec.registry, c));
 
     let namespaces: Vec<NamespaceInfo> = ctx
@@ -120,6 +125,10 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         _ => ctx.backoffs.next(&backoff_key::<K>(obj)),
     };
     let next_at = Timestamp::now().checked_add(delay).ok();
+    match (&issued, next_at) {
+        (Ok(c), Some(at)) => ctx.credentials.put(key, generation, c.clone(), at),
+        _ => ctx.credentials.invalidate(&key),
+    }
     let outcome = Outcome::Reconciled {
         credential: issued.map(|c| status::Issued {
             expires_at: c.expires_at,
@@ -132,6 +141,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
 
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     ctx.sources.sync(&obj.trigger(), &[]);
+    ctx.credentials.invalidate(&obj.trigger());
     let owner = obj.owner();
     // Use a fresh list rather than the cache: nothing we wrote may be left behind.
     let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone())

@@ -153,7 +153,7 @@ pub fn build(
     status.conditions = conditions::merge(&existing, &outcome.conditions(), &[], generation, now);
     status.observed_generation = generation;
     if let Outcome::Reconciled { credential, sync } = outcome {
-        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
         let failed: std::collections::BTreeSet<&str> = sync.failures.iter().map(|f| f.namespace.as_str()).collect();
         status.namespaces = Some(NamespaceCounts {
             targeted: count(sync.targeted),

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
+use super::cache::CredentialCache;
+
 use super::secret::{CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
 
 /// Label value of [`SCOPE_LABEL`] for ClusterRegistryCredentials.
@@ -187,6 +189,7 @@ pub fn spawn_dispatcher(
 pub struct SourceWatches {
     client: Client,
     tx: mpsc::UnboundedSender<Trigger>,
+    credentials: Arc<CredentialCache>,
     shutdown: CancellationToken,
     watches: Mutex<HashMap<(String, String), Watch>>,
 }
@@ -198,10 +201,16 @@ struct Watch {
 
 impl SourceWatches {
     /// A new, empty set of watches.
-    pub fn new(client: Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        client: Client,
+        tx: mpsc::UnboundedSender<Trigger>,
+        credentials: Arc<CredentialCache>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             client,
             tx,
+            credentials,
             shutdown,
             watches: Mutex::new(HashMap::new()),
         }
@@ -260,6 +269,7 @@ impl SourceWatches {
         .default_backoff()
         .touched_objects();
         let (tx, who, stop2) = (self.tx.clone(), referrers.clone(), stop.clone());
+        let credentials = self.credentials.clone();
         let label = format!("{namespace}/{name}");
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -277,6 +287,8 @@ impl SourceWatches {
                             .cloned()
                             .collect();
                         for t in targets {
+                            // The source changed: the next reconcile must read it again.
+                            credentials.invalidate(&t);
                             let _ = tx.send(t);
                         }
                     }

@@ -43,11 +43,11 @@ pub struct RegistryCredentialStatus {
 #[serde(rename_all = "camelCase")]
 pub struct NamespaceCounts {
     /// Namespaces the target selects.
-    pub targeted: u32,
+    pub targeted: i32,
     /// Namespaces holding the current secret.
-    pub synced: u32,
+    pub synced: i32,
     /// Namespaces where writing failed.
-    pub failed: u32,
+    pub failed: i32,
 }
 
 /// Why one namespace does not hold the current secret.

@@ -52,7 +52,8 @@ pub fn env() -> &'static Env {
                     .build()
                     .expect("operator runtime");
                 rt.block_on(async move {
-                    let client = client_for(&kc).await;
+                    let metrics = std::sync::Arc::new(pullkeeper::metrics::Metrics::default());
+                    let client = pullkeeper::operator::client(config_for(&kc).await, &metrics).expect("client");
                     install_crds(&client).await;
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
                     let addr = listener.local_addr().expect("addr");
@@ -63,7 +64,8 @@ pub fn env() -> &'static Env {
                         write_concurrency: 32,
                     };
                     // Runs for the life of the test binary.
-                    let _ = pullkeeper::operator::run(client, listener, settings, CancellationToken::new()).await;
+                    let _ =
+                        pullkeeper::operator::run(client, metrics, listener, settings, CancellationToken::new()).await;
                 });
             })
             .expect("operator thread");
@@ -129,11 +131,14 @@ pub async fn client() -> Client {
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
+    Client::try_from(config_for(kubeconfig).await).expect("client")
+}
+
+async fn config_for(kubeconfig: &Path) -> Config {
     let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .expect("kubeconfig is usable");
-    Client::try_from(config).expect("client")
+        .expect("kubeconfig is usable")
 }
 
 async fn install_crds(client: &Client) {
