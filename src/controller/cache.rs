@@ -14,8 +14,18 @@ use super::triggers::Trigger;
 #[derive(Clone)]
 struct Entry {
     generation: Option<i64>,
-    credential: Credential,
-    refresh_at: Timestamp,
+    cached: Cached,
+}
+
+/// A credential with when it was issued and when it is due for renewal.
+#[derive(Clone, Debug)]
+pub struct Cached {
+    /// The credential.
+    pub credential: Credential,
+    /// When the provider issued it.
+    pub issued_at: Timestamp,
+    /// When to ask the provider again.
+    pub refresh_at: Timestamp,
 }
 
 /// Credentials by the credential object they belong to.
@@ -26,25 +36,18 @@ pub struct CredentialCache {
 
 impl CredentialCache {
     /// The cached credential, if still fresh for this generation.
-    pub fn get(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Credential> {
+    pub fn get(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
         let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = entries.get(key)?;
-        (e.generation == generation && now < e.refresh_at).then(|| e.credential.clone())
+        (e.generation == generation && now < e.cached.refresh_at).then(|| e.cached.clone())
     }
 
-    /// Remembers a credential until `refresh_at`.
-    pub fn put(&self, key: Trigger, generation: Option<i64>, credential: Credential, refresh_at: Timestamp) {
+    /// Remembers a credential until its `refresh_at`.
+    pub fn put(&self, key: Trigger, generation: Option<i64>, cached: Cached) {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                key,
-                Entry {
-                    generation,
-                    credential,
-                    refresh_at,
-                },
-            );
+            .insert(key, Entry { generation, cached });
     }
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
@@ -75,7 +78,15 @@ mod tests {
         let key = Trigger::Cluster("a".into());
         let t0 = Timestamp::from_second(1_800_000_000).expect("t");
         let later = Timestamp::from_second(1_800_000_100).expect("t");
-        c.put(key.clone(), Some(1), cred(), later);
+        c.put(
+            key.clone(),
+            Some(1),
+            Cached {
+                credential: cred(),
+                issued_at: t0,
+                refresh_at: later,
+            },
+        );
         assert!(c.get(&key, Some(1), t0).is_some());
         assert!(c.get(&key, Some(2), t0).is_none(), "a spec change re-issues");
         assert!(c.get(&key, Some(1), later).is_none(), "due for refresh");

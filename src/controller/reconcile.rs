@@ -17,6 +17,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::crd::RegistryCredentialStatus;
 use crate::provider::{self, Credential, ProviderError, ProviderSpec};
 
+use super::cache::Cached;
 use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, Sync};
@@ -74,11 +75,31 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     let owner = obj.owner();
     let key = obj.trigger();
     let generation = obj.meta().generation;
-    let issued = match ctx.credentials.get(&key, generation, Timestamp::now()) {
+    let now = Timestamp::now();
+    // A cached credential keeps its issue and refresh times, so repeated reconciles
+    // compute an identical status and write nothing.
+    let issued: Result<Cached, ProviderError> = match ctx.credentials.get(&key, generation, now) {
         Some(cached) => Ok(cached),
-        None => issue(ctx, &spec).await,
+        None => issue(ctx, &spec).await.map(|credential| {
+            let refresh_at = now
+                .checked_add(next_refresh(&spec, &credential))
+                .unwrap_or(Timestamp::MAX);
+            let cached = Cached {
+                credential,
+                issued_at: now,
+                refresh_at,
+            };
+            ctx.credentials.put(key.clone(), generation, cached.clone());
+            cached
+        }),
     };
-    let content = issued.as_ref().ok().map(|c| secret::content(&owner, &spec.registry, c));
+    if issued.is_err() {
+        ctx.credentials.invalidate(&key);
+    }
+    let content = issued
+        .as_ref()
+        .ok()
+        .map(|c| secret::content(&owner, &spec.registry, &c.credential));
 
     let namespaces: Vec<NamespaceInfo> = ctx
         .caches
@@ -120,19 +141,17 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         failures: done.failures.clone(),
     };
     let delay = match &issued {
-        Ok(c) if !done.retryable => next_refresh(&spec, c),
+        Ok(c) if !done.retryable => Duration::try_from(c.refresh_at.duration_since(Timestamp::now()))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
         Err(e) if e.is_permanent() && !done.retryable => RECHECK_INVALID,
         _ => ctx.backoffs.next(&backoff_key::<K>(obj)),
     };
-    let next_at = Timestamp::now().checked_add(delay).ok();
-    match (&issued, next_at) {
-        (Ok(c), Some(at)) => ctx.credentials.put(key, generation, c.clone(), at),
-        _ => ctx.credentials.invalidate(&key),
-    }
     let outcome = Outcome::Reconciled {
         credential: issued.map(|c| status::Issued {
-            expires_at: c.expires_at,
-            next_refresh: next_at,
+            expires_at: c.credential.expires_at,
+            issued_at: c.issued_at,
+            next_refresh: c.refresh_at,
         }),
         sync,
     };

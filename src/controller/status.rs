@@ -14,8 +14,10 @@ use super::validate::SpecError;
 pub struct Issued {
     /// When it expires, if it does.
     pub expires_at: Option<Timestamp>,
+    /// When the provider issued it.
+    pub issued_at: Timestamp,
     /// When it will be renewed or re-read.
-    pub next_refresh: Option<Timestamp>,
+    pub next_refresh: Timestamp,
 }
 
 /// How the fan-out went.
@@ -163,12 +165,9 @@ pub fn build(
         status.failures = sync.failures.iter().take(MAX_LISTED_FAILURES).cloned().collect();
         match credential {
             Ok(issued) => {
-                // Only move lastRefreshTime when the credential actually changed hands.
-                if status.expires_at.as_ref().map(|t| t.0) != issued.expires_at || status.last_refresh_time.is_none() {
-                    status.last_refresh_time = Some(Time(now));
-                }
+                status.last_refresh_time = Some(Time(issued.issued_at));
                 status.expires_at = issued.expires_at.map(Time);
-                status.next_refresh_time = issued.next_refresh.map(Time);
+                status.next_refresh_time = Some(Time(issued.next_refresh));
             }
             Err(_) => status.next_refresh_time = None,
         }
@@ -246,7 +245,8 @@ mod tests {
     fn ok() -> Result<Issued, ProviderError> {
         Ok(Issued {
             expires_at: None,
-            next_refresh: None,
+            issued_at: now(),
+            next_refresh: now(),
         })
     }
 
@@ -297,7 +297,8 @@ mod tests {
             &reconciled(
                 Ok(Issued {
                     expires_at: Some(expiry),
-                    next_refresh: None,
+                    issued_at: now(),
+                    next_refresh: now(),
                 }),
                 vec![],
             ),

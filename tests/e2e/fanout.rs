@@ -575,3 +575,37 @@ async fn a_namespaced_credential_stays_in_its_namespace() {
     f.wait_pull_secrets(&ns, "default", &[]).await;
     f.assert_no_secret_in_logs();
 }
+
+#[tokio::test]
+async fn a_settled_credential_writes_nothing_more() {
+    let f = Fixture::new("settled").await;
+    let ns = f.labelled_ns("settled").await;
+    let name = support::unique("settled");
+    let secret_name = format!("pullkeeper-{name}");
+    f.apply_crc(&name, json!({})).await;
+    f.wait_secret(&ns, &secret_name, &f.password).await;
+    f.wait_pull_secrets(&ns, "default", &[&secret_name]).await;
+    f.wait_ready(&name, "True", "Synced").await;
+    // Give the last status write and its echo a moment, then watch for churn.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api = Api::<ClusterRegistryCredential>::all(f.client.clone());
+    let rv = |o: Option<String>| o.unwrap_or_default();
+    let crc_before = rv(api.get(&name).await.expect("crc").metadata.resource_version);
+    let secret_before = rv(f
+        .secret(&ns, &secret_name)
+        .await
+        .expect("secret")
+        .metadata
+        .resource_version);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let crc_after = rv(api.get(&name).await.expect("crc").metadata.resource_version);
+    let secret_after = rv(f
+        .secret(&ns, &secret_name)
+        .await
+        .expect("secret")
+        .metadata
+        .resource_version);
+    assert_eq!(crc_before, crc_after, "the credential's status keeps being rewritten");
+    assert_eq!(secret_before, secret_after, "the secret keeps being rewritten");
+    f.delete_crc(&name).await;
+}
