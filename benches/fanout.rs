@@ -395,6 +395,7 @@ async fn run_size(n: usize, a: &Args, kubectl: &Path) -> Row {
 
 #[tokio::main]
 async fn main() {
+    pullkeeper::install_crypto_provider();
     let a = args();
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it
     // and must not start clusters.

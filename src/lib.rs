@@ -18,3 +18,10 @@ pub mod telemetry;
 
 /// Name used as the Events reporter and in labels.
 pub const OPERATOR_NAME: &str = "pullkeeper";
+
+/// Selects rustls' process-wide crypto provider (ring). Both the Kubernetes client and the
+/// AWS SDK use rustls, with different default providers, so the choice must be explicit.
+/// Safe to call more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -50,6 +50,7 @@ struct ControllerArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    pullkeeper::install_crypto_provider();
     match cli.command {
         Some(Command::Crds { dir }) => crds(dir),
         Some(Command::Controller(args)) => controller(args),

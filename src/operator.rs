@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 
 /// A client for `config` whose every request is counted in `metrics`.
 pub fn client(config: kube::Config, metrics: &Arc<Metrics>) -> Result<Client, kube::Error> {
+    crate::install_crypto_provider();
     let m = metrics.clone();
     let counting = tower::util::MapRequestLayer::new(move |req: ::http::Request<kube::client::Body>| {
         m.observe_api_request(req.method());

@@ -258,6 +258,10 @@ fn log_result<K, E1, E2>(
         Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
         // Reconcile errors were logged by error_policy; only watch-level problems here.
         Err(kube::runtime::controller::Error::ReconcilerFailed(_, _)) => {}
+        // A trigger for an object deleted meanwhile: nothing to do.
+        Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+            tracing::debug!(object = %obj, "triggered object is gone");
+        }
         Err(e) => tracing::warn!(error = %e, "controller stream error"),
     }
 }

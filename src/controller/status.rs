@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::conditions::{self, Desired, Status, reasons, types};
+use crate::crd::conditions::{self, Desired, Status, reasons, types, whole_seconds};
 use crate::crd::{MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
 use crate::provider::ProviderError;
 
@@ -165,9 +165,9 @@ pub fn build(
         status.failures = sync.failures.iter().take(MAX_LISTED_FAILURES).cloned().collect();
         match credential {
             Ok(issued) => {
-                status.last_refresh_time = Some(Time(issued.issued_at));
-                status.expires_at = issued.expires_at.map(Time);
-                status.next_refresh_time = Some(Time(issued.next_refresh));
+                status.last_refresh_time = Some(Time(whole_seconds(issued.issued_at)));
+                status.expires_at = issued.expires_at.map(|t| Time(whole_seconds(t)));
+                status.next_refresh_time = Some(Time(whole_seconds(issued.next_refresh)));
             }
             Err(_) => status.next_refresh_time = None,
         }

@@ -44,6 +44,16 @@ pub mod reasons {
     pub const WRONG_SECRET_TYPE: &str = "WrongSecretType";
     /// A docker config has no entry for the registry.
     pub const NO_REGISTRY_ENTRY: &str = "NoRegistryEntry";
+    /// The cloud provider rejected the credentials used to ask for a token.
+    pub const PROVIDER_UNAUTHORIZED: &str = "ProviderUnauthorized";
+    /// The cloud identity may not get a token for this registry.
+    pub const PROVIDER_DENIED: &str = "ProviderDenied";
+    /// The cloud provider is rate-limiting.
+    pub const PROVIDER_THROTTLED: &str = "ProviderThrottled";
+    /// The cloud provider's endpoint could not be reached.
+    pub const PROVIDER_UNREACHABLE: &str = "ProviderUnreachable";
+    /// The cloud provider failed in another way.
+    pub const PROVIDER_ERROR: &str = "ProviderError";
     /// Some targeted namespaces do not hold the current secret.
     pub const SYNC_FAILED: &str = "SyncFailed";
     /// A same-named Secret not managed by pullkeeper is in the way.
@@ -122,7 +132,7 @@ pub fn merge(
         let previous = existing.iter().find(|c| c.type_ == d.type_);
         let last_transition_time = match previous {
             Some(p) if p.status == d.status.as_str() => p.last_transition_time.clone(),
-            _ => Time(now),
+            _ => Time(whole_seconds(now)),
         };
         out.push(Condition {
             type_: d.type_.to_owned(),
@@ -135,6 +145,12 @@ pub fn merge(
     }
     out.sort_by_key(|c| order(&c.type_));
     out
+}
+
+/// Kubernetes stores times with second precision; comparing a computed status with a
+/// stored one only works if the computed one is rounded the same way.
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 fn order(type_: &str) -> usize {

@@ -3,6 +3,7 @@
 
 mod basic;
 mod docker_config;
+pub mod ecr;
 mod source;
 
 pub use docker_config::{DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYPE, EntryError, entry_for};
@@ -125,6 +126,16 @@ pub enum ProviderError {
         /// What is wrong (never the content).
         detail: String,
     },
+    /// A cloud provider refused or failed to issue a token.
+    #[error("provider.{provider}: {message}{}", failure.advice())]
+    Cloud {
+        /// Provider kind.
+        provider: &'static str,
+        /// What kind of failure.
+        failure: CloudFailure,
+        /// The provider's own words (never credentials).
+        message: String,
+    },
     /// The docker config has no entry for the registry.
     #[error(
         "Secret {namespace}/{name} has no auths entry for {registry} (entries: {keys}): add one, or fix spec.registry"
@@ -157,6 +168,7 @@ impl ProviderError {
             }
             ProviderError::WrongSecretType { .. } => reasons::WRONG_SECRET_TYPE,
             ProviderError::NoRegistryEntry { .. } => reasons::NO_REGISTRY_ENTRY,
+            ProviderError::Cloud { failure, .. } => failure.reason(),
         }
     }
 
@@ -167,7 +179,54 @@ impl ProviderError {
 
     /// True when retrying cannot help until the spec or a referenced object changes.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, ProviderError::SecretUnavailable { .. })
+        match self {
+            ProviderError::SecretUnavailable { .. } => false,
+            ProviderError::Cloud { failure, .. } => matches!(failure, CloudFailure::InvalidConfig),
+            _ => true,
+        }
+    }
+}
+
+/// How a cloud provider call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudFailure {
+    /// The credentials used to ask were rejected.
+    Unauthorized,
+    /// The identity may not get a token for this registry.
+    Denied,
+    /// The provider is rate-limiting.
+    Throttled,
+    /// The endpoint could not be reached or timed out.
+    Unreachable,
+    /// The spec cannot work as written.
+    InvalidConfig,
+    /// Anything else.
+    Other,
+}
+
+impl CloudFailure {
+    /// CamelCase reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloudFailure::Unauthorized => reasons::PROVIDER_UNAUTHORIZED,
+            CloudFailure::Denied => reasons::PROVIDER_DENIED,
+            CloudFailure::Throttled => reasons::PROVIDER_THROTTLED,
+            CloudFailure::Unreachable => reasons::PROVIDER_UNREACHABLE,
+            CloudFailure::InvalidConfig => reasons::INVALID_SPEC,
+            CloudFailure::Other => reasons::PROVIDER_ERROR,
+        }
+    }
+
+    fn advice(self) -> &'static str {
+        match self {
+            CloudFailure::Unauthorized => {
+                " (the cloud credentials were rejected: check the credentials Secret or the workload identity binding)"
+            }
+            CloudFailure::Denied => " (the identity lacks permission: grant it pull access to the registry)",
+            CloudFailure::Throttled => " (rate-limited: retrying with backoff)",
+            CloudFailure::Unreachable => " (the endpoint could not be reached: check network, proxy and endpoint)",
+            CloudFailure::InvalidConfig | CloudFailure::Other => "",
+        }
     }
 }
 
@@ -175,6 +234,12 @@ impl ProviderError {
 pub trait CredentialProvider: Send + Sync {
     /// Obtains a credential: reads a Secret or mints a token.
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>>;
+
+    /// True for providers that mint a new token on every call (cloud providers), as
+    /// opposed to reading a stored credential.
+    fn mints(&self) -> bool {
+        false
+    }
 }
 
 /// Chooses the provider for a spec.
@@ -190,6 +255,7 @@ pub fn from_spec(
             registry.clone(),
             d.clone(),
         ))),
+        Provider::Ecr(e) => Ok(Box::new(ecr::Ecr::new(client.clone(), registry.clone(), e.clone()))),
         other => Err(ProviderError::NotImplemented {
             provider: other.kind_name(),
         }),

@@ -62,7 +62,7 @@ fn cluster_body(name: &str, registry: &str) -> Value {
         "metadata": {"name": name},
         "spec": {
             "registry": registry,
-            "provider": {"ecr": {"region": "us-east-1"}},
+            "provider": {"acr": {"tenantId": "t", "clientId": "c"}},
             "target": {"namespaces": ["nowhere"]}
         }
     })

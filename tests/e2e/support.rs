@@ -35,6 +35,7 @@ fn repo_root() -> &'static Path {
 /// Starts (or reuses) the control plane, installs the CRDs, and starts the operator once.
 pub fn env() -> &'static Env {
     ENV.get_or_init(|| {
+        pullkeeper::install_crypto_provider();
         let kubeconfig = match std::env::var_os("PULLKEEPER_TEST_KUBECONFIG") {
             Some(p) => PathBuf::from(p),
             None => start_control_plane(),

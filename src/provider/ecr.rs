@@ -1,0 +1,215 @@
+//! `provider.ecr`: AWS ECR authorization tokens (12 hours) from `GetAuthorizationToken`.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::sts::AssumeRoleProvider;
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
+use base64::Engine as _;
+use futures::future::BoxFuture;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use secrecy::SecretString;
+
+use super::{CloudFailure, Credential, CredentialProvider, ProviderError, source};
+use crate::crd::{ClusterSecretRef, EcrProvider};
+use crate::registry::RegistryHost;
+
+/// Keys of `credentialsSecretRef`.
+pub const ACCESS_KEY_ID: &str = "access-key-id";
+/// Secret access key.
+pub const SECRET_ACCESS_KEY: &str = "secret-access-key";
+/// Optional session token.
+pub const SESSION_TOKEN: &str = "session-token";
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Account and region parsed from `<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]`.
+pub fn parse_host(host: &RegistryHost) -> Option<(String, String)> {
+    let h = host.host();
+    let (account, rest) = h.split_once('.')?;
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let rest = rest
+        .strip_prefix("dkr.ecr.")
+        .or_else(|| rest.strip_prefix("dkr.ecr-fips."))?;
+    let region = rest
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| rest.strip_suffix(".amazonaws.com.cn"))?;
+    (!region.is_empty() && !region.contains('.')).then(|| (account.to_owned(), region.to_owned()))
+}
+
+/// Mints ECR tokens.
+pub struct Ecr {
+    client: Client,
+    registry: RegistryHost,
+    spec: EcrProvider<ClusterSecretRef>,
+}
+
+impl Ecr {
+    /// For a resolved spec.
+    pub fn new(client: Client, registry: RegistryHost, spec: EcrProvider<ClusterSecretRef>) -> Self {
+        Self { client, registry, spec }
+    }
+
+    fn invalid(&self, message: String) -> ProviderError {
+        ProviderError::Cloud {
+            provider: "ecr",
+            failure: CloudFailure::InvalidConfig,
+            message,
+        }
+    }
+
+    async fn mint(&self) -> Result<Credential, ProviderError> {
+        let parsed = parse_host(&self.registry);
+        let region = match (&self.spec.region, &parsed) {
+            (Some(r), _) => r.clone(),
+            (None, Some((_, r))) => r.clone(),
+            (None, None) => {
+                return Err(self.invalid(format!(
+                    "cannot tell the AWS region from {}: set spec.provider.ecr.region",
+                    self.registry
+                )));
+            }
+        };
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.clone()))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(CALL_TIMEOUT)
+                    .connect_timeout(Duration::from_secs(5))
+                    .build(),
+            );
+        if let Some(endpoint) = &self.spec.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(r) = &self.spec.credentials_secret_ref {
+            let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+            let id = source::key_string(&secret, &r.namespace, ACCESS_KEY_ID)?;
+            let key = source::key_string(&secret, &r.namespace, SECRET_ACCESS_KEY)?;
+            let token = source::key_string(&secret, &r.namespace, SESSION_TOKEN).ok();
+            loader = loader.credentials_provider(Credentials::new(id, key, token, None, "pullkeeper-secret"));
+        }
+        let base = loader.load().await;
+        let config = match &self.spec.role_arn {
+            None => base,
+            Some(role) => {
+                let mut b = AssumeRoleProvider::builder(role)
+                    .session_name("pullkeeper")
+                    .region(aws_config::Region::new(region.clone()))
+                    .configure(&base);
+                if let Some(ext) = &self.spec.external_id {
+                    b = b.external_id(ext);
+                }
+                let provider = b.build().await;
+                base.into_builder()
+                    .credentials_provider(SharedCredentialsProvider::new(provider))
+                    .build()
+            }
+        };
+        let ecr = aws_sdk_ecr::Client::new(&config);
+        // The token works for every registry the identity may pull from; no registry ID needed.
+        let out = ecr.get_authorization_token().send().await.map_err(classify)?;
+        let data = out
+            .authorization_data()
+            .first()
+            .ok_or_else(|| self.invalid("ECR returned no authorization data".into()))?;
+        let token = data
+            .authorization_token()
+            .ok_or_else(|| self.invalid("ECR returned no authorization token".into()))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| self.invalid("ECR's authorization token is not base64 text".into()))?;
+        let (user, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| self.invalid("ECR's authorization token is not user:password".into()))?;
+        let expires_at = data
+            .expires_at()
+            .and_then(|t| Timestamp::new(t.secs(), i32::try_from(t.subsec_nanos()).unwrap_or(0)).ok());
+        Ok(Credential {
+            username: user.to_owned(),
+            password: SecretString::from(password.to_owned()),
+            expires_at,
+        })
+    }
+}
+
+/// Classifies an AWS SDK error; the message never carries credentials.
+fn classify<E, R>(err: SdkError<E, R>) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let (failure, message) = match &err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().unwrap_or("Unknown");
+            let msg = e.message().unwrap_or("");
+            let failure = match code {
+                "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidSignatureException"
+                | "SignatureDoesNotMatch"
+                | "ExpiredTokenException"
+                | "ExpiredToken" => CloudFailure::Unauthorized,
+                "AccessDeniedException" | "AccessDenied" => CloudFailure::Denied,
+                "ThrottlingException" | "Throttling" | "TooManyRequestsException" => CloudFailure::Throttled,
+                "InvalidParameterException" | "ValidationException" => CloudFailure::InvalidConfig,
+                _ => CloudFailure::Other,
+            };
+            (failure, format!("{code}: {msg}"))
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => (
+            CloudFailure::Unreachable,
+            format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+        ),
+        _ => (
+            CloudFailure::Other,
+            format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+        ),
+    };
+    ProviderError::Cloud {
+        provider: "ecr",
+        failure,
+        message,
+    }
+}
+
+impl CredentialProvider for Ecr {
+    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
+        Box::pin(self.mint())
+    }
+
+    fn mints(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_and_region_from_the_host() {
+        let h = |s: &str| RegistryHost::parse(s).expect("host");
+        assert_eq!(
+            parse_host(&h("123456789012.dkr.ecr.us-east-1.amazonaws.com")),
+            Some(("123456789012".into(), "us-east-1".into()))
+        );
+        assert_eq!(
+            parse_host(&h("123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com")),
+            Some(("123456789012".into(), "us-gov-west-1".into()))
+        );
+        assert_eq!(
+            parse_host(&h("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn")),
+            Some(("123456789012".into(), "cn-north-1".into()))
+        );
+        assert_eq!(parse_host(&h("ghcr.io")), None);
+        assert_eq!(parse_host(&h("12345.dkr.ecr.us-east-1.amazonaws.com")), None);
+    }
+}
