@@ -13,12 +13,21 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "installing prerequisites"
 hack/prereqs.sh
 
-step "preparing the local control plane (first run builds Kubernetes: 15-25 minutes)"
+step "preparing the local control plane (first run builds Kubernetes: 5-25 minutes)"
 cp_dir="$PWD/target/tmp/control-plane"
-hack/control-plane.sh start "$cp_dir" >/dev/null
-if [[ "${PULLKEEPER_KEEP_CONTROL_PLANE:-}" != 1 ]]; then
-  trap 'hack/control-plane.sh stop "$cp_dir" >/dev/null 2>&1 || true' EXIT
-fi
+kubeconfig="$(hack/control-plane.sh start "$cp_dir" | tail -n1)"
+cleanup() {
+  hack/moto.sh stop "$PWD/target/tmp/moto" >/dev/null 2>&1 || true
+  hack/registry.sh stop "$PWD/target/tmp/registry" >/dev/null 2>&1 || true
+  if [[ "${PULLKEEPER_KEEP_CONTROL_PLANE:-}" != 1 ]]; then
+    hack/control-plane.sh stop "$cp_dir" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+
+step "preparing moto (AWS API server), helm and kubectl"
+hack/moto.sh install
+hack/tools.sh >/dev/null
 
 step "rustfmt"
 cargo fmt --all --check
@@ -28,3 +37,6 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "tests"
 cargo test --locked --all-targets "$@"
+
+step "Helm chart"
+hack/chart-test.sh "$kubeconfig"

@@ -78,7 +78,11 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     let now = Timestamp::now();
     // A cached credential keeps its issue and refresh times, so repeated reconciles
     // compute an identical status and write nothing.
-    let issued: Result<Cached, ProviderError> = match ctx.credentials.get(&key, generation, now) {
+    let cached = match ctx.credentials.get(&key, generation, now) {
+        Some(c) => Some(c),
+        None => recover(obj, ctx, &spec, now).await,
+    };
+    let issued: Result<Cached, ProviderError> = match cached {
         Some(cached) => Ok(cached),
         None => issue(ctx, &spec).await.map(|credential| {
             let refresh_at = now
@@ -145,7 +149,11 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
             .unwrap_or_default()
             .max(Duration::from_secs(1)),
         Err(e) if e.is_permanent() && !done.retryable => RECHECK_INVALID,
-        _ => ctx.backoffs.next(&backoff_key::<K>(obj)),
+        _ => retry_delay(
+            ctx.backoffs.next(&backoff_key::<K>(obj)),
+            obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
+            Timestamp::now(),
+        ),
     };
     let outcome = Outcome::Reconciled {
         credential: issued.map(|c| status::Issued {
@@ -191,6 +199,53 @@ async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Er
     Ok(Action::await_change())
 }
 
+/// After a restart, a token minted by the previous process is still in the Secrets it
+/// wrote. Trust it until the recorded refresh time instead of minting new tokens for every
+/// credential at once. Stored credentials (basic, dockerConfig) are simply re-read.
+async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, now: Timestamp) -> Option<Cached> {
+    use crate::crd::Provider;
+    if !matches!(spec.provider, Provider::Ecr(_) | Provider::Gcp(_) | Provider::Acr(_)) {
+        return None;
+    }
+    let status = obj.current_status()?;
+    let refresh_at = status.next_refresh_time.as_ref()?.0;
+    let expires_at = status.expires_at.as_ref().map(|t| t.0);
+    if status.observed_generation != obj.meta().generation
+        || refresh_at <= now
+        || expires_at.is_some_and(|e| e <= now)
+        || status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "CredentialIssued" && c.status != "True")
+    {
+        return None;
+    }
+    let owner = obj.owner();
+    let meta = ctx
+        .caches
+        .secrets
+        .state()
+        .into_iter()
+        .find(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))?;
+    let ns = meta.metadata.namespace.clone()?;
+    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
+        .get(&spec.secret_name)
+        .await
+        .ok()?;
+    let raw = secret.data.as_ref()?.get(provider::DOCKER_CONFIG_JSON_KEY)?;
+    let mut credential = provider::entry_for(&raw.0, &spec.registry).ok()?;
+    credential.expires_at = expires_at;
+    tracing::info!(namespace = %ns, "reusing the unexpired credential already written instead of minting a new one");
+    let cached = Cached {
+        credential,
+        issued_at: status.last_refresh_time.as_ref().map_or(now, |t| t.0),
+        refresh_at,
+    };
+    ctx.credentials
+        .put(obj.trigger(), obj.meta().generation, cached.clone());
+    Some(cached)
+}
+
 /// `(namespace, name)` of every Secret the provider reads.
 fn source_secrets(p: &ProviderSpec) -> Vec<(String, String)> {
     use crate::crd::Provider;
@@ -232,13 +287,33 @@ async fn issue(ctx: &Context, spec: &ValidSpec) -> Result<Credential, ProviderEr
 /// lifetime), never sooner than [`MIN_REFRESH`]; credentials without expiry are re-read
 /// every `refresh.interval`.
 pub fn next_refresh(spec: &ValidSpec, credential: &Credential) -> Duration {
-    match credential.expires_at {
+    refresh_delay(spec, credential.expires_at, Timestamp::now(), rand::random::<f64>())
+}
+
+/// Pure form of [`next_refresh`]: `jitter` in `[0, 1)` moves the renewal up to 10% (at
+/// most 5 minutes) earlier, so many credentials issued together do not renew together.
+pub fn refresh_delay(spec: &ValidSpec, expires_at: Option<Timestamp>, now: Timestamp, jitter: f64) -> Duration {
+    match expires_at {
         None => spec.refresh_interval,
         Some(at) => {
-            let left = Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default();
+            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
             let before = spec.renew_before.unwrap_or(left / 4);
-            left.saturating_sub(before).max(MIN_REFRESH)
+            let due = left.saturating_sub(before);
+            let early = due.mul_f64(0.1 * jitter.clamp(0.0, 1.0)).min(Duration::from_secs(300));
+            due.saturating_sub(early).max(MIN_REFRESH)
         }
+    }
+}
+
+/// Retry delay after a failure: the backoff, but never past half the remaining life of the
+/// secret already in place, so a retry always happens before it expires.
+pub fn retry_delay(backoff: Duration, current_expiry: Option<Timestamp>, now: Timestamp) -> Duration {
+    match current_expiry {
+        Some(at) if at > now => {
+            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            backoff.min((left / 2).max(Duration::from_secs(5)))
+        }
+        _ => backoff,
     }
 }
 
@@ -310,4 +385,80 @@ pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Cont
     let delay = ctx.backoffs.next(&backoff_key::<K>(&obj));
     warn!(kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::validate::{self, ValidSpec};
+    use crate::crd::{ClusterRegistryCredentialSpec, EcrProvider, Provider};
+
+    fn spec(renew_before: Option<Duration>) -> ValidSpec {
+        let raw = ClusterRegistryCredentialSpec {
+            registry: "123456789012.dkr.ecr.us-east-1.amazonaws.com".into(),
+            provider: Provider::Ecr(EcrProvider {
+                region: None,
+                role_arn: None,
+                external_id: None,
+                credentials_secret_ref: None,
+                endpoint: None,
+            }),
+            refresh: Default::default(),
+            target: Default::default(),
+            verify: None,
+            tls: None,
+            suspend: false,
+        };
+        let mut v = validate::cluster("x", &raw).expect("valid");
+        v.renew_before = renew_before;
+        v
+    }
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("t")
+    }
+
+    #[test]
+    fn renews_a_quarter_of_the_lifetime_early_by_default() {
+        // 12 h token: renew after 9 h, at most 5 min earlier with jitter.
+        let d = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(9 * 3600));
+        let j = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.99);
+        assert!(j < d && j >= d - Duration::from_secs(300), "{j:?}");
+    }
+
+    #[test]
+    fn renew_before_is_honoured() {
+        let d = refresh_delay(&spec(Some(Duration::from_secs(1800))), Some(t(3600)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn past_or_absurd_expiry_uses_the_floor() {
+        assert_eq!(
+            refresh_delay(&spec(None), Some(t(-10 * 365 * 86400)), t(0), 0.5),
+            MIN_REFRESH
+        );
+        assert_eq!(refresh_delay(&spec(None), Some(t(5)), t(0), 0.5), MIN_REFRESH);
+    }
+
+    #[test]
+    fn retries_happen_before_the_current_secret_expires() {
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), Some(t(120)), t(0)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(2), Some(t(120)), t(0)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), None, t(0)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), Some(t(-5)), t(0)),
+            Duration::from_secs(300)
+        );
+    }
 }

@@ -69,6 +69,17 @@ fn sync_summary(sync: &Sync) -> String {
     )
 }
 
+fn issued_message(issued: &Issued) -> String {
+    match issued.expires_at {
+        None => "the provider issued a credential without an expiry".to_owned(),
+        Some(at) if at <= issued.issued_at => format!(
+            "the provider issued a credential whose expiry {} is already past; renewing on the minimum interval",
+            whole_seconds(at)
+        ),
+        Some(at) => format!("the provider issued a credential valid until {}", whole_seconds(at)),
+    }
+}
+
 impl Outcome {
     fn conditions(&self) -> Vec<Desired> {
         match self {
@@ -107,7 +118,7 @@ impl Outcome {
                     Desired::new(types::SYNCED, Status::False, failed_reason, sync_summary(sync))
                 };
                 match credential {
-                    Ok(_) => {
+                    Ok(issued) => {
                         let ready = if sync.failures.is_empty() {
                             Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone())
                         } else {
@@ -119,7 +130,7 @@ impl Outcome {
                                 types::CREDENTIAL_ISSUED,
                                 Status::True,
                                 reasons::ISSUED,
-                                "the provider issued a credential",
+                                issued_message(issued),
                             ),
                             synced,
                         ]

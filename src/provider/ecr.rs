@@ -77,6 +77,7 @@ impl Ecr {
         };
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(aws_config::Region::new(region.clone()))
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
             .timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
                     .operation_timeout(CALL_TIMEOUT)

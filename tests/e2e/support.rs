@@ -343,3 +343,25 @@ pub fn skopeo_inspect(authfile: &Path, image: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+static MOTO: OnceLock<String> = OnceLock::new();
+
+/// moto's AWS API server (ECR, STS), started once per test binary; its URL.
+pub fn moto() -> &'static str {
+    MOTO.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("moto");
+        let out = Command::new("bash")
+            .arg(repo_root().join("hack/moto.sh"))
+            .args(["start", &dir.to_string_lossy()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running hack/moto.sh");
+        assert!(out.status.success(), "hack/moto.sh start failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("url")
+            .trim()
+            .to_owned()
+    })
+}

@@ -1,0 +1,211 @@
+//! `provider.ecr` against moto's ECR and STS API server.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredentialStatus};
+use serde_json::{Value, json};
+
+use crate::support::{self, eventually};
+
+const REGISTRY: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
+
+struct Setup {
+    client: Client,
+    src: String,
+    ns: String,
+    label: String,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    support::env();
+    let client = support::client().await;
+    let src = support::namespace(&client, "aws-src", &[]).await;
+    let label = support::unique(prefix);
+    let ns = support::namespace(&client, prefix, &[("e2e-target", &label)]).await;
+    Api::<Secret>::namespaced(client.clone(), &src)
+        .patch(
+            "aws",
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "aws", "namespace": src},
+                "stringData": {"access-key-id": "AKIAEXAMPLEKEY", "secret-access-key": "example-secret-key"}
+            })),
+        )
+        .await
+        .expect("aws secret");
+    Setup { client, src, ns, label }
+}
+
+impl Setup {
+    async fn apply(&self, name: &str, ecr: Value) {
+        Api::<ClusterRegistryCredential>::all(self.client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("e2e-user").force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "registry": REGISTRY,
+                        "provider": {"ecr": ecr},
+                        "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
+                    }
+                })),
+            )
+            .await
+            .expect("credential");
+    }
+
+    async fn ready(&self, name: &str, status: &str, reason: &str) -> RegistryCredentialStatus {
+        let api = Api::<ClusterRegistryCredential>::all(self.client.clone());
+        let got = eventually(Duration::from_secs(30), || async {
+            let s = api.get(name).await.ok()?.status?;
+            let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (c.status == status && c.reason == reason).then_some(s.clone())
+        })
+        .await;
+        match got {
+            Some(s) => s,
+            None => panic!(
+                "{name} never reached Ready={status}/{reason}: {:?}",
+                api.get(name).await.ok().and_then(|c| c.status)
+            ),
+        }
+    }
+
+    async fn delete(&self, name: &str) {
+        let _ = Api::<ClusterRegistryCredential>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn ecr_tokens_are_minted_and_a_past_expiry_does_not_hot_loop() {
+    let moto = support::moto();
+    let s = setup("ecr").await;
+    let name = support::unique("ecr");
+    s.apply(
+        &name,
+        json!({"endpoint": moto, "credentialsSecretRef": {"name": "aws", "namespace": s.src}}),
+    )
+    .await;
+    let status = s.ready(&name, "True", "Synced").await;
+    let secret_name = format!("pullkeeper-{name}");
+    let secret = Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .get(&secret_name)
+        .await
+        .expect("secret written");
+    let cfg: Value =
+        serde_json::from_slice(&secret.data.as_ref().expect("data")[".dockerconfigjson"].0).expect("docker config");
+    let entry = &cfg["auths"][REGISTRY];
+    assert_eq!(entry["username"], "AWS", "{cfg}");
+    assert!(entry["password"].as_str().is_some_and(|p| !p.is_empty()));
+    // moto answers with an expiry in 2015: annotated as given, renewed on the floor interval.
+    let expires = secret
+        .annotations()
+        .get("pullkeeper.io/expires-at")
+        .cloned()
+        .expect("expires-at annotation");
+    assert!(expires.starts_with("2015-"), "{expires}");
+    let last = status.last_refresh_time.expect("lastRefreshTime").0;
+    let next = status.next_refresh_time.expect("nextRefreshTime").0;
+    assert!(
+        next.duration_since(last).as_secs() >= 29,
+        "refresh floor not applied: {last} -> {next}"
+    );
+    let issued = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "CredentialIssued")
+        .expect("CredentialIssued");
+    assert!(issued.message.contains("already past"), "{}", issued.message);
+    s.delete(&name).await;
+}
+
+#[tokio::test]
+async fn ecr_assume_role_goes_through_sts() {
+    let moto = support::moto();
+    let s = setup("ecr-role").await;
+    let name = support::unique("ecr-role");
+    s.apply(
+        &name,
+        json!({
+            "endpoint": moto,
+            "credentialsSecretRef": {"name": "aws", "namespace": s.src},
+            "roleArn": "arn:aws:iam::210987654321:role/ecr-pull",
+            "externalId": "pullkeeper-test"
+        }),
+    )
+    .await;
+    s.ready(&name, "True", "Synced").await;
+    s.delete(&name).await;
+}
+
+#[tokio::test]
+async fn ecr_endpoint_down_is_unreachable_and_writes_nothing() {
+    let s = setup("ecr-down").await;
+    let name = support::unique("ecr-down");
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    s.apply(
+        &name,
+        json!({"endpoint": format!("http://127.0.0.1:{closed}"), "credentialsSecretRef": {"name": "aws", "namespace": s.src}}),
+    )
+    .await;
+    let status = s.ready(&name, "False", "ProviderUnreachable").await;
+    let msg = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("ready")
+        .message;
+    assert!(msg.contains("could not be reached"), "{msg}");
+    assert!(
+        Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+            .get_opt(&format!("pullkeeper-{name}"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        !support::logs().contains("example-secret-key"),
+        "an AWS secret key reached the logs"
+    );
+    s.delete(&name).await;
+}
+
+#[tokio::test]
+async fn ecr_without_a_region_in_host_or_spec_is_invalid() {
+    let s = setup("ecr-noregion").await;
+    let name = support::unique("ecr-noregion");
+    Api::<ClusterRegistryCredential>::all(s.client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name},
+                "spec": {"registry": "registry.example.com", "provider": {"ecr": {}},
+                         "target": {"namespaces": [s.ns]}}
+            })),
+        )
+        .await
+        .expect("credential");
+    let status = s.ready(&name, "False", "InvalidSpec").await;
+    let msg = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("ready")
+        .message;
+    assert!(msg.contains("spec.provider.ecr.region"), "{msg}");
+    s.delete(&name).await;
+}
