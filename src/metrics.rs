@@ -6,8 +6,10 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Labels of reconcile metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,8 +43,20 @@ pub struct MethodLabels {
     pub method: &'static str,
 }
 
+/// Labels identifying one credential object.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// Kind.
+    pub kind: &'static str,
+    /// Namespace (empty for the cluster kind).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
 /// All metrics of the operator.
 pub struct Metrics {
+    credential_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     registry: Registry,
     api_requests: Family<MethodLabels, Counter>,
     reconciles: Family<ReconcileLabels, Counter>,
@@ -98,7 +112,14 @@ impl Default for Metrics {
             "Requests sent to the Kubernetes apiserver, by HTTP method (watches count once)",
             api_requests.clone(),
         );
+        let credential_expiry = Family::<CredentialLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "credential_expiry_timestamp_seconds",
+            "When the credential currently written expires (Unix time); alert on this minus time()",
+            credential_expiry.clone(),
+        );
         Self {
+            credential_expiry,
             registry,
             api_requests,
             reconciles,
@@ -135,6 +156,18 @@ impl Metrics {
             _ => "OTHER",
         };
         self.api_requests.get_or_create(&MethodLabels { method }).inc();
+    }
+
+    /// Records when a credential expires (or forgets it, for `None`).
+    pub fn set_expiry(&self, labels: &CredentialLabels, expires_at_unix: Option<f64>) {
+        match expires_at_unix {
+            Some(t) => {
+                self.credential_expiry.get_or_create(labels).set(t);
+            }
+            None => {
+                self.credential_expiry.remove(labels);
+            }
+        }
     }
 
     /// Records write requests made by one reconcile.

@@ -97,8 +97,12 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
             cached
         }),
     };
-    if issued.is_err() {
-        ctx.credentials.invalidate(&key);
+    match &issued {
+        Ok(c) => ctx.metrics.set_expiry(
+            &metric_labels(obj),
+            c.credential.expires_at.map(|t| t.as_second() as f64),
+        ),
+        Err(_) => ctx.credentials.invalidate(&key),
     }
     let content = issued
         .as_ref()
@@ -169,6 +173,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     ctx.sources.sync(&obj.trigger(), &[]);
     ctx.credentials.invalidate(&obj.trigger());
+    ctx.metrics.set_expiry(&metric_labels(obj), None);
     let owner = obj.owner();
     // Use a fresh list rather than the cache: nothing we wrote may be left behind.
     let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone())
@@ -297,10 +302,17 @@ pub fn refresh_delay(spec: &ValidSpec, expires_at: Option<Timestamp>, now: Times
         None => spec.refresh_interval,
         Some(at) => {
             let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            if left.is_zero() {
+                // Already expired (or an absurd answer): never a hot loop.
+                return MIN_REFRESH;
+            }
             let before = spec.renew_before.unwrap_or(left / 4);
             let due = left.saturating_sub(before);
             let early = due.mul_f64(0.1 * jitter.clamp(0.0, 1.0)).min(Duration::from_secs(300));
-            due.saturating_sub(early).max(MIN_REFRESH)
+            // Short-lived tokens renew at their due time; never sooner than half their
+            // remaining life (and at least a second) even if renewBefore exceeds it.
+            let floor = (left / 2).clamp(Duration::from_secs(1), MIN_REFRESH);
+            due.saturating_sub(early).max(floor)
         }
     }
 }
@@ -376,6 +388,14 @@ async fn publish<K: CredentialKind>(obj: &K, ctx: &Context, t: &status::Transiti
     }
 }
 
+fn metric_labels<K: CredentialKind>(obj: &K) -> crate::metrics::CredentialLabels {
+    crate::metrics::CredentialLabels {
+        kind: K::KIND,
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+    }
+}
+
 fn backoff_key<K: CredentialKind>(obj: &K) -> String {
     format!("{}/{}", K::KIND, obj.key())
 }
@@ -439,7 +459,18 @@ mod tests {
             refresh_delay(&spec(None), Some(t(-10 * 365 * 86400)), t(0), 0.5),
             MIN_REFRESH
         );
-        assert_eq!(refresh_delay(&spec(None), Some(t(5)), t(0), 0.5), MIN_REFRESH);
+        assert_eq!(refresh_delay(&spec(None), Some(t(0)), t(0), 0.5), MIN_REFRESH);
+    }
+
+    #[test]
+    fn short_lived_tokens_renew_before_expiry_but_not_in_a_loop() {
+        let d = refresh_delay(&spec(None), Some(t(8)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(6));
+        // renewBefore longer than the lifetime: half the remaining life.
+        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(8)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(4));
+        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(3600)), t(0), 0.0);
+        assert_eq!(d, MIN_REFRESH);
     }
 
     #[test]

@@ -277,11 +277,15 @@ impl<R, K> Provider<R, K> {
             }),
             Provider::Gcp(g) => Provider::Gcp(GcpProvider {
                 service_account_key_secret_ref: g.service_account_key_secret_ref.map(k),
+                token_url: g.token_url,
+                metadata_url: g.metadata_url,
             }),
             Provider::Acr(a) => Provider::Acr(AcrProvider {
                 tenant_id: a.tenant_id,
                 client_id: a.client_id,
                 client_secret_ref: a.client_secret_ref.map(k),
+                authority_host: a.authority_host,
+                exchange_url: a.exchange_url,
             }),
         }
     }

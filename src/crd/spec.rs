@@ -158,6 +158,15 @@ pub struct GcpProvider<K> {
     /// (Workload Identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_key_secret_ref: Option<K>,
+    /// OAuth2 token endpoint override (default: the key's `token_uri`). For tests and
+    /// private endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+$"))]
+    pub token_url: Option<String>,
+    /// Metadata server override (default `http://metadata.google.internal`). For tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+$"))]
+    pub metadata_url: Option<String>,
 }
 
 /// Azure Container Registry refresh tokens.
@@ -174,6 +183,15 @@ pub struct AcrProvider<K> {
     /// token file (`AZURE_FEDERATED_TOKEN_FILE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_ref: Option<K>,
+    /// Entra ID authority host (default `https://login.microsoftonline.com`; sovereign
+    /// clouds differ). Defaults to `AZURE_AUTHORITY_HOST` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+$"))]
+    pub authority_host: Option<String>,
+    /// Token exchange endpoint override (default `https://<registry>/oauth2/exchange`). For tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+$"))]
+    pub exchange_url: Option<String>,
 }
 
 /// Refresh timing.

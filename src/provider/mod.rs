@@ -1,9 +1,12 @@
 //! Credential sources. Each provider is one file behind [`CredentialProvider`], chosen by
 //! [`from_spec`]. A provider is asked once per refresh, whatever the number of namespaces.
 
+pub mod acr;
 mod basic;
 mod docker_config;
 pub mod ecr;
+pub mod gcp;
+mod oauth;
 mod source;
 
 pub use docker_config::{DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYPE, EntryError, entry_for};
@@ -256,9 +259,8 @@ pub fn from_spec(
             d.clone(),
         ))),
         Provider::Ecr(e) => Ok(Box::new(ecr::Ecr::new(client.clone(), registry.clone(), e.clone()))),
-        other => Err(ProviderError::NotImplemented {
-            provider: other.kind_name(),
-        }),
+        Provider::Gcp(g) => Ok(Box::new(gcp::Gcp::new(client.clone(), g.clone()))),
+        Provider::Acr(a) => Ok(Box::new(acr::Acr::new(client.clone(), registry.clone(), a.clone()))),
     }
 }
 

@@ -209,3 +209,32 @@ async fn ecr_without_a_region_in_host_or_spec_is_invalid() {
     assert!(msg.contains("spec.provider.ecr.region"), "{msg}");
     s.delete(&name).await;
 }
+
+/// Against a real ECR registry, with credentials from the default AWS chain of the test
+/// process. Run with:
+/// `PULLKEEPER_TEST_ECR_REGISTRY=<account>.dkr.ecr.<region>.amazonaws.com cargo test --test e2e -- --ignored real_ecr`
+#[tokio::test]
+#[ignore = "needs AWS account"]
+async fn real_ecr_issues_a_token() {
+    let registry = std::env::var("PULLKEEPER_TEST_ECR_REGISTRY").expect("set PULLKEEPER_TEST_ECR_REGISTRY");
+    let s = setup("real-ecr").await;
+    let name = support::unique("real-ecr");
+    Api::<ClusterRegistryCredential>::all(s.client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name},
+                "spec": {"registry": registry, "provider": {"ecr": {}},
+                         "target": {"namespaces": [s.ns]}}
+            })),
+        )
+        .await
+        .expect("credential");
+    let status = s.ready(&name, "True", "Synced").await;
+    let expires = status.expires_at.expect("expiresAt").0;
+    let hours = expires.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs() / 3600;
+    assert!((11..=12).contains(&hours), "ECR tokens last 12 hours, got {hours}");
+    s.delete(&name).await;
+}

@@ -3,7 +3,9 @@
 //! running in-process. Every test works in its own random namespaces and names.
 
 mod ecr;
+mod fakes;
 mod fanout;
 mod puller;
 mod skeleton;
 mod support;
+mod tokens;

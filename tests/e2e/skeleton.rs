@@ -96,9 +96,10 @@ async fn a_cluster_credential_gets_observed_generation_and_ready() {
     .await
     .expect("valid object accepted");
     let status = settled_status(&api, &name).await;
-    let (s, reason, _) = ready(&status);
-    assert_eq!(s, "False");
-    assert_eq!(reason, "ProviderNotImplemented");
+    let (s, reason, message) = ready(&status);
+    // No client secret and no workload identity in this process: a clear InvalidSpec.
+    assert_eq!((s.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("clientSecretRef"), "{message}");
 
     // A spec change is observed under the new generation.
     apply(
@@ -137,8 +138,8 @@ async fn a_namespaced_credential_gets_observed_generation_and_ready() {
     .expect("valid object accepted");
     let status = settled_status(&api, &name).await;
     let (s, reason, message) = ready(&status);
-    assert_eq!((s.as_str(), reason.as_str()), ("False", "ProviderNotImplemented"));
-    assert!(message.contains("provider.gcp"), "{message}");
+    assert_eq!((s.as_str(), reason.as_str()), ("False", "SecretNotFound"));
+    assert!(message.contains(&format!("{ns}/gcp-sa")), "{message}");
     support::delete_namespace(&client, &ns).await;
 }
 

@@ -1,0 +1,89 @@
+//! Shared HTTP plumbing for the OAuth2-style providers (GCP, ACR): one client with
+//! timeouts and proxy support, and error classification by HTTP status.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::{CloudFailure, ProviderError};
+
+/// An HTTP client with sane timeouts; honours `HTTPS_PROXY`/`NO_PROXY`.
+pub fn http_client() -> reqwest::Client {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .user_agent(concat!("pullkeeper/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Sends a request and decodes a JSON answer, classifying failures. Error bodies are
+/// summarised by their OAuth2 `error`/`error_description` fields only.
+pub async fn json<T: DeserializeOwned>(
+    provider: &'static str,
+    what: &str,
+    req: reqwest::RequestBuilder,
+) -> Result<T, ProviderError> {
+    let fail = |failure, message: String| ProviderError::Cloud {
+        provider,
+        failure,
+        message,
+    };
+    let resp = req.send().await.map_err(|e| {
+        let failure = if e.is_connect() || e.is_timeout() {
+            CloudFailure::Unreachable
+        } else {
+            CloudFailure::Other
+        };
+        fail(failure, format!("{what}: {}", without_url_query(&e)))
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let code = body["error"].as_str().unwrap_or("");
+        let desc = body["error_description"]
+            .as_str()
+            .or_else(|| body["error"]["message"].as_str())
+            .unwrap_or("");
+        let failure = match status.as_u16() {
+            401 => CloudFailure::Unauthorized,
+            400 if matches!(code, "invalid_grant" | "invalid_client" | "unauthorized_client") => {
+                CloudFailure::Unauthorized
+            }
+            403 => CloudFailure::Denied,
+            429 => CloudFailure::Throttled,
+            500..=599 => CloudFailure::Unreachable,
+            _ => CloudFailure::Other,
+        };
+        let detail = [code, desc]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(": ");
+        return Err(fail(
+            failure,
+            format!("{what}: HTTP {status} {detail}").trim().to_owned(),
+        ));
+    }
+    resp.json::<T>().await.map_err(|_| {
+        fail(
+            CloudFailure::Other,
+            format!("{what}: the answer is not the expected JSON"),
+        )
+    })
+}
+
+fn without_url_query(e: &reqwest::Error) -> String {
+    // reqwest errors print the URL; a query string could carry a token, so drop it.
+    let text = e.to_string();
+    match e.url() {
+        Some(u) if u.query().is_some() => {
+            let mut clean = u.clone();
+            clean.set_query(None);
+            text.replace(u.as_str(), clean.as_str())
+        }
+        _ => text,
+    }
+}

@@ -1,0 +1,275 @@
+//! Small local servers that follow the real token protocols of Google (JWT-bearer grant,
+//! metadata server) and Azure (Entra ID client credentials, ACR `/oauth2/exchange`), with
+//! per-test behaviour under a path prefix so tests can run in parallel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::json;
+
+/// How a fake answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Issue tokens.
+    Ok,
+    /// Reject the credentials (400 invalid_grant / 401 invalid_client).
+    Reject,
+    /// Be down (503).
+    Down,
+}
+
+/// Behaviour of one test's fakes.
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    /// Answer mode.
+    pub mode: Mode,
+    /// Token lifetime in seconds.
+    pub lifetime: i64,
+    /// Tokens issued so far.
+    pub issued: u32,
+    /// Expected Entra ID client secret.
+    pub client_secret: String,
+    /// PEM public key the GCP grant must be signed with.
+    pub public_key: String,
+}
+
+type Shared = Arc<Mutex<HashMap<String, Behaviour>>>;
+
+/// The running fakes.
+pub struct Fakes {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    state: Shared,
+}
+
+static FAKES: OnceLock<Fakes> = OnceLock::new();
+
+/// Starts the fakes once per test binary.
+pub fn fakes() -> &'static Fakes {
+    FAKES.get_or_init(|| {
+        let state: Shared = Arc::default();
+        let st = state.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let app = Router::new()
+                    .route("/gcp/{id}/token", post(gcp_token))
+                    .route(
+                        "/meta/{id}/computeMetadata/v1/instance/service-accounts/default/token",
+                        get(metadata_token),
+                    )
+                    .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
+                    .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
+                    .with_state(st);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send");
+                axum::serve(listener, app).await.expect("serve");
+            });
+        });
+        let addr = rx.recv().expect("fakes started");
+        Fakes {
+            base: format!("http://{addr}"),
+            state,
+        }
+    })
+}
+
+impl Fakes {
+    /// Registers a test's behaviour under `id`.
+    pub fn set(&self, id: &str, b: Behaviour) {
+        self.state.lock().expect("lock").insert(id.to_owned(), b);
+    }
+
+    /// Changes a test's answer mode.
+    pub fn mode(&self, id: &str, mode: Mode) {
+        if let Some(b) = self.state.lock().expect("lock").get_mut(id) {
+            b.mode = mode;
+        }
+    }
+
+    /// Tokens issued so far for `id`.
+    pub fn issued(&self, id: &str) -> u32 {
+        self.state.lock().expect("lock").get(id).map_or(0, |b| b.issued)
+    }
+}
+
+fn behaviour(state: &Shared, id: &str) -> Option<Behaviour> {
+    state.lock().ok()?.get(id).cloned()
+}
+
+fn bump(state: &Shared, id: &str) -> u32 {
+    let mut s = state.lock().expect("lock");
+    let b = s.get_mut(id).expect("registered");
+    b.issued += 1;
+    b.issued
+}
+
+fn down() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "temporarily_unavailable"})),
+    )
+        .into_response()
+}
+
+async fn gcp_token(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let Some(b) = behaviour(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match b.mode {
+        Mode::Down => return down(),
+        Mode::Reject => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."})),
+            )
+                .into_response();
+        }
+        Mode::Ok => {}
+    }
+    if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    // Verify the grant the way Google does: RS256 signature by the key, audience, issuer.
+    let assertion = form.get("assertion").cloned().unwrap_or_default();
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(b.public_key.as_bytes()).expect("public key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[format!("{}/gcp/{id}/token", fakes_base())]);
+    validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
+    match jsonwebtoken::decode::<serde_json::Value>(&assertion, &key, &validation) {
+        Ok(data) if data.claims["scope"] == "https://www.googleapis.com/auth/cloud-platform" => {}
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_grant", "error_description": "Invalid JWT"})),
+            )
+                .into_response();
+        }
+    }
+    let n = bump(&state, &id);
+    Json(json!({"access_token": format!("ya29.gcp-{id}-{n}"), "expires_in": b.lifetime, "token_type": "Bearer"}))
+        .into_response()
+}
+
+fn fakes_base() -> String {
+    FAKES.get().map(|f| f.base.clone()).unwrap_or_default()
+}
+
+async fn metadata_token(State(state): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Some(b) = behaviour(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if headers.get("Metadata-Flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+        return (StatusCode::FORBIDDEN, "Missing Metadata-Flavor:Google header").into_response();
+    }
+    if b.mode == Mode::Down {
+        return down();
+    }
+    let n = bump(&state, &id);
+    Json(json!({"access_token": format!("ya29.meta-{id}-{n}"), "expires_in": b.lifetime, "token_type": "Bearer"}))
+        .into_response()
+}
+
+async fn aad_token(
+    State(state): State<Shared>,
+    Path((id, _tenant)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let Some(b) = behaviour(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if b.mode == Mode::Down {
+        return down();
+    }
+    if b.mode == Mode::Reject || form.get("client_secret") != Some(&b.client_secret) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."})),
+        )
+            .into_response();
+    }
+    Json(json!({"access_token": format!("aad-{id}"), "expires_in": 3600, "token_type": "Bearer"})).into_response()
+}
+
+async fn acr_exchange(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let Some(b) = behaviour(&state, &id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if b.mode == Mode::Down {
+        return down();
+    }
+    if form.get("grant_type").map(String::as_str) != Some("access_token")
+        || form.get("access_token") != Some(&format!("aad-{id}"))
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"errors": [{"code": "UNAUTHORIZED"}]})),
+        )
+            .into_response();
+    }
+    let n = bump(&state, &id);
+    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let exp = k8s_openapi::jiff::Timestamp::now().as_second() + b.lifetime;
+    let token = format!(
+        "{}.{}.sig{n}",
+        b64(json!({"alg": "RS256", "typ": "JWT"})),
+        b64(json!({"exp": exp, "grant_type": "refresh_token", "service": form.get("service"), "n": n}))
+    );
+    Json(json!({"refresh_token": token})).into_response()
+}
+
+/// A fresh RSA key pair as (private PEM, public PEM), made with the openssl CLI.
+pub fn rsa_key_pair() -> (String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key.pem");
+    let pubkey = dir.path().join("pub.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl")
+        .success()
+        && std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&pubkey)
+            .status()
+            .expect("openssl")
+            .success();
+    assert!(ok, "openssl could not make a key pair");
+    (
+        std::fs::read_to_string(key).expect("key"),
+        std::fs::read_to_string(pubkey).expect("pub"),
+    )
+}
