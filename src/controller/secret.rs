@@ -26,6 +26,30 @@ pub const EXPIRES_AT_ANNOTATION: &str = "pullkeeper.io/expires-at";
 /// Salted digest of the written content, to know without reading data whether a write is needed.
 pub const HASH_ANNOTATION: &str = "pullkeeper.io/content-hash";
 
+/// Set in the operator's own cache (never on the cluster) when someone else has edited a
+/// managed Secret, so the cache can drop managed fields and stay small.
+pub const EDITED_MARKER: &str = "pullkeeper.io/cached-edited-by-others";
+
+/// Shrinks a managed Secret's metadata for the cache: keeps what planning needs (name,
+/// namespace, uid, labels, our annotations) and replaces managed fields by a marker.
+pub fn slim_for_cache(meta: &mut ObjectMeta) {
+    let edited = edited_by_others(meta);
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    let mut annotations: BTreeMap<String, String> = meta
+        .annotations
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == HASH_ANNOTATION || k == EXPIRES_AT_ANNOTATION)
+        .collect();
+    if edited {
+        annotations.insert(EDITED_MARKER.to_owned(), "true".to_owned());
+    }
+    meta.annotations = Some(annotations);
+}
+
 /// Which credential owns a Secret.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
@@ -170,7 +194,8 @@ pub fn state(owner: &Owner, existing: Option<&ObjectMeta>, content: &Content) ->
         .as_ref()
         .and_then(|a| a.get(HASH_ANNOTATION))
         .is_some_and(|h| *h == content.hash);
-    if hash_ok && !edited_by_others(meta) {
+    let edited = edited_by_others(meta) || meta.annotations.as_ref().is_some_and(|a| a.contains_key(EDITED_MARKER));
+    if hash_ok && !edited {
         State::Current
     } else {
         State::Stale
@@ -298,6 +323,14 @@ mod tests {
             ],
         );
         assert_eq!(state(&owner(), Some(&edited), &c), State::Stale);
+        // The cache keeps only a marker of the edit, and the verdict is the same.
+        let mut slim = edited.clone();
+        slim_for_cache(&mut slim);
+        assert!(slim.managed_fields.is_none());
+        assert_eq!(state(&owner(), Some(&slim), &c), State::Stale);
+        let mut slim_current = current.clone();
+        slim_for_cache(&mut slim_current);
+        assert_eq!(state(&owner(), Some(&slim_current), &c), State::Current);
         let mut someone_else = owner();
         someone_else.name = "other".into();
         let theirs = meta_with(&someone_else, &c.hash, &[]);

@@ -83,6 +83,7 @@ pub fn start(client: &Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: &Can
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
     )
     .default_backoff()
+    .modify(|s| super::secret::slim_for_cache(&mut s.metadata))
     .reflect(secret_writer)
     .touched_objects()
     .map(|r| r.map(|s| owner_trigger(&s).into_iter().collect()));
@@ -92,8 +93,15 @@ pub fn start(client: &Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: &Can
     let sas = watcher(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(|sa| {
-            sa.managed_fields_mut().clear();
-            sa.annotations_mut().clear();
+            // Only identity, resourceVersion and imagePullSecrets are used.
+            let m = &mut sa.metadata;
+            m.managed_fields = None;
+            m.annotations = None;
+            m.labels = None;
+            m.owner_references = None;
+            m.finalizers = None;
+            sa.secrets = None;
+            sa.automount_service_account_token = None;
         })
         .reflect(sa_writer)
         .touched_objects()
