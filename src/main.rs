@@ -43,6 +43,24 @@ struct ControllerArgs {
     /// Parallel writes (Secrets, ServiceAccounts) within one reconcile.
     #[arg(long, env = "PULLKEEPER_WRITE_CONCURRENCY", default_value_t = 32)]
     write_concurrency: usize,
+    /// Only reconcile credentials whose labels match this selector (e.g. `shard=a`).
+    #[arg(long, env = "PULLKEEPER_CREDENTIAL_SELECTOR")]
+    credential_selector: Option<String>,
+    /// Elect a leader among replicas with a Lease, so only one reconciles.
+    #[arg(long, env = "PULLKEEPER_LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (default: this pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, env = "PULLKEEPER_LEADER_ELECTION_ID", default_value = "pullkeeper")]
+    leader_election_id: String,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "PULLKEEPER_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds between renewals (and between attempts of standbys).
+    #[arg(long, env = "PULLKEEPER_LEASE_RENEW_SECONDS", default_value_t = 5)]
+    lease_renew_seconds: u64,
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
@@ -56,6 +74,13 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Controller(args)) => controller(args),
         None => controller(ControllerArgs::parse_from(["pullkeeper"])),
     }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
 }
 
 fn crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -98,7 +123,32 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.metrics_addr))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(pullkeeper::operator::cancel_on_signal(shutdown.clone()));
+    let leader = if args.leader_elect {
+        let namespace = match args.leader_election_namespace {
+            Some(ns) => ns,
+            None => std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                .map(|s| s.trim().to_owned())
+                .context("--leader-elect needs --leader-election-namespace (or POD_NAMESPACE)")?,
+        };
+        Some(pullkeeper::leader::Config {
+            namespace,
+            name: args.leader_election_id,
+            identity: args
+                .instance
+                .clone()
+                .unwrap_or_else(|| format!("pullkeeper-{}-{:08x}", std::process::id(), rand_suffix())),
+            duration: std::time::Duration::from_secs(args.lease_duration_seconds.max(2)),
+            renew_every: std::time::Duration::from_secs(
+                args.lease_renew_seconds
+                    .clamp(1, args.lease_duration_seconds.max(2) / 2),
+            ),
+        })
+    } else {
+        None
+    };
     let settings = pullkeeper::controller::Settings {
+        credential_selector: args.credential_selector,
+        leader,
         instance: args.instance,
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),

@@ -56,6 +56,7 @@ pub struct CredentialLabels {
 
 /// All metrics of the operator.
 pub struct Metrics {
+    leader: Gauge,
     credential_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     registry: Registry,
     api_requests: Family<MethodLabels, Counter>,
@@ -118,7 +119,10 @@ impl Default for Metrics {
             "When the credential currently written expires (Unix time); alert on this minus time()",
             credential_expiry.clone(),
         );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         Self {
+            leader,
             credential_expiry,
             registry,
             api_requests,
@@ -156,6 +160,11 @@ impl Metrics {
             _ => "OTHER",
         };
         self.api_requests.get_or_create(&MethodLabels { method }).inc();
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     /// Records when a credential expires (or forgets it, for `None`).

@@ -40,16 +40,37 @@ pub async fn run(
         http::router(health.clone(), metrics.clone()),
         shutdown.clone(),
     ));
+    let mut result = Ok(());
     if controller::wait_for_crds(&client, &shutdown).await {
         health.set_ready(true);
-        controller::run(client, metrics, settings, shutdown.clone()).await;
+        match settings.leader.clone() {
+            None => controller::run(client, metrics, settings, shutdown.clone()).await,
+            Some(config) => {
+                let elector = crate::leader::Elector::new(client.clone(), config);
+                metrics.set_leader(false);
+                if elector.acquire(&shutdown).await {
+                    metrics.set_leader(true);
+                    let controllers = controller::run(client, metrics.clone(), settings, shutdown.clone());
+                    tokio::select! {
+                        () = controllers => elector.release().await,
+                        // Dropping the controllers stops every reconcile at once: a replica
+                        // that lost the Lease writes nothing more.
+                        () = elector.hold() => {
+                            metrics.set_leader(false);
+                            result = Err(std::io::Error::other("lost the leader lease; exiting so a new leader takes over"));
+                        }
+                    }
+                }
+            }
+        }
     }
     health.set_ready(false);
     shutdown.cancel();
-    match server.await {
+    let served = match server.await {
         Ok(res) => res,
         Err(join) => Err(std::io::Error::other(join)),
-    }
+    };
+    result.and(served)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives, cancelling `token`.

@@ -133,6 +133,10 @@ pub struct Settings {
     pub concurrency: u16,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
+    /// Only reconcile credentials whose labels match (a label selector), e.g. to shard.
+    pub credential_selector: Option<String>,
+    /// Leader election; `None` reconciles without it (a single replica).
+    pub leader: Option<crate::leader::Config>,
 }
 
 impl Default for Settings {
@@ -141,6 +145,8 @@ impl Default for Settings {
             instance: None,
             concurrency: 8,
             write_concurrency: 32,
+            credential_selector: None,
+            leader: None,
         }
     }
 }
@@ -198,14 +204,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)
         .debounce(Duration::from_millis(50));
-    let cluster_ctl = Controller::new(
-        Api::<ClusterRegistryCredential>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    );
-    let namespaced_ctl = Controller::new(
-        Api::<RegistryCredential>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    );
+    let mut wc = watcher::Config::default().any_semantic();
+    if let Some(selector) = &settings.credential_selector {
+        wc = wc.labels(selector);
+    }
+    let cluster_ctl = Controller::new(Api::<ClusterRegistryCredential>::all(client.clone()), wc.clone());
+    let namespaced_ctl = Controller::new(Api::<RegistryCredential>::all(client.clone()), wc);
     let (cluster_tx, cluster_rx) = tokio::sync::mpsc::unbounded_channel();
     let (namespaced_tx, namespaced_rx) = tokio::sync::mpsc::unbounded_channel();
     triggers::spawn_dispatcher(

@@ -5,6 +5,7 @@
 mod ecr;
 mod fakes;
 mod fanout;
+mod ha;
 mod puller;
 mod skeleton;
 mod support;

@@ -16,6 +16,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use tokio_util::sync::CancellationToken;
 
+/// Label that gives a credential to an operator process started by a test.
+pub const SHARD_LABEL: &str = "pullkeeper.io/test-shard";
+
 /// The shared environment of this test binary.
 pub struct Env {
     /// Kubeconfig of the admin user.
@@ -63,6 +66,10 @@ pub fn env() -> &'static Env {
                         instance: Some("e2e".into()),
                         concurrency: 8,
                         write_concurrency: 32,
+                        // Credentials labelled for a test shard belong to operator
+                        // processes that a test starts itself.
+                        credential_selector: Some(format!("!{SHARD_LABEL}")),
+                        leader: None,
                     };
                     // Runs for the life of the test binary.
                     let _ =

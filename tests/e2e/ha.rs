@@ -1,0 +1,330 @@
+//! Operator processes started by the tests themselves: leader election with two replicas,
+//! and least privilege (the operator running with only the Helm chart's RBAC).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use pullkeeper::crd::ClusterRegistryCredential;
+use serde_json::{Value, json};
+
+use crate::support::{self, SHARD_LABEL, eventually};
+
+/// An operator process; killed when dropped.
+struct Operator {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, name: &str) -> Operator {
+    let addr = free_addr();
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullkeeper"));
+    cmd.arg("controller")
+        .env("KUBECONFIG", kubeconfig)
+        .env("PULLKEEPER_METRICS_ADDR", &addr)
+        .env("PULLKEEPER_LOG", "info,pullkeeper=debug")
+        .env("PULLKEEPER_CREDENTIAL_SELECTOR", format!("{SHARD_LABEL}={shard}"))
+        .env("POD_NAME", name)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Operator {
+        child: cmd.spawn().expect("operator process"),
+        addr,
+        log,
+    }
+}
+
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let total: f64 = buf
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total)
+}
+
+async fn basic_setup(client: &Client, shard: &str, prefix: &str) -> (String, String, String) {
+    let src = support::namespace(client, &format!("{prefix}-src"), &[]).await;
+    let ns = support::namespace(client, prefix, &[("e2e-target", shard)]).await;
+    put_password(client, &src, "first-password").await;
+    let name = support::unique(prefix);
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
+                "spec": {
+                    "registry": "registry.example.com",
+                    "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+                }
+            })),
+        )
+        .await
+        .expect("credential");
+    (src, ns, name)
+}
+
+async fn put_password(client: &Client, src: &str, password: &str) {
+    Api::<Secret>::namespaced(client.clone(), src)
+        .patch(
+            "login",
+            &PatchParams::apply("e2e-user").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "login", "namespace": src},
+                "stringData": {"username": "robot", "password": password}
+            })),
+        )
+        .await
+        .expect("source");
+}
+
+async fn written_password(client: &Client, ns: &str, name: &str) -> Option<String> {
+    let s = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&format!("pullkeeper-{name}"))
+        .await
+        .ok()??;
+    let v: Value = serde_json::from_slice(&s.data?.get(".dockerconfigjson")?.0).ok()?;
+    v["auths"]["registry.example.com"]["password"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_hand_over_when_it_dies() {
+    let env = support::env();
+    let client = support::client().await;
+    let shard = support::unique("ha");
+    let lease_ns = support::namespace(&client, "lease", &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let le = [
+        ("PULLKEEPER_LEADER_ELECT", "true"),
+        ("POD_NAMESPACE", lease_ns.as_str()),
+        ("PULLKEEPER_LEADER_ELECTION_ID", shard.as_str()),
+        ("PULLKEEPER_LEASE_DURATION_SECONDS", "4"),
+        ("PULLKEEPER_LEASE_RENEW_SECONDS", "1"),
+    ];
+    let a = start(&env.kubeconfig, &shard, &le, dir.path(), "replica-a");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = start(&env.kubeconfig, &shard, &le, dir.path(), "replica-b");
+    let (src, ns, name) = basic_setup(&client, &shard, "ha").await;
+    let ok = eventually(Duration::from_secs(30), || async {
+        (written_password(&client, &ns, &name).await.as_deref() == Some("first-password")).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "no replica wrote the secret; log: {}",
+        std::fs::read_to_string(&a.log).unwrap_or_default()
+    );
+
+    let leases = Api::<Lease>::namespaced(client.clone(), &lease_ns);
+    let holder = leases
+        .get(&shard)
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    let (leader, standby) = match holder.as_deref() {
+        Some("replica-a") => (a, b),
+        Some("replica-b") => (b, a),
+        other => panic!("unexpected lease holder {other:?}"),
+    };
+    assert_eq!(metric(&leader.addr, "pullkeeper_leader").await, Some(1.0));
+    assert_eq!(metric(&standby.addr, "pullkeeper_leader").await, Some(0.0));
+    assert_eq!(
+        metric(&standby.addr, "pullkeeper_reconciles_total").await,
+        Some(0.0),
+        "the standby reconciled"
+    );
+
+    // Kill the leader without a chance to release the lease: the standby takes over once
+    // the lease expires (4 s) and carries on.
+    let standby_name = if holder.as_deref() == Some("replica-a") {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
+    drop(leader);
+    let took_over = eventually(Duration::from_secs(15), || async {
+        let h = leases.get(&shard).await.ok()?.spec?.holder_identity?;
+        (h == standby_name).then_some(())
+    })
+    .await;
+    assert!(took_over.is_some(), "the standby never took the lease");
+    put_password(&client, &src, "second-password").await;
+    let ok = eventually(Duration::from_secs(20), || async {
+        (written_password(&client, &ns, &name).await.as_deref() == Some("second-password")).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "the new leader did not carry on; log: {}",
+        std::fs::read_to_string(&standby.log).unwrap_or_default()
+    );
+    assert_eq!(metric(&standby.addr, "pullkeeper_leader").await, Some(1.0));
+    let _ = Api::<ClusterRegistryCredential>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// Renders the chart's ServiceAccount and RBAC for `release` in `namespace`, applies them
+/// as the admin, and returns a kubeconfig that authenticates as that ServiceAccount.
+fn chart_identity(admin: &Path, release: &str, namespace: &str, dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tools = Command::new("bash")
+        .arg(root.join("hack/tools.sh"))
+        .output()
+        .expect("tools");
+    let tools = PathBuf::from(
+        String::from_utf8_lossy(&tools.stdout)
+            .lines()
+            .last()
+            .expect("dir")
+            .trim(),
+    );
+    let rendered = Command::new(tools.join("helm"))
+        .args(["template", release])
+        .arg(root.join("charts/pullkeeper"))
+        .args(["--namespace", namespace])
+        .args(["--show-only", "templates/serviceaccount.yaml"])
+        .args(["--show-only", "templates/clusterrole.yaml"])
+        .args(["--show-only", "templates/role.yaml"])
+        .output()
+        .expect("helm template");
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let manifests = dir.join("rbac.yaml");
+    std::fs::write(&manifests, &rendered.stdout).expect("write");
+    let applied = Command::new(tools.join("kubectl"))
+        .env("KUBECONFIG", admin)
+        .args(["apply", "-f"])
+        .arg(&manifests)
+        .output()
+        .expect("kubectl apply");
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let sa = format!("{release}-pullkeeper");
+    let token = Command::new(tools.join("kubectl"))
+        .env("KUBECONFIG", admin)
+        .args(["create", "token", &sa, "-n", namespace, "--duration=1h"])
+        .output()
+        .expect("kubectl create token");
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin).expect("admin kubeconfig")).expect("yaml");
+    for user in kc["users"].as_sequence_mut().expect("users") {
+        user["user"] = serde_yaml::to_value(serde_json::json!({ "token": token })).expect("value");
+    }
+    let path = dir.join("chart-sa.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write kubeconfig");
+    path
+}
+
+#[tokio::test]
+async fn the_operator_works_with_only_the_charts_rbac() {
+    let env = support::env();
+    let client = support::client().await;
+    let shard = support::unique("rbac");
+    let home = support::namespace(&client, "rbac-home", &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = chart_identity(&env.kubeconfig, &shard, &home, dir.path());
+    let op = start(
+        &kubeconfig,
+        &shard,
+        &[("PULLKEEPER_LEADER_ELECT", "true"), ("POD_NAMESPACE", home.as_str())],
+        dir.path(),
+        "restricted",
+    );
+    let (src, ns, name) = basic_setup(&client, &shard, "rbac").await;
+    let secret_name = format!("pullkeeper-{name}");
+    let log = || std::fs::read_to_string(&op.log).unwrap_or_default();
+    let ok = eventually(Duration::from_secs(30), || async {
+        (written_password(&client, &ns, &name).await.as_deref() == Some("first-password")).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "nothing written; log: {}", log());
+    // ServiceAccount patch, drift repair, source watch, Events and cleanup, all as the chart's SA.
+    let sa_ok = eventually(Duration::from_secs(20), || async {
+        let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+            .get_opt("default")
+            .await
+            .ok()??;
+        sa.image_pull_secrets?
+            .iter()
+            .any(|r| r.name == secret_name)
+            .then_some(())
+    })
+    .await;
+    assert!(sa_ok.is_some(), "ServiceAccount not patched; log: {}", log());
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .delete(&secret_name, &DeleteParams::default())
+        .await
+        .expect("hand delete");
+    put_password(&client, &src, "second-password").await;
+    let ok = eventually(Duration::from_secs(20), || async {
+        (written_password(&client, &ns, &name).await.as_deref() == Some("second-password")).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "drift or source change not handled; log: {}", log());
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let gone = eventually(Duration::from_secs(20), || async {
+        Api::<ClusterRegistryCredential>::all(client.clone())
+            .get_opt(&name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "finalizer not removed; log: {}", log());
+    assert!(
+        written_password(&client, &ns, &name).await.is_none(),
+        "secret left behind"
+    );
+    let text = log();
+    assert!(
+        !text.contains("forbidden") && !text.contains("Forbidden") && !text.contains(" 403"),
+        "the chart's RBAC is missing something:\n{text}"
+    );
+    assert!(metric(&op.addr, "pullkeeper_leader").await == Some(1.0));
+}
