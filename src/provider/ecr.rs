@@ -141,16 +141,33 @@ impl Ecr {
 }
 
 /// Classifies an AWS SDK error; the message never carries credentials.
-fn classify<E, R>(err: SdkError<E, R>) -> ProviderError
+fn classify<E>(err: SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let (failure, message) = match &err {
         SdkError::ServiceError(se) => {
             let e = se.err();
-            let code = e.code().unwrap_or("Unknown");
-            let msg = e.message().unwrap_or("");
+            // Some endpoints (proxies, emulators) answer in the XML error format; read the
+            // code from the body when the SDK could not.
+            let body = se.raw().body().bytes().map(String::from_utf8_lossy).unwrap_or_default();
+            let xml = |tag: &str| {
+                let open = format!("<{tag}>");
+                let start = body.find(&open)? + open.len();
+                let end = body[start..].find(&format!("</{tag}>"))? + start;
+                Some(body[start..end].to_owned())
+            };
+            let code = e
+                .code()
+                .map(str::to_owned)
+                .or_else(|| xml("Code"))
+                .unwrap_or_else(|| format!("HTTP {}", se.raw().status().as_u16()));
+            let msg = e
+                .message()
+                .map(str::to_owned)
+                .or_else(|| xml("Message"))
+                .unwrap_or_default();
+            let code = code.as_str();
             let failure = match code {
                 "UnrecognizedClientException"
                 | "InvalidClientTokenId"

@@ -238,3 +238,28 @@ async fn real_ecr_issues_a_token() {
     assert!((11..=12).contains(&hours), "ECR tokens last 12 hours, got {hours}");
     s.delete(&name).await;
 }
+
+#[tokio::test]
+async fn ecr_wrong_credentials_are_unauthorized() {
+    let moto = support::moto_with_auth();
+    let s = setup("ecr-badkey").await;
+    let name = support::unique("ecr-badkey");
+    s.apply(
+        &name,
+        json!({"endpoint": moto, "credentialsSecretRef": {"name": "aws", "namespace": s.src}}),
+    )
+    .await;
+    let status = s.ready(&name, "False", "ProviderUnauthorized").await;
+    let msg = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("ready")
+        .message;
+    assert!(
+        msg.contains("InvalidClientTokenId") || msg.contains("security token"),
+        "{msg}"
+    );
+    assert!(!msg.contains("example-secret-key"), "{msg}");
+    s.delete(&name).await;
+}

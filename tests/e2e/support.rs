@@ -352,14 +352,25 @@ pub fn skopeo_inspect(authfile: &Path, image: &str) -> Result<String, String> {
 }
 
 static MOTO: OnceLock<String> = OnceLock::new();
+static MOTO_AUTH: OnceLock<String> = OnceLock::new();
 
 /// moto's AWS API server (ECR, STS), started once per test binary; its URL.
 pub fn moto() -> &'static str {
-    MOTO.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("moto");
+    MOTO.get_or_init(|| start_moto("moto", &[]))
+}
+
+/// A second moto that checks credentials like AWS does (unknown keys are refused).
+pub fn moto_with_auth() -> &'static str {
+    MOTO_AUTH.get_or_init(|| start_moto("moto-auth", &["INITIAL_NO_AUTH_ACTION_COUNT=0"]))
+}
+
+fn start_moto(name: &str, env: &[&str]) -> String {
+    {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         let out = Command::new("bash")
             .arg(repo_root().join("hack/moto.sh"))
             .args(["start", &dir.to_string_lossy()])
+            .args(env)
             .stderr(std::process::Stdio::inherit())
             .output()
             .expect("running hack/moto.sh");
@@ -370,5 +381,5 @@ pub fn moto() -> &'static str {
             .expect("url")
             .trim()
             .to_owned()
-    })
+    }
 }
