@@ -4,23 +4,19 @@
 #
 #   docker build -t ghcr.io/pullkeeper/pullkeeper:0.1.0 .
 #
-# linux/amd64 only for now (the binary is built for x86_64-unknown-linux-musl).
+# linux/amd64. The binary is built by hack/static-build.sh, the same script CI runs to
+# build and check the static binary, so what CI tests is what the image ships.
 
-# Alpine's Rust toolchain targets musl natively, so the release binary is fully static
-# with no cross-compiler setup. TLS is rustls (crypto from ring and aws-lc-rs, both
-# compiled from C here and linked in statically); there is no OpenSSL.
-FROM rust:1-alpine AS build
-# musl-dev, linux-headers and gcc: headers and a C compiler for ring and aws-lc-sys;
-# cmake, make and perl: aws-lc-sys's fallback build.
-RUN apk add --no-cache musl-dev linux-headers gcc cmake make perl
+FROM rust:1-bookworm AS build
+# cmake and clang: aws-lc-sys (the AWS SDK's TLS crypto) builds C code.
+RUN apt-get update && apt-get install -y --no-install-recommends cmake clang && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The cache mounts keep the crate registry and compiled dependencies between builds;
 # target/ lives in the cache, so the binary is copied out of it in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --target x86_64-unknown-linux-musl \
- && cp target/x86_64-unknown-linux-musl/release/pullkeeper /pullkeeper
+    cp "$(hack/static-build.sh | tail -n1)" /pullkeeper
 
 FROM gcr.io/distroless/static-debian12:nonroot
 LABEL org.opencontainers.image.source="https://github.com/pullkeeper/pullkeeper" \

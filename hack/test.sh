@@ -8,17 +8,24 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# In CI, keep compiled dependencies between runs (each run is a fresh clone).
+if [[ -n "${CI:-}" && -z "${CARGO_TARGET_DIR:-}" ]]; then
+  export CARGO_TARGET_DIR="$HOME/.cache/pullkeeper/target"
+fi
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing prerequisites"
 hack/prereqs.sh
 
 step "preparing the local control plane (first run builds Kubernetes: 5-25 minutes)"
-cp_dir="$PWD/target/tmp/control-plane"
+cp_dir="$target_dir/tmp/control-plane"
 kubeconfig="$(hack/control-plane.sh start "$cp_dir" | tail -n1)"
 cleanup() {
-  hack/moto.sh stop "$PWD/target/tmp/moto" >/dev/null 2>&1 || true
-  hack/registry.sh stop "$PWD/target/tmp/registry" >/dev/null 2>&1 || true
+  hack/moto.sh stop "$target_dir/tmp/moto" >/dev/null 2>&1 || true
+  hack/moto.sh stop "$target_dir/tmp/moto-auth" >/dev/null 2>&1 || true
+  hack/registry.sh stop "$target_dir/tmp/registry" >/dev/null 2>&1 || true
   if [[ "${PULLKEEPER_KEEP_CONTROL_PLANE:-}" != 1 ]]; then
     hack/control-plane.sh stop "$cp_dir" >/dev/null 2>&1 || true
   fi
@@ -37,6 +44,9 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "tests"
 cargo test --locked --all-targets "$@"
+
+step "static release binary (what the Dockerfile ships)"
+hack/static-build.sh >/dev/null
 
 step "Helm chart"
 hack/chart-test.sh "$kubeconfig"

@@ -57,6 +57,7 @@ pub struct CredentialLabels {
 /// All metrics of the operator.
 pub struct Metrics {
     leader: Gauge,
+    managed_secrets: Gauge,
     credential_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     registry: Registry,
     api_requests: Family<MethodLabels, Counter>,
@@ -121,8 +122,15 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        let managed_secrets = Gauge::default();
+        registry.register(
+            "managed_secrets",
+            "Pull secrets written by pullkeeper that exist in the cluster",
+            managed_secrets.clone(),
+        );
         Self {
             leader,
+            managed_secrets,
             credential_expiry,
             registry,
             api_requests,
@@ -160,6 +168,11 @@ impl Metrics {
             _ => "OTHER",
         };
         self.api_requests.get_or_create(&MethodLabels { method }).inc();
+    }
+
+    /// Records how many managed Secrets exist.
+    pub fn set_managed_secrets(&self, n: usize) {
+        self.managed_secrets.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Records whether this replica leads.

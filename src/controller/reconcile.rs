@@ -135,6 +135,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     )
     .await;
     ctx.metrics.observe_writes(K::KIND, done.requests);
+    ctx.metrics.set_managed_secrets(ctx.caches.secrets.state().len());
 
     let failed: std::collections::BTreeSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
     let synced = plan

@@ -295,7 +295,27 @@ async fn health_readiness_and_metrics_are_served() {
     a_cluster_credential_is_reconciled().await;
     let (code, body) = http_get(env.metrics_addr, "/metrics").await.expect("metrics");
     assert_eq!(code, 200);
-    assert!(body.contains("pullkeeper_reconciles_total{"), "{body}");
+    // OpenMetrics text: every sample line is `name{labels} value`, and it ends with # EOF.
+    assert_eq!(body.trim_end().lines().last(), Some("# EOF"), "{body}");
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let value = line.rsplit(' ').next().expect("value");
+        assert!(value.parse::<f64>().is_ok(), "unparsable sample: {line}");
+        assert!(
+            line.starts_with("pullkeeper_"),
+            "metric without the pullkeeper_ prefix: {line}"
+        );
+    }
+    for family in [
+        "pullkeeper_reconciles_total{",
+        "pullkeeper_reconcile_duration_seconds_bucket{",
+        "pullkeeper_api_requests_total{",
+        "pullkeeper_managed_secrets ",
+        "pullkeeper_provider_calls_total{",
+    ] {
+        assert!(body.contains(family), "{family} missing:\n{body}");
+    }
+    // Secret values never become metric labels.
+    assert!(!body.contains("pw-secret") && !body.contains("password"), "{body}");
 }
 
 async fn a_cluster_credential_is_reconciled() {
