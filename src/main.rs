@@ -21,12 +21,45 @@ struct Cli {
 enum Command {
     /// Run the operator (the default).
     Controller(ControllerArgs),
+    /// Check that images would pull: resolve their manifests with a credential.
+    Check(CheckArgs),
     /// Print the CRDs as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// Images, e.g. `ghcr.io/acme/api:v2`, `nginx`, `registry:5000/app@sha256:...`.
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// A docker config.json (credential helpers and stores are run as docker does).
+    #[arg(long, conflicts_with = "secret")]
+    docker_config: Option<PathBuf>,
+    /// A Kubernetes pull Secret `namespace/name` (read with the current kubeconfig).
+    #[arg(long)]
+    secret: Option<String>,
+    /// A platform that must be present, e.g. `linux/arm64` (repeatable).
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// PEM file of extra CA certificates.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Do not verify TLS certificates.
+    #[arg(long)]
+    insecure_skip_verify: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,9 +104,52 @@ fn main() -> anyhow::Result<()> {
     pullkeeper::install_crypto_provider();
     match cli.command {
         Some(Command::Crds { dir }) => crds(dir),
+        Some(Command::Check(args)) => check(args),
         Some(Command::Controller(args)) => controller(args),
         None => controller(ControllerArgs::parse_from(["pullkeeper"])),
     }
+}
+
+#[tokio::main]
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use pullkeeper::check;
+    let logins = match (&args.docker_config, &args.secret) {
+        (Some(path), _) => check::read_docker_config(path).map_err(anyhow::Error::msg)?,
+        (None, Some(ns_name)) => {
+            let (ns, name) = ns_name.split_once('/').context("--secret takes namespace/name")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("reading the kubeconfig for --secret")?;
+            let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, ns)
+                .get(name)
+                .await
+                .with_context(|| format!("reading Secret {ns_name}"))?;
+            let raw = secret
+                .data
+                .and_then(|d| d.get(pullkeeper::provider::DOCKER_CONFIG_JSON_KEY).cloned())
+                .with_context(|| format!("Secret {ns_name} has no .dockerconfigjson"))?;
+            check::Logins::DockerConfig(raw.0)
+        }
+        (None, None) => check::Logins::Anonymous,
+    };
+    let ca_bundle = match &args.ca_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let client = pullkeeper::registry::RegistryClient::new(&pullkeeper::registry::TlsOptions {
+        ca_bundle,
+        insecure_skip_verify: args.insecure_skip_verify,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
+    match args.output {
+        Output::Text => print!("{}", check::render_text(&reports)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+    }
+    if reports.iter().any(|r| !r.pullable) {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn rand_suffix() -> u32 {
