@@ -54,8 +54,16 @@ pub struct CredentialLabels {
     pub name: String,
 }
 
+/// A result label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `Resolved` or the failure reason.
+    pub result: &'static str,
+}
+
 /// All metrics of the operator.
 pub struct Metrics {
+    image_checks: Family<ResultLabels, Counter>,
     leader: Gauge,
     managed_secrets: Gauge,
     credential_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
@@ -128,7 +136,14 @@ impl Default for Metrics {
             "Pull secrets written by pullkeeper that exist in the cluster",
             managed_secrets.clone(),
         );
+        let image_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "image_checks",
+            "Pullability checks of verify.images by result",
+            image_checks.clone(),
+        );
         Self {
+            image_checks,
             leader,
             managed_secrets,
             credential_expiry,
@@ -173,6 +188,11 @@ impl Metrics {
     /// Records how many managed Secrets exist.
     pub fn set_managed_secrets(&self, n: usize) {
         self.managed_secrets.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one image check.
+    pub fn observe_image_check(&self, result: &'static str) {
+        self.image_checks.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Records whether this replica leads.

@@ -15,6 +15,7 @@ pub mod status;
 pub mod target;
 pub mod triggers;
 pub mod validate;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,8 @@ pub struct Context {
     pub sources: triggers::SourceWatches,
     /// Issued credentials until their refresh time.
     pub credentials: Arc<cache::CredentialCache>,
+    /// Last pullability results.
+    pub verified: verify::VerifyCache,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
 }
@@ -199,6 +202,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         caches,
         sources: triggers::SourceWatches::new(client.clone(), trigger_tx, credentials.clone(), shutdown.clone()),
         credentials,
+        verified: verify::VerifyCache::default(),
         write_concurrency: settings.write_concurrency.max(1),
     });
     let config = kube::runtime::controller::Config::default()

@@ -23,7 +23,7 @@ use super::secret;
 use super::status::{self, Outcome, Sync};
 use super::target::NamespaceInfo;
 use super::validate::ValidSpec;
-use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply};
+use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, verify};
 
 /// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
 pub const FINALIZER: &str = "pullkeeper.io/cleanup";
@@ -160,7 +160,15 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
             Timestamp::now(),
         ),
     };
+    let (images, delay) = match &issued {
+        Ok(c) => match verify::images(&ctx.verified, &ctx.metrics, &key, generation, &spec, c).await {
+            Some((images, until)) => (Some(images), delay.min(until.max(Duration::from_secs(1)))),
+            None => (None, delay),
+        },
+        Err(_) => (None, delay),
+    };
     let outcome = Outcome::Reconciled {
+        images,
         credential: issued.map(|c| status::Issued {
             expires_at: c.credential.expires_at,
             issued_at: c.issued_at,
@@ -174,6 +182,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     ctx.sources.sync(&obj.trigger(), &[]);
     ctx.credentials.invalidate(&obj.trigger());
+    ctx.verified.invalidate(&obj.trigger());
     ctx.metrics.set_expiry(&metric_labels(obj), None);
     let owner = obj.owner();
     // Use a fresh list rather than the cache: nothing we wrote may be left behind.

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::conditions::{self, Desired, Status, reasons, types, whole_seconds};
-use crate::crd::{MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
+use crate::crd::{ImageStatus, MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
 use crate::provider::ProviderError;
 
 use super::validate::SpecError;
@@ -44,6 +44,8 @@ pub enum Outcome {
         credential: Result<Issued, ProviderError>,
         /// How the fan-out went.
         sync: Sync,
+        /// Pullability of `verify.images`: `None` when nothing is to be verified.
+        images: Option<Vec<ImageStatus>>,
     },
 }
 
@@ -80,7 +82,41 @@ fn issued_message(issued: &Issued) -> String {
     }
 }
 
+fn pullable_condition(images: &[ImageStatus]) -> Desired {
+    let failing: Vec<&ImageStatus> = images.iter().filter(|i| !i.pullable).collect();
+    match failing.first() {
+        None => Desired::new(
+            types::PULLABLE,
+            Status::True,
+            reasons::RESOLVED,
+            format!(
+                "{} resolve with the credential",
+                plural(images.len(), "image", "images")
+            ),
+        ),
+        Some(first) => Desired::new(
+            types::PULLABLE,
+            Status::False,
+            &first.reason,
+            format!(
+                "{} of {} would not pull; {}: {}",
+                failing.len(),
+                plural(images.len(), "image", "images"),
+                first.image,
+                first.message
+            ),
+        ),
+    }
+}
+
 impl Outcome {
+    fn removed(&self) -> Vec<&'static str> {
+        match self {
+            Outcome::Reconciled { images: None, .. } => vec![types::PULLABLE],
+            _ => vec![],
+        }
+    }
+
     fn conditions(&self) -> Vec<Desired> {
         match self {
             Outcome::Invalid(e) => vec![
@@ -98,7 +134,12 @@ impl Outcome {
                 reasons::SUSPENDED,
                 "spec.suspend is true: pullkeeper keeps what it has written and changes nothing",
             )],
-            Outcome::Reconciled { credential, sync } => {
+            Outcome::Reconciled {
+                credential,
+                sync,
+                images,
+            } => {
+                let pullable = images.as_ref().map(|v| pullable_condition(v));
                 let failed_reason = if sync.failures.iter().all(|f| f.reason == reasons::CONFLICT) {
                     reasons::CONFLICT
                 } else {
@@ -119,12 +160,16 @@ impl Outcome {
                 };
                 match credential {
                     Ok(issued) => {
-                        let ready = if sync.failures.is_empty() {
-                            Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone())
-                        } else {
-                            Desired::new(types::READY, Status::False, failed_reason, synced.message.clone())
+                        let ready = match &pullable {
+                            _ if !sync.failures.is_empty() => {
+                                Desired::new(types::READY, Status::False, failed_reason, synced.message.clone())
+                            }
+                            Some(p) if p.status == Status::False => {
+                                Desired::new(types::READY, Status::False, &p.reason, p.message.clone())
+                            }
+                            _ => Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone()),
                         };
-                        vec![
+                        let mut out = vec![
                             ready,
                             Desired::new(
                                 types::CREDENTIAL_ISSUED,
@@ -133,7 +178,9 @@ impl Outcome {
                                 issued_message(issued),
                             ),
                             synced,
-                        ]
+                        ];
+                        out.extend(pullable);
+                        out
                     }
                     Err(e) => {
                         let message = format!("{e}; secrets already written are left as they are");
@@ -163,9 +210,19 @@ pub fn build(
 ) -> RegistryCredentialStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let existing = std::mem::take(&mut status.conditions);
-    status.conditions = conditions::merge(&existing, &outcome.conditions(), &[], generation, now);
+    status.conditions = conditions::merge(&existing, &outcome.conditions(), &outcome.removed(), generation, now);
     status.observed_generation = generation;
-    if let Outcome::Reconciled { credential, sync } = outcome {
+    if let Outcome::Reconciled {
+        credential,
+        sync,
+        images,
+    } = outcome
+    {
+        match images {
+            Some(v) => status.images = v.clone(),
+            None if credential.is_ok() => status.images = Vec::new(),
+            None => {}
+        }
         let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
         let failed: std::collections::BTreeSet<&str> = sync.failures.iter().map(|f| f.namespace.as_str()).collect();
         status.namespaces = Some(NamespaceCounts {
@@ -220,6 +277,28 @@ pub fn events(previous: Option<&RegistryCredentialStatus>, next: &RegistryCreden
                 .collect()
         })
         .unwrap_or_default();
+    for img in &next.images {
+        let before = previous.and_then(|p| p.images.iter().find(|i| i.image == img.image));
+        let changed = match before {
+            None => !img.pullable,
+            Some(b) => b.pullable != img.pullable || (!img.pullable && b.reason != img.reason),
+        };
+        if changed {
+            out.push(Transition {
+                warning: !img.pullable,
+                reason: if img.pullable {
+                    "ImagePullable".into()
+                } else {
+                    "ImageNotPullable".into()
+                },
+                message: if img.pullable {
+                    format!("{} resolves again ({})", img.image, img.digest.as_deref().unwrap_or(""))
+                } else {
+                    format!("{}: {}: {}", img.image, img.reason, img.message)
+                },
+            });
+        }
+    }
     for f in &next.failures {
         if !old.contains(&(f.namespace.as_str(), f.reason.as_str())) {
             out.push(Transition {
@@ -250,6 +329,7 @@ mod tests {
                 synced,
                 failures,
             },
+            images: None,
         }
     }
 
@@ -345,5 +425,62 @@ mod tests {
         let s = build(None, &Outcome::Suspended, Some(1), now());
         assert_eq!(ready(&s), ("Unknown", "Suspended"));
         assert!(!events(None, &s)[0].warning);
+    }
+
+    fn image(name: &str, pullable: bool, reason: &str) -> ImageStatus {
+        ImageStatus {
+            image: name.into(),
+            pullable,
+            digest: pullable.then(|| "sha256:abc".to_owned()),
+            platforms: vec![],
+            reason: reason.into(),
+            message: if pullable { String::new() } else { "tag missing".into() },
+            checked_at: None,
+        }
+    }
+
+    #[test]
+    fn an_image_that_would_not_pull_makes_ready_false_with_its_reason() {
+        let outcome = Outcome::Reconciled {
+            credential: ok(),
+            sync: Sync {
+                targeted: 1,
+                synced: 1,
+                failures: vec![],
+            },
+            images: Some(vec![image("a", true, "Resolved"), image("b", false, "NotFound")]),
+        };
+        let s = build(None, &outcome, Some(1), now());
+        assert_eq!(ready(&s), ("False", "NotFound"));
+        let p = conditions::find(&s.conditions, types::PULLABLE).expect("pullable");
+        assert_eq!((p.status.as_str(), p.reason.as_str()), ("False", "NotFound"));
+        assert!(
+            p.message.contains("1 of 2 images") && p.message.contains("b: tag missing"),
+            "{}",
+            p.message
+        );
+        let ev = events(None, &s);
+        assert!(ev.iter().any(|e| e.reason == "ImageNotPullable" && e.warning));
+        // Fixed: Pullable True, an ImagePullable Event, Ready back to True.
+        let fixed = Outcome::Reconciled {
+            credential: ok(),
+            sync: Sync {
+                targeted: 1,
+                synced: 1,
+                failures: vec![],
+            },
+            images: Some(vec![image("a", true, "Resolved"), image("b", true, "Resolved")]),
+        };
+        let s2 = build(Some(&s), &fixed, Some(1), now());
+        assert_eq!(ready(&s2), ("True", "Synced"));
+        assert!(
+            events(Some(&s), &s2)
+                .iter()
+                .any(|e| e.reason == "ImagePullable" && !e.warning)
+        );
+        // Verification removed from the spec: the condition goes away.
+        let s3 = build(Some(&s2), &reconciled(ok(), vec![]), Some(2), now());
+        assert!(conditions::find(&s3.conditions, types::PULLABLE).is_none());
+        assert!(s3.images.is_empty());
     }
 }

@@ -22,6 +22,8 @@ pub mod reasons {
     pub const SYNCED: &str = "Synced";
     /// The provider issued a credential.
     pub const ISSUED: &str = "Issued";
+    /// Every image resolved.
+    pub const RESOLVED: &str = "Resolved";
     /// The spec is invalid; the message says which field.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The chosen provider is not implemented in this version.

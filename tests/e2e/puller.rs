@@ -84,3 +84,92 @@ async fn skopeo_pulls_with_the_written_secret() {
         .delete(&name, &DeleteParams::default())
         .await;
 }
+
+#[tokio::test]
+async fn verify_reports_which_images_would_pull() {
+    let reg = support::registry();
+    support::env();
+    let client = support::client().await;
+    let src = support::namespace(&client, "verify-src", &[]).await;
+    let label = support::unique("verify");
+    support::namespace(&client, "verify", &[("e2e-target", &label)]).await;
+    Api::<Secret>::namespaced(client.clone(), &src)
+        .patch(
+            "login",
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "login", "namespace": src},
+                "stringData": {"username": reg.user, "password": reg.password}
+            })),
+        )
+        .await
+        .expect("source");
+    let name = support::unique("verify");
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let apply = |images: Vec<String>, platforms: Vec<&str>| {
+        let body = json!({
+            "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+            "metadata": {"name": name},
+            "spec": {
+                "registry": reg.addr,
+                "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+                "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}},
+                "verify": {"images": images, "platforms": platforms}
+            }
+        });
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            api.patch(&name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(body))
+                .await
+                .expect("credential");
+        }
+    };
+    let good = format!("{}/demo:v1", reg.addr);
+    let missing = format!("{}/demo:nope", reg.addr);
+    apply(vec![good.clone(), missing.clone()], vec![]).await;
+    let status = eventually(Duration::from_secs(20), || async {
+        let s = api.get(&name).await.ok()?.status?;
+        (s.images.len() == 2).then_some(s)
+    })
+    .await
+    .expect("status.images never filled");
+    let by = |img: &str| {
+        status
+            .images
+            .iter()
+            .find(|i| i.image == img)
+            .expect("image status")
+            .clone()
+    };
+    let ok = by(&good);
+    assert!(
+        ok.pullable && ok.digest.as_deref().is_some_and(|d| d.starts_with("sha256:")),
+        "{ok:?}"
+    );
+    let bad = by(&missing);
+    assert!(!bad.pullable && bad.reason == "NotFound", "{bad:?}");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NotFound"));
+    let pullable = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Pullable")
+        .expect("pullable");
+    assert_eq!(pullable.status, "False");
+
+    // Only the good image, and a platform it has: Ready again.
+    apply(vec![good.clone()], vec!["linux/amd64"]).await;
+    let status = eventually(Duration::from_secs(20), || async {
+        let s = api.get(&name).await.ok()?.status?;
+        let r = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (r.status == "True" && s.images.len() == 1).then_some(s)
+    })
+    .await
+    .expect("never Ready with the good image");
+    assert_eq!(status.images[0].platforms, vec!["linux/amd64".to_owned()]);
+    let text = serde_json::to_string(&status).expect("json");
+    assert!(!text.contains(&reg.password), "a password reached the status");
+    let _ = api.delete(&name, &DeleteParams::default()).await;
+}

@@ -1,0 +1,169 @@
+//! I/O step: resolve `verify.images` with exactly the credential that was written, at
+//! most every `verify.interval` and again whenever the credential changes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::ImageStatus;
+use crate::crd::conditions::{reasons, whole_seconds};
+use crate::metrics::Metrics;
+use crate::registry::{Login, Reference, RegistryClient, RegistryHost, TlsOptions};
+
+use super::cache::Cached;
+use super::triggers::Trigger;
+use super::validate::ValidSpec;
+
+/// How many images are resolved at once for one credential.
+const PARALLEL: usize = 4;
+
+#[derive(Clone)]
+struct Entry {
+    generation: Option<i64>,
+    issued_at: Timestamp,
+    checked_at: Timestamp,
+    images: Vec<ImageStatus>,
+}
+
+/// Last results per credential.
+#[derive(Default)]
+pub struct VerifyCache {
+    entries: Mutex<HashMap<Trigger, Entry>>,
+}
+
+impl VerifyCache {
+    /// Forgets a credential's results.
+    pub fn invalidate(&self, key: &Trigger) {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// The images' status and the time until they are due again; `None` when nothing is to
+/// be verified.
+pub async fn images(
+    cache: &VerifyCache,
+    metrics: &Metrics,
+    key: &Trigger,
+    generation: Option<i64>,
+    spec: &ValidSpec,
+    credential: &Cached,
+) -> Option<(Vec<ImageStatus>, Duration)> {
+    let (verify, interval) = spec.verify.as_ref()?;
+    if verify.images.is_empty() {
+        return None;
+    }
+    let now = Timestamp::now();
+    let fresh = {
+        let entries = cache.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.get(key).and_then(|e| {
+            let due = e.checked_at.checked_add(*interval).ok()?;
+            (e.generation == generation && e.issued_at == credential.issued_at && now < due).then(|| {
+                let left = Duration::try_from(due.duration_since(now)).unwrap_or_default();
+                (e.images.clone(), left)
+            })
+        })
+    };
+    if let Some(hit) = fresh {
+        return Some(hit);
+    }
+    let checked = check(spec, &verify.images, &verify.platforms, credential, now).await;
+    for i in &checked {
+        metrics.observe_image_check(if i.pullable {
+            "Resolved"
+        } else {
+            reason_label(&i.reason)
+        });
+    }
+    cache
+        .entries
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            key.clone(),
+            Entry {
+                generation,
+                issued_at: credential.issued_at,
+                checked_at: now,
+                images: checked.clone(),
+            },
+        );
+    Some((checked, *interval))
+}
+
+fn reason_label(reason: &str) -> &'static str {
+    match reason {
+        "Unauthorized" => "Unauthorized",
+        "Denied" => "Denied",
+        "NotFound" => "NotFound",
+        "RateLimited" => "RateLimited",
+        "TLSError" => "TLSError",
+        "Unreachable" => "Unreachable",
+        "PlatformMissing" => "PlatformMissing",
+        "InvalidReference" => "InvalidReference",
+        _ => "RegistryError",
+    }
+}
+
+async fn check(
+    spec: &ValidSpec,
+    images: &[String],
+    platforms: &[String],
+    credential: &Cached,
+    now: Timestamp,
+) -> Vec<ImageStatus> {
+    let checked_at = Some(Time(whole_seconds(now)));
+    let failed = |image: &str, reason: &str, message: String| ImageStatus {
+        image: image.to_owned(),
+        pullable: false,
+        digest: None,
+        platforms: vec![],
+        reason: reason.to_owned(),
+        message,
+        checked_at: checked_at.clone(),
+    };
+    let client = match RegistryClient::new(&TlsOptions {
+        ca_bundle: spec.tls.ca_bundle.clone(),
+        insecure_skip_verify: spec.tls.insecure_skip_verify,
+    }) {
+        Ok(c) => c,
+        Err(message) => return images.iter().map(|i| failed(i, "TLSError", message.clone())).collect(),
+    };
+    let login = Login {
+        username: credential.credential.username.clone(),
+        password: credential.credential.password.clone(),
+    };
+    futures::stream::iter(images.iter().cloned())
+        .map(|image| {
+            let (client, login, failed, checked_at) = (&client, &login, &failed, &checked_at);
+            async move {
+                let reference = match Reference::parse(&image) {
+                    Ok(r) => r,
+                    Err(e) => return failed(&image, "InvalidReference", e.to_string()),
+                };
+                // The credential is for spec.registry; other registries are tried anonymously.
+                let same = RegistryHost::parse(&reference.registry).is_ok_and(|h| h.same_registry(&spec.registry));
+                match client.resolve(&reference, same.then_some(login), platforms).await {
+                    Ok(r) => ImageStatus {
+                        image: image.clone(),
+                        pullable: true,
+                        digest: Some(r.digest),
+                        platforms: r.platforms,
+                        reason: reasons::RESOLVED.to_owned(),
+                        message: String::new(),
+                        checked_at: checked_at.clone(),
+                    },
+                    Err(e) => failed(&image, e.reason(), e.to_string()),
+                }
+            }
+        })
+        .buffered(PARALLEL)
+        .collect()
+        .await
+}
