@@ -2,7 +2,10 @@
 # Starts a real OCI registry (CNCF distribution, Debian's docker-registry) on loopback with
 # htpasswd authentication, for tests that pull with the Secrets pullkeeper writes.
 #
-#   hack/registry.sh start DIR USER PASSWORD   start (or reuse); last line: host:port
+#   hack/registry.sh start DIR USER PASSWORD [tls]
+#                                              start (or reuse); last line: host:port;
+#                                              with "tls", HTTPS with a self-signed CA
+#                                              written to DIR/ca.crt
 #   hack/registry.sh stop DIR                  stop it
 set -euo pipefail
 
@@ -29,19 +32,34 @@ dir="${2:-}"
 
 case "$cmd" in
   start)
-    user="${3:?user}"; password="${4:?password}"
+    user="${3:?user}"; password="${4:?password}"; tls="${5:-}"
     ensure_packages
     mkdir -p "$dir"
     exec 9>"$dir/.lock"
     flock 9
     if [[ -f "$dir/pid" && -f "$dir/addr" ]] && kill -0 "$(cat "$dir/pid")" 2>/dev/null \
-      && curl -s -o /dev/null "http://$(cat "$dir/addr")/v2/"; then
+      && curl -sk -o /dev/null "http://$(cat "$dir/addr")/v2/"; then
       cat "$dir/addr"
       exit 0
     fi
     port="$(free_port)"
     htpasswd -Bbn "$user" "$password" >"$dir/htpasswd"
     mkdir -p "$dir/data"
+    tls_config=""
+    scheme=http
+    if [[ "$tls" == tls ]]; then
+      scheme=https
+      openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=pullkeeper test CA" \
+        -keyout "$dir/ca.key" -out "$dir/ca.crt" >/dev/null 2>&1
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+        -keyout "$dir/tls.key" -out "$dir/tls.csr" >/dev/null 2>&1
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/san.ext"
+      openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+        -days 30 -extfile "$dir/san.ext" -out "$dir/tls.crt" >/dev/null 2>&1
+      tls_config="  tls:
+    certificate: $dir/tls.crt
+    key: $dir/tls.key"
+    fi
     cat >"$dir/config.yml" <<EOT
 version: 0.1
 log:
@@ -53,6 +71,7 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:$port
+$tls_config
 auth:
   htpasswd:
     realm: pullkeeper-test
@@ -61,7 +80,7 @@ EOT
     setsid docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 < /dev/null 9>&- &
     echo $! >"$dir/pid"
     for _ in $(seq 1 100); do
-      code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)"
+      code="$(curl -sk -o /dev/null -w '%{http_code}' "$scheme://127.0.0.1:$port/v2/" || true)"
       if [[ "$code" == 401 ]]; then
         echo "127.0.0.1:$port" >"$dir/addr"
         echo "127.0.0.1:$port"

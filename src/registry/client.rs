@@ -323,6 +323,19 @@ fn platform_present(wanted: &str, found: &[String]) -> bool {
         .any(|f| f == wanted || (wanted.matches('/').count() == 1 && f.starts_with(&format!("{wanted}/"))))
 }
 
+/// rustls reports a plain-HTTP server as a corrupt TLS message, not a certificate error.
+fn is_plain_http_answer(e: &reqwest::Error) -> bool {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = src {
+        let t = err.to_string().to_ascii_lowercase();
+        if t.contains("corrupt message") || t.contains("invalidcontenttype") || t.contains("http request to an https") {
+            return true;
+        }
+        src = err.source();
+    }
+    false
+}
+
 fn is_loopback(host: &str) -> bool {
     let h = host.rsplit_once(':').map_or(
         host,
@@ -362,11 +375,16 @@ impl<'a> Session<'a> {
         let ping = format!("{}/v2/", s.base);
         match s.client.https.get(&ping).send().await {
             Ok(_) => {}
-            Err(e) if is_loopback(&host) && (e.is_connect() || e.is_request()) => {
-                s.base = format!("http://{host}");
-                s.plain = true;
-            }
-            Err(e) => return Err(s.transport(&e)),
+            Err(e) => match s.transport(&e) {
+                // A certificate problem is a TLS registry with an untrusted certificate:
+                // say so rather than falling back to plain HTTP.
+                tls @ PullError::Tls { .. } if !is_plain_http_answer(&e) => return Err(tls),
+                _ if is_loopback(&host) && (e.is_connect() || e.is_request()) => {
+                    s.base = format!("http://{host}");
+                    s.plain = true;
+                }
+                other => return Err(other),
+            },
         }
         Ok(s)
     }
@@ -399,7 +417,7 @@ impl<'a> Session<'a> {
             src = err.source();
         }
         let lower = chain.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
             return PullError::Tls {
                 registry: self.registry(),
                 detail: chain

@@ -114,3 +114,35 @@ fn check_runs_credential_helpers_like_docker() {
     let (code, out, err) = run(&[&format!("{}/demo:v1", reg.addr)], Some(&store), Some(dir.path()));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn a_private_ca_needs_the_ca_bundle() {
+    let (reg, ca) = support::tls_registry();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &reg.addr, &reg.user, &reg.password);
+    let image = format!("{}/demo:v1", reg.addr);
+    let (code, out, err) = run(&[&image, "--output", "json"], Some(&cfg), None);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["reason"], "TLSError", "{out}");
+    assert!(
+        v[0]["message"].as_str().is_some_and(|m| m.contains("caBundle")),
+        "{out}"
+    );
+    let ca = ca.to_string_lossy().into_owned();
+    let (code, out, err) = run(&[&image, "--ca-file", &ca], Some(&cfg), None);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(&[&image, "--insecure-skip-verify"], Some(&cfg), None);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn a_rate_limited_registry_is_reported_as_such() {
+    let f = crate::fakes::fakes();
+    let host = f.base.trim_start_matches("http://");
+    let (code, out, err) = run(&[&format!("{host}/library/nginx:1"), "--output", "json"], None, None);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["reason"], "RateLimited", "{out}");
+    assert!(v[0]["message"].as_str().is_some_and(|m| m.contains("30")), "{out}");
+}

@@ -70,6 +70,9 @@ pub fn fakes() -> &'static Fakes {
                     )
                     .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
                     .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
+                    // A registry that rate-limits everything, like Docker Hub past its limit.
+                    .route("/v2/{*rest}", get(rate_limited).head(rate_limited))
+                    .route("/v2/", get(rate_limited))
                     .with_state(st);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
                 tx.send(listener.local_addr().expect("addr")).expect("send");
@@ -166,6 +169,15 @@ async fn gcp_token(
     }
     let n = bump(&state, &id);
     Json(json!({"access_token": format!("ya29.gcp-{id}-{n}"), "expires_in": b.lifetime, "token_type": "Bearer"}))
+        .into_response()
+}
+
+async fn rate_limited() -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("Retry-After", "30")],
+        Json(json!({"errors": [{"code": "TOOMANYREQUESTS", "message": "You have reached your pull rate limit."}]})),
+    )
         .into_response()
 }
 

@@ -237,11 +237,25 @@ pub struct Registry {
 }
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
+static TLS_REGISTRY: OnceLock<(Registry, PathBuf)> = OnceLock::new();
 
 /// Starts (or reuses) the test registry and pushes `demo:v1` into it.
 pub fn registry() -> &'static Registry {
-    REGISTRY.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registry");
+    REGISTRY.get_or_init(|| start_registry("registry", false))
+}
+
+/// A second registry serving HTTPS with a certificate from a private CA; the CA's PEM path.
+pub fn tls_registry() -> &'static (Registry, PathBuf) {
+    TLS_REGISTRY.get_or_init(|| {
+        let r = start_registry("registry-tls", true);
+        let ca = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registry-tls/ca.crt");
+        (r, ca)
+    })
+}
+
+fn start_registry(name: &str, tls: bool) -> Registry {
+    {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         let user = "puller".to_owned();
         let password = format!("reg-{}", unique("pw"));
         // A restart needs the new htpasswd, so stop any old instance first.
@@ -252,6 +266,7 @@ pub fn registry() -> &'static Registry {
         let out = Command::new("bash")
             .arg(repo_root().join("hack/registry.sh"))
             .args(["start", &dir.to_string_lossy(), &user, &password])
+            .args(tls.then_some("tls"))
             .stderr(std::process::Stdio::inherit())
             .output()
             .expect("running hack/registry.sh");
@@ -264,7 +279,7 @@ pub fn registry() -> &'static Registry {
             .to_owned();
         push_demo_image(&addr, &user, &password);
         Registry { addr, user, password }
-    })
+    }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
