@@ -6,6 +6,11 @@
 #                                              start (or reuse); last line: host:port;
 #                                              with "tls", HTTPS with a self-signed CA
 #                                              written to DIR/ca.crt
+#   hack/registry.sh start DIR - - token REALM CERT
+#                                              Bearer-token auth: tokens from REALM,
+#                                              signed by the key of CERT (issuer
+#                                              "pullkeeper-test-issuer", service
+#                                              "pullkeeper-test-registry")
 #   hack/registry.sh stop DIR                  stop it
 set -euo pipefail
 
@@ -43,7 +48,6 @@ case "$cmd" in
       exit 0
     fi
     port="$(free_port)"
-    htpasswd -Bbn "$user" "$password" >"$dir/htpasswd"
     mkdir -p "$dir/data"
     tls_config=""
     scheme=http
@@ -60,6 +64,21 @@ case "$cmd" in
     certificate: $dir/tls.crt
     key: $dir/tls.key"
     fi
+    if [[ "$tls" == token ]]; then
+      realm="${6:?realm}"; cert="${7:?issuer certificate}"
+      auth_config="auth:
+  token:
+    realm: $realm
+    service: pullkeeper-test-registry
+    issuer: pullkeeper-test-issuer
+    rootcertbundle: $cert"
+    else
+      htpasswd -Bbn "$user" "$password" >"$dir/htpasswd"
+      auth_config="auth:
+  htpasswd:
+    realm: pullkeeper-test
+    path: $dir/htpasswd"
+    fi
     cat >"$dir/config.yml" <<EOT
 version: 0.1
 log:
@@ -72,10 +91,7 @@ storage:
 http:
   addr: 127.0.0.1:$port
 $tls_config
-auth:
-  htpasswd:
-    realm: pullkeeper-test
-    path: $dir/htpasswd
+$auth_config
 EOT
     setsid docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 < /dev/null 9>&- &
     echo $! >"$dir/pid"

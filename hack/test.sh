@@ -27,6 +27,7 @@ cleanup() {
   hack/moto.sh stop "$target_dir/tmp/moto-auth" >/dev/null 2>&1 || true
   hack/registry.sh stop "$target_dir/tmp/registry" >/dev/null 2>&1 || true
   hack/registry.sh stop "$target_dir/tmp/registry-tls" >/dev/null 2>&1 || true
+  hack/registry.sh stop "$target_dir/tmp/registry-token" >/dev/null 2>&1 || true
   if [[ "${PULLKEEPER_KEEP_CONTROL_PLANE:-}" != 1 ]]; then
     hack/control-plane.sh stop "$cp_dir" >/dev/null 2>&1 || true
   fi

@@ -557,8 +557,16 @@ impl<'a> Session<'a> {
             StatusCode::FORBIDDEN => PullError::Denied {
                 repository: format!("{}/{}", self.reference.registry, self.reference.repository),
             },
-            StatusCode::UNAUTHORIZED if insufficient || self.bearer_granted || code == "DENIED" => PullError::Denied {
-                repository: format!("{}/{}", self.reference.registry, self.reference.repository),
+            StatusCode::UNAUTHORIZED
+                if self.login.is_some() && (insufficient || self.bearer_granted || code == "DENIED") =>
+            {
+                PullError::Denied {
+                    repository: format!("{}/{}", self.reference.registry, self.reference.repository),
+                }
+            }
+            StatusCode::UNAUTHORIZED if self.login.is_none() => PullError::Unauthorized {
+                registry: self.registry(),
+                detail: "anonymous pulls are not allowed and no credential was given".into(),
             },
             StatusCode::UNAUTHORIZED => PullError::Unauthorized {
                 registry: self.registry(),

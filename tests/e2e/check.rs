@@ -146,3 +146,28 @@ fn a_rate_limited_registry_is_reported_as_such() {
     assert_eq!(v[0]["reason"], "RateLimited", "{out}");
     assert!(v[0]["message"].as_str().is_some_and(|m| m.contains("30")), "{out}");
 }
+
+#[test]
+fn bearer_token_registries_grant_per_repository() {
+    let addr = support::token_registry();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let puller = config(dir.path(), addr, "puller", "puller-pw");
+    let reason = |args: &[&str], cfg: Option<&Path>| {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let (code, out, err) = run(&a, cfg, None);
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+        (code, v[0]["reason"].as_str().unwrap_or("").to_owned(), out)
+    };
+    let demo = format!("{addr}/demo:v1");
+    let private = format!("{addr}/private:v1");
+    let (code, _, out) = reason(&[&demo], Some(&puller));
+    assert_eq!(code, 0, "{out}");
+    let (code, r, out) = reason(&[&private], Some(&puller));
+    assert_eq!((code, r.as_str()), (1, "Denied"), "{out}");
+    let wrong = config(dir.path(), addr, "puller", "nope");
+    let (code, r, out) = reason(&[&demo], Some(&wrong));
+    assert_eq!((code, r.as_str()), (1, "Unauthorized"), "{out}");
+    let (code, r, out) = reason(&[&demo], None);
+    assert_eq!((code, r.as_str()), (1, "Unauthorized"), "{out}");
+}

@@ -70,6 +70,7 @@ pub fn fakes() -> &'static Fakes {
                     )
                     .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
                     .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
+                    .route("/token", get(issue_registry_token))
                     // A registry that rate-limits everything, like Docker Hub past its limit.
                     .route("/v2/{*rest}", get(rate_limited).head(rate_limited))
                     .route("/v2/", get(rate_limited))
@@ -170,6 +171,86 @@ async fn gcp_token(
     let n = bump(&state, &id);
     Json(json!({"access_token": format!("ya29.gcp-{id}-{n}"), "expires_in": b.lifetime, "token_type": "Bearer"}))
         .into_response()
+}
+
+/// The token issuer of the Bearer-auth test registry: users, what they may pull, and the
+/// signing key whose certificate the registry trusts.
+pub struct Issuer {
+    /// PEM private key.
+    pub key_pem: String,
+    /// Base64 DER certificate (the JWT's `x5c`).
+    pub cert_der_b64: String,
+    /// (user, password, repositories or `*`).
+    pub users: Vec<(String, String, Vec<String>)>,
+}
+
+/// Set once by the test support before the token registry starts.
+pub static ISSUER: OnceLock<Issuer> = OnceLock::new();
+
+async fn issue_registry_token(
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let Some(issuer) = ISSUER.get() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let user = match headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+    {
+        None => None,
+        Some(b64) => {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_default();
+            let (u, p) = decoded.split_once(':').unwrap_or(("", ""));
+            match issuer.users.iter().find(|(name, pw, _)| name == u && pw == p) {
+                Some(found) => Some(found),
+                None => {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        Json(json!({"details": "invalid username or password"})),
+                    )
+                        .into_response();
+                }
+            }
+        }
+    };
+    // scope=repository:NAME:ACTIONS (possibly several, space-separated).
+    let mut access = Vec::new();
+    for scope in q
+        .get("scope")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+    {
+        let mut parts = scope.splitn(3, ':');
+        let (kind, name, actions) = (parts.next(), parts.next(), parts.next());
+        if let (Some("repository"), Some(name), Some(actions)) = (kind, name, actions)
+            && let Some((_, _, repos)) = user
+            && repos.iter().any(|r| r == "*" || r == name)
+        {
+            access.push(json!({"type": "repository", "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
+        }
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let claims = json!({
+        "iss": "pullkeeper-test-issuer",
+        "sub": user.map(|u| u.0.clone()).unwrap_or_default(),
+        "aud": q.get("service").cloned().unwrap_or_default(),
+        "exp": now + 300, "nbf": now - 10, "iat": now,
+        "jti": format!("{now}-{}", access.len()),
+        "access": access,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.x5c = Some(vec![issuer.cert_der_b64.clone()]);
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(issuer.key_pem.as_bytes()).expect("issuer key");
+    let token = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+    Json(json!({"token": token, "access_token": token, "expires_in": 300})).into_response()
 }
 
 async fn rate_limited() -> Response {

@@ -238,6 +238,81 @@ pub struct Registry {
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
 static TLS_REGISTRY: OnceLock<(Registry, PathBuf)> = OnceLock::new();
+static TOKEN_REGISTRY: OnceLock<String> = OnceLock::new();
+
+/// A registry with Bearer-token auth; tokens come from an issuer in this test binary that
+/// lets `admin`/`admin-pw` do anything and `puller`/`puller-pw` pull `demo` only. Holds
+/// `demo:v1` and `private:v1`. Returns its address.
+pub fn token_registry() -> &'static str {
+    TOKEN_REGISTRY.get_or_init(|| {
+        let fakes = crate::fakes::fakes();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registry-token");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = dir.join("issuer.key");
+        let cert = dir.join("issuer.crt");
+        let der = dir.join("issuer.der");
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=pullkeeper-test-issuer",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl")
+            .success()
+            && Command::new("openssl")
+                .args(["x509", "-outform", "der", "-in"])
+                .arg(&cert)
+                .arg("-out")
+                .arg(&der)
+                .status()
+                .expect("openssl")
+                .success();
+        assert!(ok, "openssl could not make the issuer certificate");
+        use base64::Engine as _;
+        let _ = crate::fakes::ISSUER.set(crate::fakes::Issuer {
+            key_pem: std::fs::read_to_string(&key).expect("key"),
+            cert_der_b64: base64::engine::general_purpose::STANDARD.encode(std::fs::read(&der).expect("der")),
+            users: vec![
+                ("admin".into(), "admin-pw".into(), vec!["*".into()]),
+                ("puller".into(), "puller-pw".into(), vec!["demo".into()]),
+            ],
+        });
+        let _ = Command::new("bash")
+            .arg(repo_root().join("hack/registry.sh"))
+            .args(["stop", &dir.to_string_lossy()])
+            .status();
+        let out = Command::new("bash")
+            .arg(repo_root().join("hack/registry.sh"))
+            .args(["start", &dir.to_string_lossy(), "-", "-", "token"])
+            .arg(format!("{}/token", fakes.base))
+            .arg(&cert)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("registry.sh");
+        assert!(out.status.success(), "token registry did not start");
+        let addr = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("addr")
+            .trim()
+            .to_owned();
+        push_demo_image(&addr, "admin", "admin-pw");
+        push_image_as(&addr, "admin", "admin-pw", "private");
+        addr
+    })
+}
 
 /// Starts (or reuses) the test registry and pushes `demo:v1` into it.
 pub fn registry() -> &'static Registry {
@@ -289,6 +364,10 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// Writes a one-layer OCI image layout by hand and pushes it with skopeo.
 fn push_demo_image(addr: &str, user: &str, password: &str) {
+    push_image_as(addr, user, password, "demo");
+}
+
+fn push_image_as(addr: &str, user: &str, password: &str, repo: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let content = root.join("content");
@@ -348,7 +427,7 @@ fn push_demo_image(addr: &str, user: &str, password: &str) {
         .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds"])
         .arg(format!("{user}:{password}"))
         .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{addr}/demo:v1")));
+        .arg(format!("docker://{addr}/{repo}:v1")));
 }
 
 /// Runs `skopeo inspect` with `authfile`; Ok(stdout) or Err(stderr).
