@@ -10,9 +10,10 @@ RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --target "$target" --bin pullkeeper >&2
 bin="${CARGO_TARGET_DIR:-target}/$target/release/pullkeeper"
 
-if ldd "$bin" >/dev/null 2>&1; then
+linkage="$(ldd "$bin" 2>&1 || true)"
+if ! grep -qE "not a dynamic executable|statically linked" <<<"$linkage"; then
   echo "error: $bin is dynamically linked:" >&2
-  ldd "$bin" >&2
+  echo "$linkage" >&2
   exit 1
 fi
 "$bin" --version >&2
