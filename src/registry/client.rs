@@ -148,6 +148,7 @@ impl PullError {
 pub struct RegistryClient {
     https: reqwest::Client,
     plain: reqwest::Client,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Deserialize)]
@@ -222,7 +223,20 @@ impl RegistryClient {
             .timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(Self { https, plain })
+        Ok(Self {
+            https,
+            plain,
+            requests: std::sync::Arc::default(),
+        })
+    }
+
+    /// HTTP requests sent so far (for benchmarks and metrics).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Resolves `reference` with `login` (anonymous if `None`) and checks `platforms`.
@@ -373,6 +387,7 @@ impl<'a> Session<'a> {
         };
         // Like docker for loopback registries: HTTPS first, plain HTTP if that cannot talk TLS.
         let ping = format!("{}/v2/", s.base);
+        s.client.count();
         match s.client.https.get(&ping).send().await {
             Ok(_) => {}
             Err(e) => match s.transport(&e) {
@@ -453,6 +468,7 @@ impl<'a> Session<'a> {
             if let Some(auth) = &self.auth {
                 req = req.header(AUTHORIZATION, auth);
             }
+            self.client.count();
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.auth.is_none() {
@@ -484,6 +500,7 @@ impl<'a> Session<'a> {
             if let Some(l) = self.login {
                 req = req.basic_auth(&l.username, Some(l.password.expose_secret()));
             }
+            self.client.count();
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
             match resp.status() {
                 s if s.is_success() => {
