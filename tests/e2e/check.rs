@@ -171,3 +171,80 @@ fn bearer_token_registries_grant_per_repository() {
     let (code, r, out) = reason(&[&demo], None);
     assert_eq!((code, r.as_str()), (1, "Unauthorized"), "{out}");
 }
+
+#[tokio::test]
+async fn image_indexes_are_checked_for_platforms() {
+    let reg = support::registry();
+    support::push_index(&reg.addr, &reg.user, &reg.password, "multi", "v1").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &reg.addr, &reg.user, &reg.password);
+    let image = format!("{}/multi:v1", reg.addr);
+    let (code, out, err) = run(
+        &[
+            &image,
+            "--platform",
+            "linux/amd64",
+            "--platform",
+            "linux/arm64",
+            "--output",
+            "json",
+        ],
+        Some(&cfg),
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(v[0]["platforms"], json!(["linux/amd64", "linux/arm64"]));
+    let (code, out, _) = run(
+        &[&image, "--platform", "linux/s390x", "--output", "json"],
+        Some(&cfg),
+        None,
+    );
+    assert_eq!(code, 1);
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["reason"], "PlatformMissing");
+    assert!(
+        v[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("linux/s390x") && m.contains("linux/arm64")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn check_reads_a_kubernetes_pull_secret() {
+    let reg = support::registry();
+    let env = support::env();
+    let client = support::client().await;
+    let ns = support::namespace(&client, "check-secret", &[]).await;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", reg.user, reg.password));
+    kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "pull"},
+                "type": "kubernetes.io/dockerconfigjson",
+                "stringData": {".dockerconfigjson": json!({"auths": {reg.addr.clone(): {"auth": auth}}}).to_string()}
+            }))
+            .expect("secret"),
+        )
+        .await
+        .expect("create");
+    let out = Command::new(env!("CARGO_BIN_EXE_pullkeeper"))
+        .args([
+            "check",
+            &format!("{}/demo:v1", reg.addr),
+            "--secret",
+            &format!("{ns}/pull"),
+        ])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("check");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -477,3 +477,86 @@ fn start_moto(name: &str, env: &[&str]) -> String {
             .to_owned()
     }
 }
+
+/// Pushes a two-platform image index (`linux/amd64`, `linux/arm64`) as `repo:tag` over the
+/// Distribution API with Basic auth.
+pub async fn push_index(addr: &str, user: &str, password: &str, repo: &str, tag: &str) {
+    use base64::Engine as _;
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    let digest = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+    let blob = |data: Vec<u8>| {
+        let (http, base, auth) = (http.clone(), base.clone(), auth.clone());
+        let repo = repo.to_owned();
+        async move {
+            let d = format!("sha256:{}", sha256_hex(&data));
+            let start = http
+                .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+                .header("Authorization", &auth)
+                .send()
+                .await
+                .expect("upload start");
+            let loc = start.headers()["location"].to_str().expect("location").to_owned();
+            let url = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{base}{loc}")
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let put = http
+                .put(format!("{url}{sep}digest={d}"))
+                .header("Authorization", &auth)
+                .body(data)
+                .send()
+                .await
+                .expect("upload");
+            assert!(put.status().is_success(), "blob upload: {}", put.status());
+            d
+        }
+    };
+    let layer = b"layer".to_vec();
+    let layer_d = blob(layer.clone()).await;
+    let mut entries = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let config = serde_json::to_vec(
+            &serde_json::json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
+        )
+        .expect("config");
+        let config_d = blob(config.clone()).await;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_d, "size": layer.len()}]
+        }))
+        .expect("manifest");
+        let md = digest(&manifest);
+        let put = http
+            .put(format!("{base}/v2/{repo}/manifests/{md}"))
+            .header("Authorization", &auth)
+            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone())
+            .send()
+            .await
+            .expect("manifest");
+        assert!(put.status().is_success(), "manifest: {}", put.status());
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(),
+            "platform": {"os": "linux", "architecture": arch}
+        }));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries})).expect("index");
+    let put = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("Authorization", &auth)
+        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
+        .body(index)
+        .send()
+        .await
+        .expect("index");
+    assert!(put.status().is_success(), "index: {}", put.status());
+}
