@@ -8,6 +8,12 @@ fn component() -> impl Strategy<Value = String> {
     "[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}"
 }
 
+/// Without a registry in front, a first component with a '.' would be read as a registry
+/// host (Docker's rule), so it has none.
+fn first_component() -> impl Strategy<Value = String> {
+    "[a-z0-9]{1,8}([_-][a-z0-9]{1,8}){0,2}"
+}
+
 fn reference() -> impl Strategy<Value = String> {
     let registry = prop_oneof![
         Just(String::new()),
@@ -16,7 +22,8 @@ fn reference() -> impl Strategy<Value = String> {
         Just("registry.example.com:443/".to_owned()),
         Just("123456789012.dkr.ecr.us-east-1.amazonaws.com/".to_owned()),
     ];
-    let path = prop::collection::vec(component(), 1..4).prop_map(|v| v.join("/"));
+    let path = (first_component(), prop::collection::vec(component(), 0..3))
+        .prop_map(|(first, rest)| std::iter::once(first).chain(rest).collect::<Vec<_>>().join("/"));
     let tag = prop_oneof![
         Just(String::new()),
         "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}".prop_map(|t| format!(":{t}"))
