@@ -328,3 +328,88 @@ async fn the_operator_works_with_only_the_charts_rbac() {
     );
     assert!(metric(&op.addr, "pullkeeper_leader").await == Some(1.0));
 }
+
+#[tokio::test]
+async fn a_restart_reuses_the_unexpired_token_instead_of_minting_a_new_one() {
+    use crate::fakes::{self, Behaviour, Mode};
+    let env = support::env();
+    let client = support::client().await;
+    let f = fakes::fakes();
+    let id = support::unique("restart");
+    f.set(
+        &id,
+        Behaviour {
+            mode: Mode::Ok,
+            lifetime: 3600,
+            issued: 0,
+            client_secret: String::new(),
+            public_key: String::new(),
+        },
+    );
+    let shard = support::unique("restart");
+    let ns = support::namespace(&client, "restart", &[("e2e-target", &shard)]).await;
+    let name = support::unique("restart");
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
+                "spec": {
+                    "registry": "europe-docker.pkg.dev",
+                    "provider": {"gcp": {"metadataUrl": format!("{}/meta/{id}", f.base)}},
+                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+                }
+            })),
+        )
+        .await
+        .expect("credential");
+    let token_in = |ns: String| {
+        let client = client.clone();
+        let name = name.clone();
+        async move {
+            let s = Api::<Secret>::namespaced(client, &ns)
+                .get_opt(&format!("pullkeeper-{name}"))
+                .await
+                .ok()??;
+            let v: Value = serde_json::from_slice(&s.data?.get(".dockerconfigjson")?.0).ok()?;
+            v["auths"]["europe-docker.pkg.dev"]["password"]
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = start(&env.kubeconfig, &shard, &[], dir.path(), "first");
+    let token = eventually(Duration::from_secs(30), || token_in(ns.clone()))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no token written; log: {}",
+                std::fs::read_to_string(&first.log).unwrap_or_default()
+            )
+        });
+    // Let the status (with nextRefreshTime) land before the restart.
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    eventually(Duration::from_secs(20), || async {
+        api.get(&name).await.ok()?.status?.next_refresh_time.map(|_| ())
+    })
+    .await
+    .expect("status");
+    assert_eq!(f.issued(&id), 1);
+    drop(first);
+
+    let second = start(&env.kubeconfig, &shard, &[], dir.path(), "second");
+    // A namespace created after the restart gets the same, still valid token.
+    let late = support::namespace(&client, "restart-late", &[("e2e-target", &shard)]).await;
+    let again = eventually(Duration::from_secs(30), || token_in(late.clone())).await;
+    assert_eq!(
+        again.as_deref(),
+        Some(token.as_str()),
+        "log: {}",
+        std::fs::read_to_string(&second.log).unwrap_or_default()
+    );
+    assert_eq!(f.issued(&id), 1, "the restarted operator minted a new token");
+    let _ = api.delete(&name, &DeleteParams::default()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
