@@ -171,6 +171,14 @@ impl Fixture {
         assert!(!logs.contains(&self.password), "a password reached the operator's logs");
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("robot:{}", self.password));
         assert!(!logs.contains(&b64), "an auth string reached the operator's logs");
+        // The Secret as sent to the apiserver (the base64 of the whole docker config) must
+        // not appear either, e.g. in a logged request body.
+        let config = crate::support::expected_config("registry.example.com:5000", "robot", &self.password);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&config);
+        assert!(
+            !logs.contains(&encoded[..40.min(encoded.len())]),
+            "a Secret body reached the operator's logs"
+        );
     }
 }
 

@@ -560,3 +560,16 @@ pub async fn push_index(addr: &str, user: &str, password: &str, repo: &str, tag:
         .expect("index");
     assert!(put.status().is_success(), "index: {}", put.status());
 }
+
+/// The `.dockerconfigjson` pullkeeper writes for a basic credential, byte for byte.
+pub fn expected_config(registry: &str, user: &str, password: &str) -> Vec<u8> {
+    let host = pullkeeper::registry::RegistryHost::parse(registry).expect("host");
+    pullkeeper::controller::secret::docker_config_json(
+        &host,
+        &pullkeeper::provider::Credential {
+            username: user.to_owned(),
+            password: secrecy::SecretString::from(password.to_owned()),
+            expires_at: None,
+        },
+    )
+}
