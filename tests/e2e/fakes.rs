@@ -292,7 +292,11 @@ async fn aad_token(
     if b.mode == Mode::Down {
         return down();
     }
-    if b.mode == Mode::Reject || form.get("client_secret") != Some(&b.client_secret) {
+    // A client secret, or (workload identity) a federated token as client assertion.
+    let assertion_ok = form.get("client_assertion_type").map(String::as_str)
+        == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        && form.get("client_assertion") == Some(&b.client_secret);
+    if b.mode == Mode::Reject || (form.get("client_secret") != Some(&b.client_secret) && !assertion_ok) {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."})),

@@ -413,3 +413,79 @@ async fn a_restart_reuses_the_unexpired_token_instead_of_minting_a_new_one() {
     let _ = api.delete(&name, &DeleteParams::default()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn acr_with_azure_workload_identity_uses_the_federated_token_file() {
+    use crate::fakes::{self, Behaviour, Mode};
+    let env = support::env();
+    let client = support::client().await;
+    let f = fakes::fakes();
+    let id = support::unique("aksid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What the workload identity webhook projects into the pod.
+    let token_file = dir.path().join("azure-identity-token");
+    let federated = format!("federated-{id}");
+    std::fs::write(&token_file, &federated).expect("token file");
+    f.set(
+        &id,
+        Behaviour {
+            mode: Mode::Ok,
+            lifetime: 3 * 3600,
+            issued: 0,
+            client_secret: federated,
+            public_key: String::new(),
+        },
+    );
+    let shard = support::unique("aks");
+    let ns = support::namespace(&client, "aks", &[("e2e-target", &shard)]).await;
+    let name = support::unique("aks");
+    let authority = format!("{}/aad/{id}", f.base);
+    let op = start(
+        &env.kubeconfig,
+        &shard,
+        &[
+            ("AZURE_FEDERATED_TOKEN_FILE", token_file.to_str().expect("path")),
+            ("AZURE_TENANT_ID", "contoso-tenant"),
+            ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("AZURE_AUTHORITY_HOST", authority.as_str()),
+        ],
+        dir.path(),
+        "aks",
+    );
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-user"),
+            &Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
+                "spec": {
+                    "registry": "contoso.azurecr.io",
+                    // Only the exchange endpoint is overridden; identity comes from the environment.
+                    "provider": {"acr": {"exchangeUrl": format!("{}/acr/{id}/oauth2/exchange", f.base)}},
+                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+                }
+            })),
+        )
+        .await
+        .expect("credential");
+    let user = eventually(Duration::from_secs(30), || async {
+        let s = Api::<Secret>::namespaced(client.clone(), &ns)
+            .get_opt(&format!("pullkeeper-{name}"))
+            .await
+            .ok()??;
+        let v: Value = serde_json::from_slice(&s.data?.get(".dockerconfigjson")?.0).ok()?;
+        v["auths"]["contoso.azurecr.io"]["username"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert_eq!(
+        user.as_deref(),
+        Some("00000000-0000-0000-0000-000000000000"),
+        "log: {}",
+        std::fs::read_to_string(&op.log).unwrap_or_default()
+    );
+    let _ = Api::<ClusterRegistryCredential>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
