@@ -72,7 +72,50 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         return finish(obj, ctx, &Outcome::Suspended, Action::await_change()).await;
     }
     ctx.sources.sync(&obj.trigger(), &source_secrets(&spec.provider));
-    let owner = obj.owner();
+    let issued = credential(obj, ctx, &spec).await;
+    let (sync, retryable) = fan_out(obj, ctx, &spec, issued.as_ref().ok()).await;
+    let delay = match &issued {
+        Ok(c) if !retryable => Duration::try_from(c.refresh_at.duration_since(Timestamp::now()))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+        Err(e) if e.is_permanent() && !retryable => RECHECK_INVALID,
+        _ => retry_delay(
+            ctx.backoffs.next(&backoff_key::<K>(obj)),
+            obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
+            Timestamp::now(),
+        ),
+    };
+    let (images, delay) = match &issued {
+        Ok(c) => match verify::images(
+            &ctx.verified,
+            &ctx.metrics,
+            &obj.trigger(),
+            obj.meta().generation,
+            &spec,
+            c,
+        )
+        .await
+        {
+            Some((images, until)) => (Some(images), delay.min(until.max(Duration::from_secs(1)))),
+            None => (None, delay),
+        },
+        Err(_) => (None, delay),
+    };
+    let outcome = Outcome::Reconciled {
+        images,
+        credential: issued.map(|c| status::Issued {
+            expires_at: c.credential.expires_at,
+            issued_at: c.issued_at,
+            next_refresh: c.refresh_at,
+        }),
+        sync,
+    };
+    finish(obj, ctx, &outcome, Action::requeue(delay)).await
+}
+
+/// The credential to write: cached until its refresh time, recovered from the Secrets
+/// already written after a restart, or issued by the provider (one call).
+async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec) -> Result<Cached, ProviderError> {
     let key = obj.trigger();
     let generation = obj.meta().generation;
     let now = Timestamp::now();
@@ -80,13 +123,13 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     // compute an identical status and write nothing.
     let cached = match ctx.credentials.get(&key, generation, now) {
         Some(c) => Some(c),
-        None => recover(obj, ctx, &spec, now).await,
+        None => recover(obj, ctx, spec, now).await,
     };
-    let issued: Result<Cached, ProviderError> = match cached {
+    let issued = match cached {
         Some(cached) => Ok(cached),
-        None => issue(ctx, &spec).await.map(|credential| {
+        None => issue(ctx, spec).await.map(|credential| {
             let refresh_at = now
-                .checked_add(next_refresh(&spec, &credential))
+                .checked_add(next_refresh(spec, &credential))
                 .unwrap_or(Timestamp::MAX);
             let cached = Cached {
                 credential,
@@ -104,11 +147,19 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         ),
         Err(_) => ctx.credentials.invalidate(&key),
     }
-    let content = issued
-        .as_ref()
-        .ok()
-        .map(|c| secret::content(&owner, &spec.registry, &c.credential));
+    issued
+}
 
+/// Plans from the caches and writes what differs; returns how it went and whether a
+/// failure deserves a quick retry. Without a credential nothing is written.
+async fn fan_out<K: CredentialKind>(
+    obj: &K,
+    ctx: &Context,
+    spec: &ValidSpec,
+    credential: Option<&Cached>,
+) -> (Sync, bool) {
+    let owner = obj.owner();
+    let content = credential.map(|c| secret::content(&owner, &spec.registry, &c.credential));
     let namespaces: Vec<NamespaceInfo> = ctx
         .caches
         .namespaces
@@ -124,7 +175,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         managed_secrets: &metas,
         service_accounts: &sas,
     };
-    let plan = plan::compute(&owner, &spec, content.as_ref(), &snapshot);
+    let plan = plan::compute(&owner, spec, content.as_ref(), &snapshot);
     let done = apply::execute(
         &ctx.client,
         &owner,
@@ -135,8 +186,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     )
     .await;
     ctx.metrics.observe_writes(K::KIND, done.requests);
-    ctx.metrics.set_managed_secrets(ctx.caches.secrets.state().len());
-
+    ctx.metrics.set_managed_secrets(secrets.len());
     let failed: std::collections::BTreeSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
     let synced = plan
         .targeted
@@ -147,36 +197,9 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     let sync = Sync {
         targeted: plan.targeted.len(),
         synced,
-        failures: done.failures.clone(),
+        failures: done.failures,
     };
-    let delay = match &issued {
-        Ok(c) if !done.retryable => Duration::try_from(c.refresh_at.duration_since(Timestamp::now()))
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-        Err(e) if e.is_permanent() && !done.retryable => RECHECK_INVALID,
-        _ => retry_delay(
-            ctx.backoffs.next(&backoff_key::<K>(obj)),
-            obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
-            Timestamp::now(),
-        ),
-    };
-    let (images, delay) = match &issued {
-        Ok(c) => match verify::images(&ctx.verified, &ctx.metrics, &key, generation, &spec, c).await {
-            Some((images, until)) => (Some(images), delay.min(until.max(Duration::from_secs(1)))),
-            None => (None, delay),
-        },
-        Err(_) => (None, delay),
-    };
-    let outcome = Outcome::Reconciled {
-        images,
-        credential: issued.map(|c| status::Issued {
-            expires_at: c.credential.expires_at,
-            issued_at: c.issued_at,
-            next_refresh: c.refresh_at,
-        }),
-        sync,
-    };
-    finish(obj, ctx, &outcome, Action::requeue(delay)).await
+    (sync, done.retryable)
 }
 
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
