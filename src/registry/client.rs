@@ -3,6 +3,7 @@
 //! challenges with the credential, reads the image index only when platforms must be
 //! checked, and classifies every failure into a reason a person can act on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -149,6 +150,23 @@ pub struct RegistryClient {
     https: reqwest::Client,
     plain: reqwest::Client,
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    memory: std::sync::Arc<Memory>,
+}
+
+/// What one client remembers between resolutions, like docker does within a pull: which
+/// scheme a host speaks, and the authorization that worked (Basic per host and user,
+/// Bearer tokens per repository). A remembered authorization that stops working (an
+/// expired token, a changed password) is forgotten and the challenge followed again.
+#[derive(Default)]
+struct Memory {
+    plain: std::sync::Mutex<HashMap<String, bool>>,
+    auth: std::sync::Mutex<HashMap<(String, String, String), Remembered>>,
+}
+
+#[derive(Clone)]
+struct Remembered {
+    header: String,
+    bearer: bool,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +245,7 @@ impl RegistryClient {
             https,
             plain,
             requests: std::sync::Arc::default(),
+            memory: std::sync::Arc::default(),
         })
     }
 
@@ -313,6 +332,25 @@ impl RegistryClient {
     }
 }
 
+/// Remembered authorizations belong to one exact login (user and password), never to a
+/// user name alone, so a changed or wrong password is never answered from memory.
+fn login_key(login: Option<&Login>) -> String {
+    match login {
+        None => String::new(),
+        Some(l) => {
+            let mut h = Sha256::new();
+            h.update(l.username.as_bytes());
+            h.update([0]);
+            h.update(l.password.expose_secret().as_bytes());
+            hex(&h.finalize())
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
@@ -367,6 +405,7 @@ struct Session<'a> {
     plain: bool,
     auth: Option<String>,
     bearer_granted: bool,
+    remembered: bool,
 }
 
 impl<'a> Session<'a> {
@@ -384,7 +423,27 @@ impl<'a> Session<'a> {
             plain: false,
             auth: None,
             bearer_granted: false,
+            remembered: false,
         };
+        let user = login_key(login);
+        let remembered = {
+            let auth = lock(&client.memory.auth);
+            auth.get(&(host.clone(), user.clone(), reference.repository.clone()))
+                .or_else(|| auth.get(&(host.clone(), user, String::new())))
+                .cloned()
+        };
+        if let Some(r) = remembered {
+            s.auth = Some(r.header);
+            s.bearer_granted = r.bearer && login.is_some();
+            s.remembered = true;
+        }
+        if let Some(plain) = lock(&client.memory.plain).get(&host).copied() {
+            s.plain = plain;
+            if plain {
+                s.base = format!("http://{host}");
+            }
+            return Ok(s);
+        }
         // Like docker for loopback registries: HTTPS first, plain HTTP if that cannot talk TLS.
         let ping = format!("{}/v2/", s.base);
         s.client.count();
@@ -401,6 +460,7 @@ impl<'a> Session<'a> {
                 other => return Err(other),
             },
         }
+        lock(&s.client.memory.plain).insert(host, s.plain);
         Ok(s)
     }
 
@@ -471,6 +531,13 @@ impl<'a> Session<'a> {
             self.client.count();
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
             let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.remembered {
+                // The remembered authorization no longer works: forget it, start over.
+                self.forget();
+                self.auth = None;
+                self.bearer_granted = false;
+                self.remembered = false;
+            }
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.auth.is_none() {
                 let challenges = resp
                     .headers()
@@ -482,9 +549,45 @@ impl<'a> Session<'a> {
                 self.authenticate(&challenges).await?;
                 continue;
             }
-            return self.check(resp).await;
+            let checked = self.check(resp).await;
+            if checked.is_ok() && !self.remembered {
+                self.remember();
+            }
+            return checked;
         }
         Err(self.bad("authentication did not settle"))
+    }
+
+    fn key(&self, bearer: bool) -> (String, String, String) {
+        (
+            self.reference.api_host().to_owned(),
+            login_key(self.login),
+            if bearer {
+                self.reference.repository.clone()
+            } else {
+                String::new()
+            },
+        )
+    }
+
+    fn remember(&mut self) {
+        if let Some(header) = &self.auth {
+            let bearer = header.starts_with("Bearer ");
+            lock(&self.client.memory.auth).insert(
+                self.key(bearer),
+                Remembered {
+                    header: header.clone(),
+                    bearer,
+                },
+            );
+            self.remembered = true;
+        }
+    }
+
+    fn forget(&self) {
+        let mut auth = lock(&self.client.memory.auth);
+        auth.remove(&self.key(true));
+        auth.remove(&self.key(false));
     }
 
     async fn authenticate(&mut self, challenges: &[challenge::Challenge]) -> Result<(), PullError> {

@@ -248,3 +248,33 @@ async fn check_reads_a_kubernetes_pull_secret() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn one_client_remembers_authorization_but_never_across_passwords() {
+    use pullkeeper::registry::{Login, Reference, RegistryClient, TlsOptions};
+    let reg = support::registry();
+    let client = RegistryClient::new(&TlsOptions::default()).expect("client");
+    let good = Login {
+        username: reg.user.clone(),
+        password: secrecy::SecretString::from(reg.password.clone()),
+    };
+    let wrong = Login {
+        username: reg.user.clone(),
+        password: secrecy::SecretString::from("wrong".to_owned()),
+    };
+    let demo = Reference::parse(&format!("{}/demo:v1", reg.addr)).expect("ref");
+    client.resolve(&demo, Some(&good), &[]).await.expect("first");
+    let before = client.requests();
+    client.resolve(&demo, Some(&good), &[]).await.expect("second");
+    assert_eq!(
+        client.requests() - before,
+        1,
+        "a repeated check should be a single HEAD"
+    );
+    let err = client
+        .resolve(&demo, Some(&wrong), &[])
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.reason(), "Unauthorized");
+    client.resolve(&demo, Some(&good), &[]).await.expect("good again");
+}
