@@ -27,3 +27,9 @@ pub const OPERATOR_NAME: &str = "pullkeeper";
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Locks a mutex, carrying on with the data if another thread panicked while holding it:
+/// every map guarded here stays consistent after any single operation.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -28,7 +28,7 @@ impl Backoffs {
     /// Records a failure and returns the delay before the next try.
     pub fn next(&self, key: &str) -> Duration {
         let attempt = {
-            let mut map = self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut map = crate::lock(&self.attempts);
             let n = map.entry(key.to_owned()).or_insert(0);
             let attempt = *n;
             *n = n.saturating_add(1);
@@ -39,10 +39,7 @@ impl Backoffs {
 
     /// Forgets failures after a success.
     pub fn reset(&self, key: &str) {
-        self.attempts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        crate::lock(&self.attempts).remove(key);
     }
 }
 

@@ -37,25 +37,19 @@ pub struct CredentialCache {
 impl CredentialCache {
     /// The cached credential, if still fresh for this generation.
     pub fn get(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
-        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = crate::lock(&self.entries);
         let e = entries.get(key)?;
         (e.generation == generation && now < e.cached.refresh_at).then(|| e.cached.clone())
     }
 
     /// Remembers a credential until its `refresh_at`.
     pub fn put(&self, key: Trigger, generation: Option<i64>, cached: Cached) {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, Entry { generation, cached });
+        crate::lock(&self.entries).insert(key, Entry { generation, cached });
     }
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
     pub fn invalidate(&self, key: &Trigger) {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        crate::lock(&self.entries).remove(key);
     }
 }
 

@@ -142,18 +142,6 @@ pub struct Settings {
     pub leader: Option<crate::leader::Config>,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            instance: None,
-            concurrency: 8,
-            write_concurrency: 32,
-            credential_selector: None,
-            leader: None,
-        }
-    }
-}
-
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
 /// before its CRDs are installed instead of crashing. Returns false if shut down first.
 pub async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> bool {

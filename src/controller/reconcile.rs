@@ -20,7 +20,7 @@ use crate::provider::{self, Credential, ProviderError, ProviderSpec};
 use super::cache::Cached;
 use super::plan::{self, Snapshot};
 use super::secret;
-use super::status::{self, Outcome, Sync};
+use super::status::{self, Outcome, SyncReport};
 use super::target::NamespaceInfo;
 use super::validate::ValidSpec;
 use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, verify};
@@ -157,7 +157,7 @@ async fn fan_out<K: CredentialKind>(
     ctx: &Context,
     spec: &ValidSpec,
     credential: Option<&Cached>,
-) -> (Sync, bool) {
+) -> (SyncReport, bool) {
     let owner = obj.owner();
     let content = credential.map(|c| secret::content(&owner, &spec.registry, &c.credential));
     let namespaces: Vec<NamespaceInfo> = ctx
@@ -194,7 +194,7 @@ async fn fan_out<K: CredentialKind>(
         .filter(|ns| !failed.contains(ns.as_str()))
         .filter(|ns| plan.current.contains(ns) || done.written.contains(ns))
         .count();
-    let sync = Sync {
+    let sync = SyncReport {
         targeted: plan.targeted.len(),
         synced,
         failures: done.failures,
@@ -241,8 +241,7 @@ async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Er
 /// wrote. Trust it until the recorded refresh time instead of minting new tokens for every
 /// credential at once. Stored credentials (basic, dockerConfig) are simply re-read.
 async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, now: Timestamp) -> Option<Cached> {
-    use crate::crd::Provider;
-    if !matches!(spec.provider, Provider::Ecr(_) | Provider::Gcp(_) | Provider::Acr(_)) {
+    if !spec.provider.mints() {
         return None;
     }
     let status = obj.current_status()?;

@@ -22,7 +22,7 @@ pub struct Issued {
 
 /// How the fan-out went.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Sync {
+pub struct SyncReport {
     /// Namespaces targeted.
     pub targeted: usize,
     /// Namespaces holding the current secret.
@@ -43,7 +43,7 @@ pub enum Outcome {
         /// What the provider said.
         credential: Result<Issued, ProviderError>,
         /// How the fan-out went.
-        sync: Sync,
+        sync: SyncReport,
         /// Pullability of `verify.images`: `None` when nothing is to be verified.
         images: Option<Vec<ImageStatus>>,
     },
@@ -53,7 +53,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-fn sync_summary(sync: &Sync) -> String {
+fn sync_summary(sync: &SyncReport) -> String {
     let mut listed: Vec<String> = sync
         .failures
         .iter()
@@ -324,12 +324,20 @@ mod tests {
         let synced = targeted - failures.len();
         Outcome::Reconciled {
             credential,
-            sync: Sync {
+            sync: SyncReport {
                 targeted,
                 synced,
                 failures,
             },
             images: None,
+        }
+    }
+
+    fn unreachable(provider: &'static str) -> ProviderError {
+        ProviderError::Cloud {
+            provider,
+            failure: crate::provider::CloudFailure::Unreachable,
+            message: "connection refused".into(),
         }
     }
 
@@ -398,11 +406,11 @@ mod tests {
         );
         let failed = build(
             Some(&first),
-            &reconciled(Err(ProviderError::NotImplemented { provider: "ecr" }), vec![]),
+            &reconciled(Err(unreachable("ecr")), vec![]),
             Some(1),
             now(),
         );
-        assert_eq!(ready(&failed), ("False", "ProviderNotImplemented"));
+        assert_eq!(ready(&failed), ("False", "ProviderUnreachable"));
         assert_eq!(failed.expires_at, Some(Time(expiry)));
         let msg = &conditions::find(&failed.conditions, types::READY)
             .expect("ready")
@@ -412,7 +420,7 @@ mod tests {
 
     #[test]
     fn one_event_per_change_not_per_retry() {
-        let outcome = reconciled(Err(ProviderError::NotImplemented { provider: "gcp" }), vec![]);
+        let outcome = reconciled(Err(unreachable("gcp")), vec![]);
         let first = build(None, &outcome, Some(1), now());
         assert_eq!(events(None, &first).len(), 1);
         let second = build(Some(&first), &outcome, Some(1), now());
@@ -443,7 +451,7 @@ mod tests {
     fn an_image_that_would_not_pull_makes_ready_false_with_its_reason() {
         let outcome = Outcome::Reconciled {
             credential: ok(),
-            sync: Sync {
+            sync: SyncReport {
                 targeted: 1,
                 synced: 1,
                 failures: vec![],
@@ -464,7 +472,7 @@ mod tests {
         // Fixed: Pullable True, an ImagePullable Event, Ready back to True.
         let fixed = Outcome::Reconciled {
             credential: ok(),
-            sync: Sync {
+            sync: SyncReport {
                 targeted: 1,
                 synced: 1,
                 failures: vec![],

@@ -227,44 +227,21 @@ impl SourceWatches {
     /// Makes `referrer` watch exactly `sources` (`(namespace, name)` pairs), starting and
     /// stopping watches as needed.
     pub fn sync(&self, referrer: &Trigger, sources: &[(String, String)]) {
-        let mut watches = self.watches.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut watches = crate::lock(&self.watches);
         for source in sources {
             let w = watches.entry(source.clone()).or_insert_with(|| self.spawn(source));
-            w.referrers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(referrer.clone());
+            crate::lock(&w.referrers).insert(referrer.clone());
         }
         watches.retain(|key, w| {
             if !sources.contains(key) {
-                w.referrers
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(referrer);
+                crate::lock(&w.referrers).remove(referrer);
             }
-            let keep = !w
-                .referrers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_empty();
+            let keep = !crate::lock(&w.referrers).is_empty();
             if !keep {
                 w.stop.cancel();
             }
             keep
         });
-    }
-
-    /// Number of source Secrets watched.
-    pub fn len(&self) -> usize {
-        self.watches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-
-    /// Whether nothing is watched.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn spawn(&self, (namespace, name): &(String, String)) -> Watch {
@@ -288,12 +265,7 @@ impl SourceWatches {
                 };
                 match item {
                     Some(Ok(_)) => {
-                        let targets: Vec<Trigger> = who
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .iter()
-                            .cloned()
-                            .collect();
+                        let targets: Vec<Trigger> = crate::lock(&who).iter().cloned().collect();
                         for t in targets {
                             // The source changed: the next reconcile must read it again.
                             credentials.invalidate(&t);

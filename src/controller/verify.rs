@@ -38,10 +38,7 @@ pub struct VerifyCache {
 impl VerifyCache {
     /// Forgets a credential's results.
     pub fn invalidate(&self, key: &Trigger) {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        crate::lock(&self.entries).remove(key);
     }
 }
 
@@ -61,7 +58,7 @@ pub async fn images(
     }
     let now = Timestamp::now();
     let fresh = {
-        let entries = cache.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = crate::lock(&cache.entries);
         entries.get(key).and_then(|e| {
             let due = e.checked_at.checked_add(*interval).ok()?;
             (e.generation == generation && e.issued_at == credential.issued_at && now < due).then(|| {
@@ -73,45 +70,21 @@ pub async fn images(
     if let Some(hit) = fresh {
         return Some(hit);
     }
-    let checked = check(spec, &verify.images, &verify.platforms, credential, now).await;
-    for i in &checked {
-        metrics.observe_image_check(if i.pullable {
-            "Resolved"
-        } else {
-            reason_label(&i.reason)
-        });
-    }
-    cache
-        .entries
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(
-            key.clone(),
-            Entry {
-                generation,
-                issued_at: credential.issued_at,
-                checked_at: now,
-                images: checked.clone(),
-            },
-        );
+    let checked = check(metrics, spec, &verify.images, &verify.platforms, credential, now).await;
+    crate::lock(&cache.entries).insert(
+        key.clone(),
+        Entry {
+            generation,
+            issued_at: credential.issued_at,
+            checked_at: now,
+            images: checked.clone(),
+        },
+    );
     Some((checked, *interval))
 }
 
-fn reason_label(reason: &str) -> &'static str {
-    match reason {
-        "Unauthorized" => "Unauthorized",
-        "Denied" => "Denied",
-        "NotFound" => "NotFound",
-        "RateLimited" => "RateLimited",
-        "TLSError" => "TLSError",
-        "Unreachable" => "Unreachable",
-        "PlatformMissing" => "PlatformMissing",
-        "InvalidReference" => "InvalidReference",
-        _ => "RegistryError",
-    }
-}
-
 async fn check(
+    metrics: &Metrics,
     spec: &ValidSpec,
     images: &[String],
     platforms: &[String],
@@ -119,14 +92,17 @@ async fn check(
     now: Timestamp,
 ) -> Vec<ImageStatus> {
     let checked_at = Some(Time(whole_seconds(now)));
-    let failed = |image: &str, reason: &str, message: String| ImageStatus {
-        image: image.to_owned(),
-        pullable: false,
-        digest: None,
-        platforms: vec![],
-        reason: reason.to_owned(),
-        message,
-        checked_at: checked_at.clone(),
+    let failed = |image: &str, reason: &'static str, message: String| {
+        metrics.observe_image_check(reason);
+        ImageStatus {
+            image: image.to_owned(),
+            pullable: false,
+            digest: None,
+            platforms: vec![],
+            reason: reason.to_owned(),
+            message,
+            checked_at: checked_at.clone(),
+        }
     };
     let client = match RegistryClient::new(&TlsOptions {
         ca_bundle: spec.tls.ca_bundle.clone(),
@@ -150,15 +126,18 @@ async fn check(
                 // The credential is for spec.registry; other registries are tried anonymously.
                 let same = RegistryHost::parse(&reference.registry).is_ok_and(|h| h.same_registry(&spec.registry));
                 match client.resolve(&reference, same.then_some(login), platforms).await {
-                    Ok(r) => ImageStatus {
-                        image: image.clone(),
-                        pullable: true,
-                        digest: Some(r.digest),
-                        platforms: r.platforms,
-                        reason: reasons::RESOLVED.to_owned(),
-                        message: String::new(),
-                        checked_at: checked_at.clone(),
-                    },
+                    Ok(r) => {
+                        metrics.observe_image_check(reasons::RESOLVED);
+                        ImageStatus {
+                            image: image.clone(),
+                            pullable: true,
+                            digest: Some(r.digest),
+                            platforms: r.platforms,
+                            reason: reasons::RESOLVED.to_owned(),
+                            message: String::new(),
+                            checked_at: checked_at.clone(),
+                        }
+                    }
                     Err(e) => failed(&image, e.reason(), e.to_string()),
                 }
             }

@@ -26,12 +26,8 @@ pub mod reasons {
     pub const RESOLVED: &str = "Resolved";
     /// The spec is invalid; the message says which field.
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// The chosen provider is not implemented in this version.
-    pub const PROVIDER_NOT_IMPLEMENTED: &str = "ProviderNotImplemented";
     /// `suspend: true`.
     pub const SUSPENDED: &str = "Suspended";
-    /// Not attempted because an earlier step failed.
-    pub const PENDING: &str = "Pending";
     /// A referenced Secret does not exist.
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     /// pullkeeper may not read a referenced Secret.

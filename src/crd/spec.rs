@@ -81,6 +81,12 @@ pub enum Provider<R, K> {
 }
 
 impl<R, K> Provider<R, K> {
+    /// True for sources that mint a new token on every call (the cloud providers), as
+    /// opposed to reading a stored credential.
+    pub fn mints(&self) -> bool {
+        matches!(self, Provider::Ecr(_) | Provider::Gcp(_) | Provider::Acr(_))
+    }
+
     /// The spec field name of the chosen source, for messages and metric labels.
     pub fn kind_name(&self) -> &'static str {
         match self {

@@ -146,10 +146,6 @@ impl CredentialProvider for Acr {
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
         Box::pin(self.mint())
     }
-
-    fn mints(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

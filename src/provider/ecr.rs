@@ -202,10 +202,6 @@ impl CredentialProvider for Ecr {
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
         Box::pin(self.mint())
     }
-
-    fn mints(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

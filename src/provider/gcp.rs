@@ -152,8 +152,4 @@ impl CredentialProvider for Gcp {
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
         Box::pin(self.mint())
     }
-
-    fn mints(&self) -> bool {
-        true
-    }
 }

@@ -38,12 +38,6 @@ pub struct Credential {
 /// Why a provider gave no credential. Messages never include secret values.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    /// The chosen source exists in the API but not yet in this build.
-    #[error("provider.{provider} is not implemented in this version of pullkeeper")]
-    NotImplemented {
-        /// Spec field name of the provider.
-        provider: &'static str,
-    },
     /// The referenced Secret does not exist.
     #[error("Secret {namespace}/{name} does not exist: create it, or fix the secretRef")]
     SecretNotFound {
@@ -159,7 +153,6 @@ impl ProviderError {
     /// CamelCase reason for conditions and Events.
     pub fn reason(&self) -> &'static str {
         match self {
-            ProviderError::NotImplemented { .. } => reasons::PROVIDER_NOT_IMPLEMENTED,
             ProviderError::SecretNotFound { .. } => reasons::SECRET_NOT_FOUND,
             ProviderError::SecretForbidden { .. } => reasons::SECRET_FORBIDDEN,
             ProviderError::SecretUnavailable { .. } => reasons::SECRET_UNAVAILABLE,
@@ -237,12 +230,6 @@ impl CloudFailure {
 pub trait CredentialProvider: Send + Sync {
     /// Obtains a credential: reads a Secret or mints a token.
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>>;
-
-    /// True for providers that mint a new token on every call (cloud providers), as
-    /// opposed to reading a stored credential.
-    fn mints(&self) -> bool {
-        false
-    }
 }
 
 /// Chooses the provider for a spec.

@@ -347,10 +347,6 @@ fn login_key(login: Option<&Login>) -> String {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
@@ -427,7 +423,7 @@ impl<'a> Session<'a> {
         };
         let user = login_key(login);
         let remembered = {
-            let auth = lock(&client.memory.auth);
+            let auth = crate::lock(&client.memory.auth);
             auth.get(&(host.clone(), user.clone(), reference.repository.clone()))
                 .or_else(|| auth.get(&(host.clone(), user, String::new())))
                 .cloned()
@@ -437,7 +433,7 @@ impl<'a> Session<'a> {
             s.bearer_granted = r.bearer && login.is_some();
             s.remembered = true;
         }
-        if let Some(plain) = lock(&client.memory.plain).get(&host).copied() {
+        if let Some(plain) = crate::lock(&client.memory.plain).get(&host).copied() {
             s.plain = plain;
             if plain {
                 s.base = format!("http://{host}");
@@ -460,7 +456,7 @@ impl<'a> Session<'a> {
                 other => return Err(other),
             },
         }
-        lock(&s.client.memory.plain).insert(host, s.plain);
+        crate::lock(&s.client.memory.plain).insert(host, s.plain);
         Ok(s)
     }
 
@@ -491,26 +487,24 @@ impl<'a> Session<'a> {
             chain.push_str(": ");
             src = err.source();
         }
+        // The innermost cause says most (e.g. "invalid peer certificate: UnknownIssuer").
+        let detail = chain
+            .trim_end_matches(": ")
+            .rsplit(": ")
+            .next()
+            .unwrap_or("")
+            .to_owned();
         let lower = chain.to_ascii_lowercase();
         if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
-            return PullError::Tls {
+            PullError::Tls {
                 registry: self.registry(),
-                detail: chain
-                    .trim_end_matches(": ")
-                    .rsplit(": ")
-                    .next()
-                    .unwrap_or("")
-                    .to_owned(),
-            };
-        }
-        PullError::Unreachable {
-            registry: self.registry(),
-            detail: chain
-                .trim_end_matches(": ")
-                .rsplit(": ")
-                .next()
-                .unwrap_or("")
-                .to_owned(),
+                detail,
+            }
+        } else {
+            PullError::Unreachable {
+                registry: self.registry(),
+                detail,
+            }
         }
     }
 
@@ -573,7 +567,7 @@ impl<'a> Session<'a> {
     fn remember(&mut self) {
         if let Some(header) = &self.auth {
             let bearer = header.starts_with("Bearer ");
-            lock(&self.client.memory.auth).insert(
+            crate::lock(&self.client.memory.auth).insert(
                 self.key(bearer),
                 Remembered {
                     header: header.clone(),
@@ -585,7 +579,7 @@ impl<'a> Session<'a> {
     }
 
     fn forget(&self) {
-        let mut auth = lock(&self.client.memory.auth);
+        let mut auth = crate::lock(&self.client.memory.auth);
         auth.remove(&self.key(true));
         auth.remove(&self.key(false));
     }

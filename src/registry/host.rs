@@ -64,11 +64,6 @@ impl RegistryHost {
         &self.host
     }
 
-    /// The port, if one was given.
-    pub fn port(&self) -> Option<u16> {
-        self.port
-    }
-
     /// True for Docker Hub under any of its names.
     pub fn is_docker_hub(&self) -> bool {
         self.port.is_none()

@@ -1,14 +1,11 @@
 //! `provider.ecr` against moto's ECR and STS API server.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredentialStatus};
+use pullkeeper::crd::RegistryCredentialStatus;
 use serde_json::{Value, json};
 
-use crate::support::{self, eventually};
+use crate::support;
 
 const REGISTRY: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
 
@@ -25,62 +22,37 @@ async fn setup(prefix: &str) -> Setup {
     let src = support::namespace(&client, "aws-src", &[]).await;
     let label = support::unique(prefix);
     let ns = support::namespace(&client, prefix, &[("e2e-target", &label)]).await;
-    Api::<Secret>::namespaced(client.clone(), &src)
-        .patch(
-            "aws",
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "aws", "namespace": src},
-                "stringData": {"access-key-id": "AKIAEXAMPLEKEY", "secret-access-key": "example-secret-key"}
-            })),
-        )
-        .await
-        .expect("aws secret");
+    support::put_secret(
+        &client,
+        &src,
+        "aws",
+        json!({"access-key-id": "AKIAEXAMPLEKEY", "secret-access-key": "example-secret-key"}),
+    )
+    .await;
     Setup { client, src, ns, label }
 }
 
 impl Setup {
     async fn apply(&self, name: &str, ecr: Value) {
-        Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .patch(
-                name,
-                &PatchParams::apply("e2e-user").force(),
-                &Patch::Apply(json!({
-                    "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                    "metadata": {"name": name},
-                    "spec": {
-                        "registry": REGISTRY,
-                        "provider": {"ecr": ecr},
-                        "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
-                    }
-                })),
-            )
-            .await
-            .expect("credential");
+        support::apply_credential(
+            &self.client,
+            name,
+            json!({}),
+            json!({
+                "registry": REGISTRY,
+                "provider": {"ecr": ecr},
+                "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
+            }),
+        )
+        .await;
     }
 
     async fn ready(&self, name: &str, status: &str, reason: &str) -> RegistryCredentialStatus {
-        let api = Api::<ClusterRegistryCredential>::all(self.client.clone());
-        let got = eventually(Duration::from_secs(30), || async {
-            let s = api.get(name).await.ok()?.status?;
-            let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == status && c.reason == reason).then_some(s.clone())
-        })
-        .await;
-        match got {
-            Some(s) => s,
-            None => panic!(
-                "{name} never reached Ready={status}/{reason}: {:?}",
-                api.get(name).await.ok().and_then(|c| c.status)
-            ),
-        }
+        support::wait_ready(&self.client, name, status, reason).await
     }
 
     async fn delete(&self, name: &str) {
-        let _ = Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .delete(name, &DeleteParams::default())
-            .await;
+        support::delete_credential(&self.client, name).await;
     }
 }
 
@@ -186,19 +158,13 @@ async fn ecr_endpoint_down_is_unreachable_and_writes_nothing() {
 async fn ecr_without_a_region_in_host_or_spec_is_invalid() {
     let s = setup("ecr-noregion").await;
     let name = support::unique("ecr-noregion");
-    Api::<ClusterRegistryCredential>::all(s.client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name},
-                "spec": {"registry": "registry.example.com", "provider": {"ecr": {}},
-                         "target": {"namespaces": [s.ns]}}
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        &s.client,
+        &name,
+        json!({}),
+        json!({"registry": "registry.example.com", "provider": {"ecr": {}}, "target": {"namespaces": [s.ns]}}),
+    )
+    .await;
     let status = s.ready(&name, "False", "InvalidSpec").await;
     let msg = &status
         .conditions
@@ -219,19 +185,13 @@ async fn real_ecr_issues_a_token() {
     let registry = std::env::var("PULLKEEPER_TEST_ECR_REGISTRY").expect("set PULLKEEPER_TEST_ECR_REGISTRY");
     let s = setup("real-ecr").await;
     let name = support::unique("real-ecr");
-    Api::<ClusterRegistryCredential>::all(s.client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name},
-                "spec": {"registry": registry, "provider": {"ecr": {}},
-                         "target": {"namespaces": [s.ns]}}
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        &s.client,
+        &name,
+        json!({}),
+        json!({"registry": registry, "provider": {"ecr": {}}, "target": {"namespaces": [s.ns]}}),
+    )
+    .await;
     let status = s.ready(&name, "True", "Synced").await;
     let expires = status.expires_at.expect("expiresAt").0;
     let hours = expires.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs() / 3600;

@@ -41,49 +41,32 @@ impl Fixture {
     }
 
     async fn put_source(&self, user: &str, password: &str) {
-        let api = Api::<Secret>::namespaced(self.client.clone(), &self.source_ns);
-        api.patch(
+        support::put_secret(
+            &self.client,
+            &self.source_ns,
             "login",
-            &PatchParams::apply("e2e-user").force(),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "login", "namespace": self.source_ns},
-                "type": "Opaque",
-                "stringData": {"username": user, "password": password}
-            })),
+            json!({"username": user, "password": password}),
         )
-        .await
-        .expect("source secret");
+        .await;
     }
 
     async fn labelled_ns(&self, prefix: &str) -> String {
         support::namespace(&self.client, prefix, &[("e2e-target", &self.label)]).await
     }
 
-    fn crc(&self, name: &str, extra: Value) -> Value {
+    /// The spec of a basic credential selecting this fixture's namespaces, merged with `extra`.
+    fn spec(&self, extra: Value) -> Value {
         let mut spec = json!({
             "registry": "registry.example.com:5000",
             "provider": {"basic": {"secretRef": {"name": "login", "namespace": self.source_ns}}},
             "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
         });
         merge(&mut spec, extra);
-        json!({
-            "apiVersion": "pullkeeper.io/v1alpha1",
-            "kind": "ClusterRegistryCredential",
-            "metadata": {"name": name},
-            "spec": spec,
-        })
+        spec
     }
 
     async fn apply_crc(&self, name: &str, extra: Value) {
-        Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .patch(
-                name,
-                &PatchParams::apply("e2e-user").force(),
-                &Patch::Apply(self.crc(name, extra)),
-            )
-            .await
-            .expect("credential applied");
+        support::apply_credential(&self.client, name, json!({}), self.spec(extra)).await;
     }
 
     async fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
@@ -135,35 +118,37 @@ impl Fixture {
         );
     }
 
-    async fn status(&self, name: &str) -> Option<RegistryCredentialStatus> {
-        Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .get_opt(name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|c| c.status)
-    }
-
     async fn wait_ready(&self, name: &str, status: &str, reason: &str) -> RegistryCredentialStatus {
-        let got = eventually(WAIT, || async {
-            let s = self.status(name).await?;
-            let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == status && c.reason == reason).then_some(s.clone())
-        })
-        .await;
-        match got {
-            Some(s) => s,
-            None => panic!(
-                "{name} never reached Ready={status}/{reason}; last status: {:?}",
-                self.status(name).await
-            ),
-        }
+        support::wait_ready(&self.client, name, status, reason).await
     }
 
     async fn delete_crc(&self, name: &str) {
-        let _ = Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .delete(name, &DeleteParams::default())
-            .await;
+        support::delete_credential(&self.client, name).await;
+    }
+
+    /// Neither the password nor the auth string is in any Event or in any credential's status.
+    async fn assert_no_secret_in_events_or_status(&self) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("robot:{}", self.password));
+        let events = Api::<k8s_openapi::api::events::v1::Event>::all(self.client.clone())
+            .list(&Default::default())
+            .await
+            .expect("events");
+        for e in &events.items {
+            let text = format!("{:?} {:?}", e.note, e.reason);
+            assert!(
+                !text.contains(&self.password) && !text.contains(&b64),
+                "a secret reached an Event: {text}"
+            );
+        }
+        let credentials = Api::<ClusterRegistryCredential>::all(self.client.clone())
+            .list(&Default::default())
+            .await
+            .expect("credentials");
+        let text = serde_json::to_string(&credentials.items).expect("json");
+        assert!(
+            !text.contains(&self.password) && !text.contains(&b64),
+            "a secret reached a status"
+        );
     }
 
     fn assert_no_secret_in_logs(&self) {
@@ -264,6 +249,7 @@ async fn fans_out_to_selected_namespaces_in_the_right_format() {
         f.wait_pull_secrets(ns, "default", &[]).await;
     }
     f.assert_no_secret_in_logs();
+    f.assert_no_secret_in_events_or_status().await;
 }
 
 #[tokio::test]
@@ -438,6 +424,7 @@ async fn drift_is_repaired_and_other_pull_secrets_are_kept() {
     f.wait_pull_secrets(&ns, "default", &["theirs"]).await;
     f.wait_pull_secrets(&ns, "builder", &["x"]).await;
     f.assert_no_secret_in_logs();
+    f.assert_no_secret_in_events_or_status().await;
 }
 
 #[tokio::test]
@@ -464,6 +451,7 @@ async fn a_new_password_reaches_every_namespace() {
     assert_eq!(decoded_password(&s).as_deref(), Some(new_password.as_str()));
     f.delete_crc(&name).await;
     f.assert_no_secret_in_logs();
+    f.assert_no_secret_in_events_or_status().await;
 }
 
 #[tokio::test]
@@ -529,6 +517,7 @@ async fn bad_input_is_reported_and_changes_nothing() {
     f.wait_secret(&ns, &format!("pullkeeper-{name}"), &f.password).await;
     f.delete_crc(&name).await;
     f.assert_no_secret_in_logs();
+    f.assert_no_secret_in_events_or_status().await;
 }
 
 #[tokio::test]
@@ -582,6 +571,7 @@ async fn a_namespaced_credential_stays_in_its_namespace() {
     f.wait_gone(&ns, &secret_name).await;
     f.wait_pull_secrets(&ns, "default", &[]).await;
     f.assert_no_secret_in_logs();
+    f.assert_no_secret_in_events_or_status().await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kube::{Api, Client};
 use pullkeeper::crd::ClusterRegistryCredential;
 use serde_json::{Value, json};
@@ -77,38 +77,22 @@ async fn basic_setup(client: &Client, shard: &str, prefix: &str) -> (String, Str
     let ns = support::namespace(client, prefix, &[("e2e-target", shard)]).await;
     put_password(client, &src, "first-password").await;
     let name = support::unique(prefix);
-    Api::<ClusterRegistryCredential>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
-                "spec": {
-                    "registry": "registry.example.com",
-                    "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
-                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
-                }
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        client,
+        &name,
+        json!({SHARD_LABEL: shard}),
+        json!({
+            "registry": "registry.example.com",
+            "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+        }),
+    )
+    .await;
     (src, ns, name)
 }
 
 async fn put_password(client: &Client, src: &str, password: &str) {
-    Api::<Secret>::namespaced(client.clone(), src)
-        .patch(
-            "login",
-            &PatchParams::apply("e2e-user").force(),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "login", "namespace": src},
-                "stringData": {"username": "robot", "password": password}
-            })),
-        )
-        .await
-        .expect("source");
+    support::put_secret(client, src, "login", json!({"username": "robot", "password": password})).await;
 }
 
 async fn written_password(client: &Client, ns: &str, name: &str) -> Option<String> {
@@ -349,22 +333,17 @@ async fn a_restart_reuses_the_unexpired_token_instead_of_minting_a_new_one() {
     let shard = support::unique("restart");
     let ns = support::namespace(&client, "restart", &[("e2e-target", &shard)]).await;
     let name = support::unique("restart");
-    Api::<ClusterRegistryCredential>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
-                "spec": {
-                    "registry": "europe-docker.pkg.dev",
-                    "provider": {"gcp": {"metadataUrl": format!("{}/meta/{id}", f.base)}},
-                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
-                }
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        &client,
+        &name,
+        json!({SHARD_LABEL: shard}),
+        json!({
+            "registry": "europe-docker.pkg.dev",
+            "provider": {"gcp": {"metadataUrl": format!("{}/meta/{id}", f.base)}},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+        }),
+    )
+    .await;
     let token_in = |ns: String| {
         let client = client.clone();
         let name = name.clone();
@@ -452,23 +431,18 @@ async fn acr_with_azure_workload_identity_uses_the_federated_token_file() {
         dir.path(),
         "aks",
     );
-    Api::<ClusterRegistryCredential>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name, "labels": {SHARD_LABEL: shard}},
-                "spec": {
-                    "registry": "contoso.azurecr.io",
-                    // Only the exchange endpoint is overridden; identity comes from the environment.
-                    "provider": {"acr": {"exchangeUrl": format!("{}/acr/{id}/oauth2/exchange", f.base)}},
-                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
-                }
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        &client,
+        &name,
+        json!({SHARD_LABEL: shard}),
+        json!({
+            "registry": "contoso.azurecr.io",
+            // Only the exchange endpoint is overridden; identity comes from the environment.
+            "provider": {"acr": {"exchangeUrl": format!("{}/acr/{id}/oauth2/exchange", f.base)}},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-target": shard}}}
+        }),
+    )
+    .await;
     let user = eventually(Duration::from_secs(30), || async {
         let s = Api::<Secret>::namespaced(client.clone(), &ns)
             .get_opt(&format!("pullkeeper-{name}"))

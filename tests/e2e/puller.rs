@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use pullkeeper::crd::ClusterRegistryCredential;
 use serde_json::json;
 
@@ -20,36 +20,30 @@ async fn skopeo_pulls_with_the_written_secret() {
     let label = support::unique("pull");
     let ns = support::namespace(&client, "pull", &[("e2e-target", &label)]).await;
     let put_source = |password: String| {
-        let api = Api::<Secret>::namespaced(client.clone(), &src);
-        let body = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "login", "namespace": src},
-            "stringData": {"username": reg.user, "password": password}
-        });
+        let (client, src) = (&client, &src);
         async move {
-            api.patch("login", &PatchParams::apply("e2e-user").force(), &Patch::Apply(body))
-                .await
-                .expect("source");
+            support::put_secret(
+                client,
+                src,
+                "login",
+                json!({"username": reg.user, "password": password}),
+            )
+            .await;
         }
     };
     put_source(reg.password.clone()).await;
     let name = support::unique("pull");
-    Api::<ClusterRegistryCredential>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                "metadata": {"name": name},
-                "spec": {
-                    "registry": reg.addr,
-                    "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
-                    "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}}
-                }
-            })),
-        )
-        .await
-        .expect("credential");
+    support::apply_credential(
+        &client,
+        &name,
+        json!({}),
+        json!({
+            "registry": reg.addr,
+            "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}}
+        }),
+    )
+    .await;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     let secret_name = format!("pullkeeper-{name}");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -93,38 +87,24 @@ async fn verify_reports_which_images_would_pull() {
     let src = support::namespace(&client, "verify-src", &[]).await;
     let label = support::unique("verify");
     support::namespace(&client, "verify", &[("e2e-target", &label)]).await;
-    Api::<Secret>::namespaced(client.clone(), &src)
-        .patch(
-            "login",
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "login", "namespace": src},
-                "stringData": {"username": reg.user, "password": reg.password}
-            })),
-        )
-        .await
-        .expect("source");
+    support::put_secret(
+        &client,
+        &src,
+        "login",
+        json!({"username": reg.user, "password": reg.password}),
+    )
+    .await;
     let name = support::unique("verify");
     let api = Api::<ClusterRegistryCredential>::all(client.clone());
     let apply = |images: Vec<String>, platforms: Vec<&str>| {
-        let body = json!({
-            "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-            "metadata": {"name": name},
-            "spec": {
-                "registry": reg.addr,
-                "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
-                "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}},
-                "verify": {"images": images, "platforms": platforms}
-            }
+        let spec = json!({
+            "registry": reg.addr,
+            "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-target": label}}},
+            "verify": {"images": images, "platforms": platforms}
         });
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            api.patch(&name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(body))
-                .await
-                .expect("credential");
-        }
+        let (client, name) = (&client, &name);
+        async move { support::apply_credential(client, name, json!({}), spec).await }
     };
     let good = format!("{}/demo:v1", reg.addr);
     let missing = format!("{}/demo:nope", reg.addr);

@@ -573,3 +573,75 @@ pub fn expected_config(registry: &str, user: &str, password: &str) -> Vec<u8> {
         },
     )
 }
+
+/// Server-side applies (forcing) a ClusterRegistryCredential with these labels and spec,
+/// as a user would with `kubectl apply --server-side`.
+pub async fn apply_credential(client: &Client, name: &str, labels: serde_json::Value, spec: serde_json::Value) {
+    Api::<pullkeeper::crd::ClusterRegistryCredential>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e-user").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name, "labels": labels},
+                "spec": spec,
+            })),
+        )
+        .await
+        .expect("credential applied");
+}
+
+/// Server-side applies (forcing) an Opaque Secret with these `stringData` entries.
+pub async fn put_secret(client: &Client, namespace: &str, name: &str, string_data: serde_json::Value) {
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-user").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": namespace},
+                "stringData": string_data,
+            })),
+        )
+        .await
+        .expect("secret applied");
+}
+
+/// The status of a ClusterRegistryCredential, if it exists and has one.
+pub async fn credential_status(client: &Client, name: &str) -> Option<pullkeeper::crd::RegistryCredentialStatus> {
+    Api::<pullkeeper::crd::ClusterRegistryCredential>::all(client.clone())
+        .get_opt(name)
+        .await
+        .ok()??
+        .status
+}
+
+/// Waits (30 s) until the credential's Ready condition has this status and reason;
+/// panics with the last status seen otherwise.
+pub async fn wait_ready(
+    client: &Client,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> pullkeeper::crd::RegistryCredentialStatus {
+    let got = eventually(Duration::from_secs(30), || async {
+        let s = credential_status(client, name).await?;
+        let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (c.status == status && c.reason == reason).then_some(s.clone())
+    })
+    .await;
+    match got {
+        Some(s) => s,
+        None => panic!(
+            "{name} never reached Ready={status}/{reason}; last status: {:?}",
+            credential_status(client, name).await
+        ),
+    }
+}
+
+/// Deletes a ClusterRegistryCredential, ignoring errors.
+pub async fn delete_credential(client: &Client, name: &str) {
+    let _ = Api::<pullkeeper::crd::ClusterRegistryCredential>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}

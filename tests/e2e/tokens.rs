@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredentialStatus};
+use pullkeeper::crd::RegistryCredentialStatus;
 use serde_json::{Value, json};
 
 use crate::fakes::{self, Behaviour, Mode};
@@ -47,18 +46,13 @@ async fn case(prefix: &str, lifetime: i64, targets: usize) -> Case {
         "private_key": private,
         "token_uri": format!("{}/gcp/{id}/token", f.base),
     });
-    Api::<Secret>::namespaced(client.clone(), &src)
-        .patch(
-            "cloud",
-            &PatchParams::apply("e2e-user"),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "cloud", "namespace": src},
-                "stringData": {"key.json": key.to_string(), "client-secret": format!("azure-secret-{id}")}
-            })),
-        )
-        .await
-        .expect("cloud secret");
+    support::put_secret(
+        &client,
+        &src,
+        "cloud",
+        json!({"key.json": key.to_string(), "client-secret": format!("azure-secret-{id}")}),
+    )
+    .await;
     let label = support::unique(prefix);
     let mut namespaces = Vec::new();
     for _ in 0..targets {
@@ -77,47 +71,21 @@ async fn case(prefix: &str, lifetime: i64, targets: usize) -> Case {
 
 impl Case {
     async fn apply(&self, registry: &str, provider: Value) {
-        Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .patch(
-                &self.name,
-                &PatchParams::apply("e2e-user").force(),
-                &Patch::Apply(json!({
-                    "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
-                    "metadata": {"name": self.name},
-                    "spec": {
-                        "registry": registry,
-                        "provider": provider,
-                        "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
-                    }
-                })),
-            )
-            .await
-            .expect("credential");
-    }
-
-    async fn status(&self) -> Option<RegistryCredentialStatus> {
-        Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .get(&self.name)
-            .await
-            .ok()?
-            .status
+        support::apply_credential(
+            &self.client,
+            &self.name,
+            json!({}),
+            json!({
+                "registry": registry,
+                "provider": provider,
+                "target": {"namespaceSelector": {"matchLabels": {"e2e-target": self.label}}}
+            }),
+        )
+        .await;
     }
 
     async fn ready(&self, status: &str, reason: &str) -> RegistryCredentialStatus {
-        let got = eventually(Duration::from_secs(30), || async {
-            let s = self.status().await?;
-            let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == status && c.reason == reason).then_some(s.clone())
-        })
-        .await;
-        match got {
-            Some(s) => s,
-            None => panic!(
-                "{} never reached Ready={status}/{reason}: {:?}",
-                self.name,
-                self.status().await
-            ),
-        }
+        support::wait_ready(&self.client, &self.name, status, reason).await
     }
 
     /// (username, password, expires-at annotation) in `ns`.
@@ -136,9 +104,7 @@ impl Case {
     }
 
     async fn delete(&self) {
-        let _ = Api::<ClusterRegistryCredential>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::default())
-            .await;
+        support::delete_credential(&self.client, &self.name).await;
     }
 }
 
