@@ -60,6 +60,7 @@ impl CredentialKind for ClusterRegistryCredential {
         Owner {
             scope: SCOPE_CLUSTER,
             name: self.name_any(),
+            namespace: None,
             uid: self.uid().unwrap_or_default(),
         }
     }
@@ -88,6 +89,7 @@ impl CredentialKind for RegistryCredential {
         Owner {
             scope: SCOPE_NAMESPACE,
             name: self.name_any(),
+            namespace: self.namespace(),
             uid: self.uid().unwrap_or_default(),
         }
     }

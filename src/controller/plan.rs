@@ -202,6 +202,7 @@ mod tests {
         Owner {
             scope: "cluster",
             name: "ghcr".into(),
+            namespace: None,
             uid: "u1".into(),
         }
     }

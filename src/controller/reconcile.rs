@@ -73,7 +73,12 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
     }
     ctx.sources.sync(&obj.trigger(), &source_secrets(&spec.provider));
     let issued = credential(obj, ctx, &spec).await;
-    let (sync, retryable) = fan_out(obj, ctx, &spec, issued.as_ref().ok()).await;
+    let owner = obj.owner();
+    let content = issued
+        .as_ref()
+        .ok()
+        .map(|c| secret::content(&owner, &spec.registry, &c.credential));
+    let (sync, retryable) = fan_out::<K>(&owner, ctx, &spec, content.as_ref()).await;
     let delay = match &issued {
         Ok(c) if !retryable => Duration::try_from(c.refresh_at.duration_since(Timestamp::now()))
             .unwrap_or_default()
@@ -107,6 +112,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
             expires_at: c.credential.expires_at,
             issued_at: c.issued_at,
             next_refresh: c.refresh_at,
+            content_hash: content.map(|c| c.hash).unwrap_or_default(),
         }),
         sync,
     };
@@ -153,13 +159,11 @@ async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec)
 /// Plans from the caches and writes what differs; returns how it went and whether a
 /// failure deserves a quick retry. Without a credential nothing is written.
 async fn fan_out<K: CredentialKind>(
-    obj: &K,
+    owner: &secret::Owner,
     ctx: &Context,
     spec: &ValidSpec,
-    credential: Option<&Cached>,
+    content: Option<&secret::Content>,
 ) -> (SyncReport, bool) {
-    let owner = obj.owner();
-    let content = credential.map(|c| secret::content(&owner, &spec.registry, &c.credential));
     let namespaces: Vec<NamespaceInfo> = ctx
         .caches
         .namespaces
@@ -175,12 +179,12 @@ async fn fan_out<K: CredentialKind>(
         managed_secrets: &metas,
         service_accounts: &sas,
     };
-    let plan = plan::compute(&owner, spec, content.as_ref(), &snapshot);
+    let plan = plan::compute(owner, spec, content, &snapshot);
     let done = apply::execute(
         &ctx.client,
-        &owner,
+        owner,
         &spec.secret_name,
-        content.as_ref(),
+        content,
         &plan,
         ctx.write_concurrency,
     )
@@ -209,7 +213,11 @@ async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Er
     ctx.metrics.set_expiry(&metric_labels(obj), None);
     let owner = obj.owner();
     // Use a fresh list rather than the cache: nothing we wrote may be left behind.
-    let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone())
+    let secrets_api = match &owner.namespace {
+        Some(ns) => kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), ns),
+        None => kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone()),
+    };
+    let secrets = secrets_api
         .list_metadata(&kube::api::ListParams::default().labels(&owner.selector()))
         .await
         .map_err(|source| Error::Cleanup {
@@ -239,7 +247,9 @@ async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Er
 
 /// After a restart, a token minted by the previous process is still in the Secrets it
 /// wrote. Trust it until the recorded refresh time instead of minting new tokens for every
-/// credential at once. Stored credentials (basic, dockerConfig) are simply re-read.
+/// credential at once, but only from a copy whose content matches the digest in status
+/// (written only by the operator): a copy edited in a namespace someone else controls is
+/// never spread. Stored credentials (basic, dockerConfig) are simply re-read.
 async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, now: Timestamp) -> Option<Cached> {
     if !spec.provider.mints() {
         return None;
@@ -247,6 +257,7 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
     let status = obj.current_status()?;
     let refresh_at = status.next_refresh_time.as_ref()?.0;
     let expires_at = status.expires_at.as_ref().map(|t| t.0);
+    let expected_hash = status.content_hash.as_deref()?;
     if status.observed_generation != obj.meta().generation
         || refresh_at <= now
         || expires_at.is_some_and(|e| e <= now)
@@ -258,29 +269,75 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
         return None;
     }
     let owner = obj.owner();
-    let meta = ctx
+    let copies: Vec<_> = ctx
         .caches
         .secrets
         .state()
         .into_iter()
-        .find(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))?;
-    let ns = meta.metadata.namespace.clone()?;
-    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
-        .get(&spec.secret_name)
-        .await
-        .ok()?;
-    let raw = secret.data.as_ref()?.get(provider::DOCKER_CONFIG_JSON_KEY)?;
+        .filter(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))
+        .collect();
+    // Prefer copies whose annotation already matches; the data is checked either way.
+    let mut candidates: Vec<_> = copies
+        .iter()
+        .filter_map(|m| {
+            let hash = m.metadata.annotations.as_ref()?.get(secret::HASH_ANNOTATION)?;
+            (hash == expected_hash).then(|| m.metadata.namespace.clone()).flatten()
+        })
+        .take(3)
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    candidates.dedup();
+    for ns in candidates {
+        let Ok(found) = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
+            .get(&spec.secret_name)
+            .await
+        else {
+            continue;
+        };
+        let Some(credential) = verified_copy(&owner, spec, &found, expected_hash, expires_at) else {
+            tracing::warn!(namespace = %ns, "a copy of the pull secret does not match the digest recorded in status; minting a new credential instead of reusing it");
+            continue;
+        };
+        tracing::info!(namespace = %ns, "reusing the unexpired credential already written instead of minting a new one");
+        let cached = Cached {
+            credential,
+            issued_at: status.last_refresh_time.as_ref().map_or(now, |t| t.0),
+            refresh_at,
+        };
+        ctx.credentials
+            .put(obj.trigger(), obj.meta().generation, cached.clone());
+        return Some(cached);
+    }
+    None
+}
+
+/// The credential in a Secret, if the Secret's data and expiry annotation hash to
+/// `expected` (the digest the operator recorded when it wrote them). Pure.
+pub fn verified_copy(
+    owner: &secret::Owner,
+    spec: &ValidSpec,
+    found: &k8s_openapi::api::core::v1::Secret,
+    expected: &str,
+    expires_at: Option<Timestamp>,
+) -> Option<Credential> {
+    if found.type_.as_deref() != Some(provider::DOCKER_CONFIG_JSON_TYPE) {
+        return None;
+    }
+    let raw = found.data.as_ref()?.get(provider::DOCKER_CONFIG_JSON_KEY)?;
+    let annotation = found
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(secret::EXPIRES_AT_ANNOTATION))
+        .map(String::as_str);
+    if secret::hash_of(owner, &raw.0, annotation) != expected {
+        return None;
+    }
     let mut credential = provider::entry_for(&raw.0, &spec.registry).ok()?;
     credential.expires_at = expires_at;
-    tracing::info!(namespace = %ns, "reusing the unexpired credential already written instead of minting a new one");
-    let cached = Cached {
-        credential,
-        issued_at: status.last_refresh_time.as_ref().map_or(now, |t| t.0),
-        refresh_at,
-    };
-    ctx.credentials
-        .put(obj.trigger(), obj.meta().generation, cached.clone());
-    Some(cached)
+    Some(credential)
 }
 
 /// `(namespace, name)` of every Secret the provider reads.
@@ -468,6 +525,59 @@ mod tests {
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + secs).expect("t")
+    }
+
+    fn written_copy(
+        owner: &secret::Owner,
+        spec: &ValidSpec,
+        password: &str,
+    ) -> (k8s_openapi::api::core::v1::Secret, String) {
+        let credential = Credential {
+            username: "oauth2accesstoken".into(),
+            password: secrecy::SecretString::from(password.to_owned()),
+            expires_at: Some(t(3600)),
+        };
+        let content = secret::content(owner, &spec.registry, &credential);
+        let body = secret::apply_body(owner, &spec.secret_name, "web", &content);
+        (serde_json::from_value(body).expect("secret"), content.hash)
+    }
+
+    #[test]
+    fn a_copy_is_reused_only_if_it_matches_the_recorded_digest() {
+        use secrecy::ExposeSecret;
+        let spec = spec(None);
+        let owner = secret::Owner {
+            scope: "cluster",
+            name: "x".into(),
+            namespace: None,
+            uid: "u".into(),
+        };
+        let (copy, hash) = written_copy(&owner, &spec, "minted-token");
+        let reused = verified_copy(&owner, &spec, &copy, &hash, Some(t(3600))).expect("intact copy");
+        assert_eq!(reused.password.expose_secret(), "minted-token");
+        // Someone rewrites the data, keeping labels and annotations.
+        let (forged, _) = written_copy(&owner, &spec, "forged");
+        let mut edited = copy.clone();
+        edited.data = forged.data.clone();
+        assert!(verified_copy(&owner, &spec, &edited, &hash, Some(t(3600))).is_none());
+        // Or moves the expiry annotation.
+        let mut later = copy.clone();
+        later
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(secret::EXPIRES_AT_ANNOTATION.into(), t(99_999).to_string());
+        assert!(verified_copy(&owner, &spec, &later, &hash, Some(t(3600))).is_none());
+        // Or changes the type.
+        let mut opaque = copy.clone();
+        opaque.type_ = Some("Opaque".into());
+        assert!(verified_copy(&owner, &spec, &opaque, &hash, Some(t(3600))).is_none());
+        // Another credential's digest (salted by its UID) never matches.
+        let other = secret::Owner {
+            uid: "v".into(),
+            ..owner.clone()
+        };
+        assert!(verified_copy(&other, &spec, &copy, &hash, Some(t(3600))).is_none());
     }
 
     #[test]

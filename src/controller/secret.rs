@@ -42,7 +42,7 @@ pub fn slim_for_cache(meta: &mut ObjectMeta) {
         .take()
         .unwrap_or_default()
         .into_iter()
-        .filter(|(k, _)| k == HASH_ANNOTATION || k == EXPIRES_AT_ANNOTATION)
+        .filter(|(k, _)| k == HASH_ANNOTATION || k == EXPIRES_AT_ANNOTATION || k == CREDENTIAL_ANNOTATION)
         .collect();
     if edited {
         annotations.insert(EDITED_MARKER.to_owned(), "true".to_owned());
@@ -50,14 +50,46 @@ pub fn slim_for_cache(meta: &mut ObjectMeta) {
     meta.annotations = Some(annotations);
 }
 
-/// Which credential owns a Secret.
+/// Full name of the credential that wrote the Secret (the label may be a shortened form).
+pub const CREDENTIAL_ANNOTATION: &str = "pullkeeper.io/credential";
+
+/// Longest label value Kubernetes accepts.
+const MAX_LABEL_VALUE: usize = 63;
+
+/// A credential name as a label value: the name itself when it fits in 63 characters,
+/// else a prefix and a digest of the whole name, so every accepted name (up to 253
+/// characters) can label what it writes and select it again.
+pub fn label_value(name: &str) -> String {
+    shorten(name, MAX_LABEL_VALUE)
+}
+
+/// `name` itself if it has at most `max` characters, else a prefix, `-` and 10 hex
+/// characters of the name's SHA-256: stable, distinct for distinct names, and still a
+/// valid DNS subdomain or label value. For ASCII names (Kubernetes names are).
+pub fn shorten(name: &str, max: usize) -> String {
+    if name.len() <= max || !name.is_ascii() {
+        return name.to_owned();
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let suffix: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    // Both label values and DNS names must end alphanumeric, hence the trim.
+    let prefix = name[..max - suffix.len() - 1].trim_end_matches(['-', '.']);
+    format!("{prefix}-{suffix}")
+}
+
+/// Which credential owns a Secret: its kind (scope), its namespace for the namespaced
+/// kind, and its name. Two credentials that differ in any of these never touch each
+/// other's Secrets.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     /// `cluster` or `namespace`.
     pub scope: &'static str,
     /// The credential's name.
     pub name: String,
-    /// The credential's UID (salts the content hash).
+    /// The namespace of a namespaced credential (`None` for the cluster kind). Its Secrets
+    /// live only there.
+    pub namespace: Option<String>,
+    /// The credential's UID (salts the content hash; the owner reference's UID).
     pub uid: String,
 }
 
@@ -66,25 +98,37 @@ impl Owner {
     pub fn labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned()),
-            (CREDENTIAL_LABEL.to_owned(), self.name.clone()),
+            (CREDENTIAL_LABEL.to_owned(), label_value(&self.name)),
             (SCOPE_LABEL.to_owned(), self.scope.to_owned()),
         ])
     }
 
-    /// Whether a Secret's labels say it is this owner's.
+    /// Whether a Secret's labels (and, for a shortened label, its name annotation) say
+    /// it is this owner's, in a namespace this owner may write to.
     pub fn owns(&self, meta: &ObjectMeta) -> bool {
         let labels = meta.labels.as_ref();
         let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+        let full_name = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CREDENTIAL_ANNOTATION))
+            .map(String::as_str);
         get(MANAGED_BY_LABEL) == Some(MANAGED_BY_VALUE)
-            && get(CREDENTIAL_LABEL) == Some(self.name.as_str())
+            && get(CREDENTIAL_LABEL) == Some(label_value(&self.name).as_str())
             && get(SCOPE_LABEL) == Some(self.scope)
+            && full_name.is_none_or(|n| n == self.name)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| meta.namespace.as_deref() == Some(ns))
     }
 
-    /// Label selector for this owner's Secrets.
+    /// Label selector for this owner's Secrets (list them in [`Owner::namespace`] when set).
     pub fn selector(&self) -> String {
         format!(
             "{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{CREDENTIAL_LABEL}={},{SCOPE_LABEL}={}",
-            self.name, self.scope
+            label_value(&self.name),
+            self.scope
         )
     }
 }
@@ -130,14 +174,7 @@ pub fn docker_config_json(registry: &RegistryHost, credential: &Credential) -> V
 pub fn content(owner: &Owner, registry: &RegistryHost, credential: &Credential) -> Content {
     let config = docker_config_json(registry, credential);
     let expires_at = credential.expires_at.map(|t| t.to_string());
-    let mut h = Sha256::new();
-    h.update(owner.uid.as_bytes());
-    h.update([0]);
-    h.update(&config);
-    h.update([0]);
-    h.update(expires_at.as_deref().unwrap_or("").as_bytes());
-    let digest = h.finalize();
-    let hash = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let hash = hash_of(owner, &config, expires_at.as_deref());
     Content {
         config,
         hash,
@@ -145,22 +182,47 @@ pub fn content(owner: &Owner, registry: &RegistryHost, credential: &Credential) 
     }
 }
 
+/// The salted digest of what a Secret holds: its `.dockerconfigjson` bytes and its
+/// `pullkeeper.io/expires-at` annotation. Recorded in the credential's status (which only
+/// the operator writes), it proves after a restart that a copy was not edited.
+pub fn hash_of(owner: &Owner, config: &[u8], expires_at: Option<&str>) -> String {
+    let mut h = Sha256::new();
+    h.update(owner.uid.as_bytes());
+    h.update([0]);
+    h.update(config);
+    h.update([0]);
+    h.update(expires_at.unwrap_or("").as_bytes());
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
 /// The server-side apply body of the Secret in `namespace`.
 pub fn apply_body(owner: &Owner, name: &str, namespace: &str, content: &Content) -> Value {
     let mut annotations = serde_json::Map::new();
     annotations.insert(HASH_ANNOTATION.into(), content.hash.clone().into());
+    annotations.insert(CREDENTIAL_ANNOTATION.into(), owner.name.clone().into());
     if let Some(at) = &content.expires_at {
         annotations.insert(EXPIRES_AT_ANNOTATION.into(), at.clone().into());
+    }
+    let mut metadata = json!({
+        "name": name,
+        "namespace": namespace,
+        "labels": owner.labels(),
+        "annotations": annotations,
+    });
+    // The namespaced kind's Secrets live next to it: an owner reference ties them to it
+    // (and lets the garbage collector remove them should the finalizer be skipped).
+    if owner.namespace.is_some() && !owner.uid.is_empty() {
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
+            "kind": "RegistryCredential",
+            "name": owner.name,
+            "uid": owner.uid,
+        }]);
     }
     json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": owner.labels(),
-            "annotations": annotations,
-        },
+        "metadata": metadata,
         "type": DOCKER_CONFIG_JSON_TYPE,
         "data": {
             DOCKER_CONFIG_JSON_KEY: base64::engine::general_purpose::STANDARD.encode(&content.config),
@@ -229,8 +291,90 @@ mod tests {
         Owner {
             scope: "cluster",
             name: "ghcr".into(),
+            namespace: None,
             uid: "uid-1".into(),
         }
+    }
+
+    fn tenant(ns: &str) -> Owner {
+        Owner {
+            scope: "namespace",
+            name: "ghcr".into(),
+            namespace: Some(ns.into()),
+            uid: format!("uid-{ns}"),
+        }
+    }
+
+    #[test]
+    fn long_names_become_valid_label_values() {
+        assert_eq!(label_value("ghcr"), "ghcr");
+        let exact = "a".repeat(63);
+        assert_eq!(label_value(&exact), exact);
+        for len in [64, 100, 253] {
+            let name = format!("{}.x-y", "b-".repeat(len))
+                .chars()
+                .take(len)
+                .collect::<String>();
+            let v = label_value(&name);
+            assert!(v.len() <= 63, "{v}");
+            assert!(v.chars().last().is_some_and(|c| c.is_ascii_alphanumeric()), "{v}");
+            assert!(v.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)), "{v}");
+        }
+        // Same prefix, different names: different values.
+        let a = format!("{}a", "n".repeat(80));
+        let b = format!("{}b", "n".repeat(80));
+        assert_ne!(label_value(&a), label_value(&b));
+    }
+
+    #[test]
+    fn same_named_credentials_in_two_namespaces_never_own_each_others_secrets() {
+        let a = tenant("team-a");
+        let b = tenant("team-b");
+        let mut meta = ObjectMeta {
+            namespace: Some("team-a".into()),
+            labels: Some(a.labels()),
+            ..Default::default()
+        };
+        assert!(a.owns(&meta));
+        assert!(!b.owns(&meta), "team-b must not own team-a's Secret");
+        // The cluster kind of the same name owns neither.
+        assert!(!owner().owns(&meta));
+        meta.namespace = Some("team-b".into());
+        assert!(b.owns(&meta) && !a.owns(&meta));
+    }
+
+    #[test]
+    fn a_shortened_label_is_checked_against_the_full_name() {
+        let long = |tail: &str| Owner {
+            name: format!("{}{tail}", "x".repeat(70)),
+            ..owner()
+        };
+        let body = apply_body(
+            &long("a"),
+            "s",
+            "web",
+            &content(&long("a"), &RegistryHost::parse("ghcr.io").expect("host"), &cred("pw")),
+        );
+        let meta: ObjectMeta = serde_json::from_value(body["metadata"].clone()).expect("meta");
+        assert!(long("a").owns(&meta));
+        assert!(!long("b").owns(&meta));
+    }
+
+    #[test]
+    fn namespaced_secrets_carry_an_owner_reference() {
+        let host = RegistryHost::parse("ghcr.io").expect("host");
+        let t = tenant("team-a");
+        let body = apply_body(&t, "pullkeeper-ghcr", "team-a", &content(&t, &host, &cred("pw")));
+        let refs = &body["metadata"]["ownerReferences"];
+        assert_eq!(refs[0]["kind"], "RegistryCredential");
+        assert_eq!(refs[0]["uid"], "uid-team-a");
+        let cluster = apply_body(
+            &owner(),
+            "pullkeeper-ghcr",
+            "web",
+            &content(&owner(), &host, &cred("pw")),
+        );
+        assert!(cluster["metadata"].get("ownerReferences").is_none());
     }
 
     fn cred(password: &str) -> Credential {

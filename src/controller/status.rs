@@ -18,6 +18,8 @@ pub struct Issued {
     pub issued_at: Timestamp,
     /// When it will be renewed or re-read.
     pub next_refresh: Timestamp,
+    /// Salted digest of the pull secret written for it (see `secret::hash_of`).
+    pub content_hash: String,
 }
 
 /// How the fan-out went.
@@ -236,6 +238,7 @@ pub fn build(
                 status.last_refresh_time = Some(Time(whole_seconds(issued.issued_at)));
                 status.expires_at = issued.expires_at.map(|t| Time(whole_seconds(t)));
                 status.next_refresh_time = Some(Time(whole_seconds(issued.next_refresh)));
+                status.content_hash = Some(issued.content_hash.clone());
             }
             Err(_) => status.next_refresh_time = None,
         }
@@ -346,6 +349,7 @@ mod tests {
             expires_at: None,
             issued_at: now(),
             next_refresh: now(),
+            content_hash: "h".into(),
         })
     }
 
@@ -398,6 +402,7 @@ mod tests {
                     expires_at: Some(expiry),
                     issued_at: now(),
                     next_refresh: now(),
+                    content_hash: "h".into(),
                 }),
                 vec![],
             ),

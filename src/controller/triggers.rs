@@ -20,7 +20,7 @@ use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
 use super::cache::CredentialCache;
 
-use super::secret::{CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
+use super::secret::{CREDENTIAL_ANNOTATION, CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
 
 /// Label value of [`SCOPE_LABEL`] for ClusterRegistryCredentials.
 pub const SCOPE_CLUSTER: &str = "cluster";
@@ -117,7 +117,12 @@ pub fn start(client: &Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: &Can
 
 fn owner_trigger(s: &PartialObjectMeta<Secret>) -> Option<Trigger> {
     let labels = s.labels();
-    let name = labels.get(CREDENTIAL_LABEL)?.clone();
+    // The label holds a shortened form of long names; the annotation the full name.
+    let name = s
+        .annotations()
+        .get(CREDENTIAL_ANNOTATION)
+        .or_else(|| labels.get(CREDENTIAL_LABEL))?
+        .clone();
     match labels.get(SCOPE_LABEL).map(String::as_str) {
         Some(SCOPE_CLUSTER) => Some(Trigger::Cluster(name)),
         Some(SCOPE_NAMESPACE) => Some(Trigger::Namespaced {

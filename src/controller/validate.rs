@@ -41,12 +41,6 @@ pub enum SpecError {
         /// Field path.
         field: &'static str,
     },
-    /// The default secret name would be too long.
-    #[error("the default pull secret name {name:?} is longer than 253 characters: set spec.target.secretName")]
-    SecretNameTooLong {
-        /// Computed name.
-        name: String,
-    },
     /// The namespace selector does not parse.
     #[error("spec.target.namespaceSelector is not valid: {0}")]
     Selector(String),
@@ -186,13 +180,9 @@ fn common(
         .unwrap_or(DEFAULT_REFRESH_INTERVAL);
     let secret_name = match secret_name {
         Some(n) => n.to_owned(),
-        None => {
-            let n = format!("{SECRET_NAME_PREFIX}{name}");
-            if n.len() > 253 {
-                return Err(SpecError::SecretNameTooLong { name: n });
-            }
-            n
-        }
+        // Every accepted credential name works: a default name over the 253-character
+        // limit is shortened with a digest of the whole.
+        None => crate::controller::secret::shorten(&format!("{SECRET_NAME_PREFIX}{name}"), 253),
     };
     let verify = verify
         .map(|v| {

@@ -27,6 +27,10 @@ pub struct RegistryCredentialStatus {
     /// When the credential will next be renewed or re-read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_time: Option<Time>,
+    /// Salted digest of the pull secret last written (no secret value). After a restart
+    /// the operator reuses an unexpired token from a copy only if the copy matches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hash: Option<String>,
     /// How many namespaces are targeted, hold the current secret, or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<NamespaceCounts>,

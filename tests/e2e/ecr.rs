@@ -76,7 +76,16 @@ async fn ecr_tokens_are_minted_and_a_past_expiry_does_not_hot_loop() {
         serde_json::from_slice(&secret.data.as_ref().expect("data")[".dockerconfigjson"].0).expect("docker config");
     let entry = &cfg["auths"][REGISTRY];
     assert_eq!(entry["username"], "AWS", "{cfg}");
-    assert!(entry["password"].as_str().is_some_and(|p| !p.is_empty()));
+    let password = entry["password"].as_str().expect("password");
+    assert!(!password.is_empty());
+    // The operator's logs are captured at trace level (wire-logging libraries capped as in
+    // production): neither the token nor its base64 `auth` form is in them.
+    let logs = support::logs();
+    assert!(!logs.contains(password), "the ECR token reached the logs");
+    assert!(
+        !logs.contains(entry["auth"].as_str().expect("auth")),
+        "the ECR auth reached the logs"
+    );
     // moto answers with an expiry in 2015: annotated as given, renewed on the floor interval.
     let expires = secret
         .annotations()
@@ -115,6 +124,17 @@ async fn ecr_assume_role_goes_through_sts() {
     )
     .await;
     s.ready(&name, "True", "Synced").await;
+    let secret = Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .get(&format!("pullkeeper-{name}"))
+        .await
+        .expect("secret written");
+    let cfg: Value =
+        serde_json::from_slice(&secret.data.as_ref().expect("data")[".dockerconfigjson"].0).expect("docker config");
+    let password = cfg["auths"][REGISTRY]["password"].as_str().expect("password");
+    assert!(
+        !support::logs().contains(password),
+        "the ECR token minted with assumed-role credentials reached the logs"
+    );
     s.delete(&name).await;
 }
 

@@ -39,6 +39,19 @@ pub struct Behaviour {
     pub public_key: String,
 }
 
+impl Behaviour {
+    /// Issues tokens of `lifetime` seconds to anyone (no client secret or key checked).
+    pub fn ok(lifetime: i64) -> Self {
+        Behaviour {
+            mode: Mode::Ok,
+            lifetime,
+            issued: 0,
+            client_secret: String::new(),
+            public_key: String::new(),
+        }
+    }
+}
+
 type Shared = Arc<Mutex<HashMap<String, Behaviour>>>;
 
 /// The running fakes.

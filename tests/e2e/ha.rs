@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use crate::support::{self, SHARD_LABEL, eventually};
 
 /// An operator process; killed when dropped.
-struct Operator {
+pub(crate) struct Operator {
     child: Child,
-    addr: String,
-    log: PathBuf,
+    pub(crate) addr: String,
+    pub(crate) log: PathBuf,
 }
 
 impl Drop for Operator {
@@ -36,7 +36,7 @@ fn free_addr() -> String {
     format!("127.0.0.1:{port}")
 }
 
-fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, name: &str) -> Operator {
+pub(crate) fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, name: &str) -> Operator {
     let addr = free_addr();
     let log = dir.join(format!("{name}.log"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullkeeper"));
@@ -47,7 +47,10 @@ fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, nam
         .env("PULLKEEPER_CREDENTIAL_SELECTOR", format!("{SHARD_LABEL}={shard}"))
         .env("POD_NAME", name)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"));
+        .stderr(Stdio::null());
+    // Logs go to stdout; keep them (and anything on stderr) in one file.
+    let file = std::fs::File::create(&log).expect("log file");
+    cmd.stdout(file.try_clone().expect("log file")).stderr(file);
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -315,21 +318,12 @@ async fn the_operator_works_with_only_the_charts_rbac() {
 
 #[tokio::test]
 async fn a_restart_reuses_the_unexpired_token_instead_of_minting_a_new_one() {
-    use crate::fakes::{self, Behaviour, Mode};
+    use crate::fakes::{self, Behaviour};
     let env = support::env();
     let client = support::client().await;
     let f = fakes::fakes();
     let id = support::unique("restart");
-    f.set(
-        &id,
-        Behaviour {
-            mode: Mode::Ok,
-            lifetime: 3600,
-            issued: 0,
-            client_secret: String::new(),
-            public_key: String::new(),
-        },
-    );
+    f.set(&id, Behaviour::ok(3600));
     let shard = support::unique("restart");
     let ns = support::namespace(&client, "restart", &[("e2e-target", &shard)]).await;
     let name = support::unique("restart");

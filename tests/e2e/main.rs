@@ -10,4 +10,5 @@ mod ha;
 mod puller;
 mod skeleton;
 mod support;
+mod tenancy;
 mod tokens;

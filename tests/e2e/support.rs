@@ -124,7 +124,9 @@ fn install_log_capture(buf: Arc<Mutex<Vec<u8>>>) {
     let capture = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(move || Capture(buf.clone()));
-    let filter = tracing_subscriber::EnvFilter::new("trace,hyper=info,h2=info,rustls=info,tower=info");
+    // Everything at trace, with the operator's own caps on wire-logging libraries, so the
+    // tests that search these logs for secrets see what `PULLKEEPER_LOG=trace` would show.
+    let filter = pullkeeper::telemetry::filter("trace");
     let _ = tracing_subscriber::registry().with(filter).with(capture).try_init();
 }
 
