@@ -94,6 +94,10 @@ struct ControllerArgs {
     /// Seconds between renewals (and between attempts of standbys).
     #[arg(long, env = "PULLKEEPER_LEASE_RENEW_SECONDS", default_value_t = 5)]
     lease_renew_seconds: u64,
+    /// Keep new Pods race-free with a MutatingAdmissionPolicy (Kubernetes 1.36+): a Pod
+    /// created before its ServiceAccount holds the pull secret still gets it.
+    #[arg(long, env = "PULLKEEPER_POD_ADMISSION_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pod_admission_policy: bool,
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
@@ -228,6 +232,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
+        pod_admission: args.pod_admission_policy,
     };
     pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
         .await

@@ -3,6 +3,7 @@
 //! Reconcile is a short pipeline (see [`reconcile`]): validate (pure) → issue credential
 //! (provider I/O) → compute status (pure) → patch status (API I/O).
 
+pub mod admission;
 pub mod apply;
 pub mod backoff;
 pub mod cache;
@@ -125,6 +126,8 @@ pub struct Context {
     pub verified: verify::VerifyCache,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
+    /// How new Pods get the pull secret before their ServiceAccount holds it.
+    pub admission: admission::Bindings,
 }
 
 /// Settings for [`run`].
@@ -140,6 +143,9 @@ pub struct Settings {
     pub credential_selector: Option<String>,
     /// Leader election; `None` reconciles without it (a single replica).
     pub leader: Option<crate::leader::Config>,
+    /// Keep new Pods supplied through a MutatingAdmissionPolicy where the apiserver serves
+    /// one (see [`admission`]).
+    pub pod_admission: bool,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -175,6 +181,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         () = shutdown.cancelled() => return,
     }
     tracing::info!("caches of namespaces, managed Secrets and ServiceAccounts are synced");
+    let route = match admission::start(&client, settings.pod_admission).await {
+        Ok(route) => route,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not install the pod admission policy; new Pods rely on their ServiceAccounts alone");
+            admission::Route::Failed
+        }
+    };
+    tracing::info!(?route, "pod admission route");
     let credentials = Arc::new(cache::CredentialCache::default());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -192,6 +206,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         credentials,
         verified: verify::VerifyCache::default(),
         write_concurrency: settings.write_concurrency.max(1),
+        admission: admission::Bindings::new(route),
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)

@@ -106,7 +106,9 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         },
         Err(_) => (None, delay),
     };
+    let admission = ctx.admission.sync(&ctx.client, &owner, &spec).await;
     let outcome = Outcome::Reconciled {
+        admission: Some(admission),
         images,
         credential: issued.map(|c| status::Issued {
             expires_at: c.credential.expires_at,
@@ -212,6 +214,14 @@ async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Er
     ctx.verified.invalidate(&obj.trigger());
     ctx.metrics.set_expiry(&metric_labels(obj), None);
     let owner = obj.owner();
+    // New Pods stop getting the secret before the secret goes.
+    if let Err(e) = ctx.admission.remove(&ctx.client, &owner).await {
+        return Err(Error::CleanupIncomplete {
+            kind: K::KIND,
+            key: obj.key(),
+            message: e.to_string(),
+        });
+    }
     // Use a fresh list rather than the cache: nothing we wrote may be left behind.
     let secrets_api = match &owner.namespace {
         Some(ns) => kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), ns),

@@ -48,6 +48,8 @@ pub enum Outcome {
         sync: SyncReport,
         /// Pullability of `verify.images`: `None` when nothing is to be verified.
         images: Option<Vec<ImageStatus>>,
+        /// The `PodAdmission` condition (see `admission`), if known.
+        admission: Option<Desired>,
     },
 }
 
@@ -140,63 +142,75 @@ impl Outcome {
                 credential,
                 sync,
                 images,
+                admission,
             } => {
-                let pullable = images.as_ref().map(|v| pullable_condition(v));
-                let failed_reason = if sync.failures.iter().all(|f| f.reason == reasons::CONFLICT) {
-                    reasons::CONFLICT
-                } else {
-                    reasons::SYNC_FAILED
-                };
-                let synced = if sync.failures.is_empty() {
-                    Desired::new(
-                        types::SYNCED,
-                        Status::True,
-                        reasons::SYNCED,
-                        format!(
-                            "{} hold the current secret",
-                            plural(sync.targeted, "targeted namespace", "targeted namespaces")
-                        ),
-                    )
-                } else {
-                    Desired::new(types::SYNCED, Status::False, failed_reason, sync_summary(sync))
-                };
-                match credential {
-                    Ok(issued) => {
-                        let ready = match &pullable {
-                            _ if !sync.failures.is_empty() => {
-                                Desired::new(types::READY, Status::False, failed_reason, synced.message.clone())
-                            }
-                            Some(p) if p.status == Status::False => {
-                                Desired::new(types::READY, Status::False, &p.reason, p.message.clone())
-                            }
-                            _ => Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone()),
-                        };
-                        let mut out = vec![
-                            ready,
-                            Desired::new(
-                                types::CREDENTIAL_ISSUED,
-                                Status::True,
-                                reasons::ISSUED,
-                                issued_message(issued),
-                            ),
-                            synced,
-                        ];
-                        out.extend(pullable);
-                        out
-                    }
-                    Err(e) => {
-                        let message = format!("{e}; secrets already written are left as they are");
-                        let mut out = vec![
-                            Desired::new(types::READY, Status::False, e.reason(), message.clone()),
-                            Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason(), message),
-                        ];
-                        if !sync.failures.is_empty() {
-                            out.push(synced);
-                        }
-                        out
-                    }
-                }
+                let mut out = reconciled_conditions(credential, sync, images.as_deref());
+                out.extend(admission.clone());
+                out
             }
+        }
+    }
+}
+
+/// Ready, CredentialIssued, Synced and Pullable after a reconcile that got this far.
+fn reconciled_conditions(
+    credential: &Result<Issued, ProviderError>,
+    sync: &SyncReport,
+    images: Option<&[ImageStatus]>,
+) -> Vec<Desired> {
+    let pullable = images.map(pullable_condition);
+    let failed_reason = if sync.failures.iter().all(|f| f.reason == reasons::CONFLICT) {
+        reasons::CONFLICT
+    } else {
+        reasons::SYNC_FAILED
+    };
+    let synced = if sync.failures.is_empty() {
+        Desired::new(
+            types::SYNCED,
+            Status::True,
+            reasons::SYNCED,
+            format!(
+                "{} hold the current secret",
+                plural(sync.targeted, "targeted namespace", "targeted namespaces")
+            ),
+        )
+    } else {
+        Desired::new(types::SYNCED, Status::False, failed_reason, sync_summary(sync))
+    };
+    match credential {
+        Ok(issued) => {
+            let ready = match &pullable {
+                _ if !sync.failures.is_empty() => {
+                    Desired::new(types::READY, Status::False, failed_reason, synced.message.clone())
+                }
+                Some(p) if p.status == Status::False => {
+                    Desired::new(types::READY, Status::False, &p.reason, p.message.clone())
+                }
+                _ => Desired::new(types::READY, Status::True, reasons::SYNCED, synced.message.clone()),
+            };
+            let mut out = vec![
+                ready,
+                Desired::new(
+                    types::CREDENTIAL_ISSUED,
+                    Status::True,
+                    reasons::ISSUED,
+                    issued_message(issued),
+                ),
+                synced,
+            ];
+            out.extend(pullable);
+            out
+        }
+        Err(e) => {
+            let message = format!("{e}; secrets already written are left as they are");
+            let mut out = vec![
+                Desired::new(types::READY, Status::False, e.reason(), message.clone()),
+                Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason(), message),
+            ];
+            if !sync.failures.is_empty() {
+                out.push(synced);
+            }
+            out
         }
     }
 }
@@ -218,6 +232,7 @@ pub fn build(
         credential,
         sync,
         images,
+        ..
     } = outcome
     {
         match images {
@@ -333,6 +348,7 @@ mod tests {
                 failures,
             },
             images: None,
+            admission: None,
         }
     }
 
@@ -462,6 +478,7 @@ mod tests {
                 failures: vec![],
             },
             images: Some(vec![image("a", true, "Resolved"), image("b", false, "NotFound")]),
+            admission: None,
         };
         let s = build(None, &outcome, Some(1), now());
         assert_eq!(ready(&s), ("False", "NotFound"));
@@ -483,9 +500,13 @@ mod tests {
                 failures: vec![],
             },
             images: Some(vec![image("a", true, "Resolved"), image("b", true, "Resolved")]),
+            admission: Some(Desired::new("PodAdmission", Status::True, "PolicyBound", "bound")),
         };
         let s2 = build(Some(&s), &fixed, Some(1), now());
         assert_eq!(ready(&s2), ("True", "Synced"));
+        // The admission route is reported beside, never folded into Ready.
+        let a = conditions::find(&s2.conditions, "PodAdmission").expect("PodAdmission");
+        assert_eq!((a.status.as_str(), a.reason.as_str()), ("True", "PolicyBound"));
         assert!(
             events(Some(&s), &s2)
                 .iter()

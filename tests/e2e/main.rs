@@ -2,6 +2,7 @@
 //! started by `hack/control-plane.sh` (once, reused across runs), with the operator
 //! running in-process. Every test works in its own random namespaces and names.
 
+mod admission;
 mod check;
 mod ecr;
 mod fakes;

@@ -1,0 +1,446 @@
+//! Race-free pods. The ServiceAccount admission plugin copies a ServiceAccount's
+//! `imagePullSecrets` into a Pod once, when the Pod is created: a Pod created in a new
+//! namespace a moment before pullkeeper patched the ServiceAccount keeps an empty list for
+//! the rest of its life. Where the apiserver serves `admissionregistration.k8s.io/v1`
+//! `MutatingAdmissionPolicy` (GA in Kubernetes 1.36), pullkeeper installs two fixed
+//! policies (one per kind, the credential as the policy's parameter) and one binding per
+//! credential, whose namespace selector is the credential's targeting. The policy appends
+//! the credential's pull secret name to a new Pod's `imagePullSecrets` when the Pod's
+//! ServiceAccount is one the credential targets and the entry is missing; it touches
+//! nothing else. Secret names are predictable, so a Pod admitted before its Secret exists
+//! pulls as soon as the Secret appears (the kubelet retries).
+//!
+//! The policy's `failurePolicy` is `Ignore`: creating a Pod never depends on pullkeeper.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::core::{Expression, Selector};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+use crate::crd::conditions::{Desired, Status};
+
+use super::secret::{Owner, shorten};
+use super::validate::{SECRET_NAME_PREFIX, Scope, ValidSpec};
+
+/// Field manager for the policies and bindings.
+pub const MANAGER: &str = "pullkeeper.io/admission";
+/// API group and version of MutatingAdmissionPolicy.
+pub const API_VERSION: &str = "admissionregistration.k8s.io/v1";
+/// Policy for ClusterRegistryCredentials.
+pub const CLUSTER_POLICY: &str = "pullkeeper.io-cluster-credentials";
+/// Policy for RegistryCredentials.
+pub const NAMESPACED_POLICY: &str = "pullkeeper.io-namespaced-credentials";
+/// Label on every binding pullkeeper writes.
+pub const BINDING_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Condition type telling which admission route a credential has.
+pub const CONDITION: &str = "PodAdmission";
+/// Namespace label every namespace carries (since Kubernetes 1.21).
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Errors of the admission route. None of them stops the fan-out.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Discovery of the admission API failed.
+    #[error("discovering {API_VERSION}: {0}")]
+    Discovery(#[source] kube::Error),
+    /// Writing a policy or binding failed.
+    #[error("writing {kind} {name}: {source}")]
+    Apply {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a binding failed.
+    #[error("deleting MutatingAdmissionPolicyBinding {name}: {source}")]
+    Delete {
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Which route keeps new Pods supplied, as seen at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// MutatingAdmissionPolicy bindings.
+    Policy,
+    /// Turned off by the administrator.
+    Disabled,
+    /// The apiserver does not serve MutatingAdmissionPolicy v1.
+    NotServed,
+    /// Installing the policies failed at start-up (logged).
+    Failed,
+}
+
+/// The route and the bindings written so far, so a reconcile writes a binding only
+/// when it changes.
+pub struct Bindings {
+    route: Route,
+    applied: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+}
+
+impl Bindings {
+    /// For the route chosen at start-up.
+    pub fn new(route: Route) -> Self {
+        Self {
+            route,
+            applied: Default::default(),
+        }
+    }
+
+    /// Brings the credential's binding up to date and returns its condition.
+    pub async fn sync(&self, client: &Client, owner: &Owner, spec: &ValidSpec) -> Desired {
+        if self.route != Route::Policy {
+            return condition(self.route, owner, &Ok(false));
+        }
+        let name = binding_name(owner);
+        let desired = binding(owner, spec);
+        let known = crate::lock(&self.applied).get(&name).cloned();
+        let result = match (&desired, known) {
+            (Some(d), Some(k)) if *d == k => Ok(true),
+            (Some(d), _) => apply(client, "MutatingAdmissionPolicyBinding", d).await.map(|()| true),
+            (None, _) => unbind(client, owner).await.map(|()| false),
+        };
+        let mut applied = crate::lock(&self.applied);
+        match (&result, desired) {
+            (Ok(true), Some(d)) => {
+                applied.insert(name, d);
+            }
+            _ => {
+                applied.remove(&name);
+            }
+        }
+        drop(applied);
+        condition(self.route, owner, &result)
+    }
+
+    /// Removes the credential's binding (when the credential goes away).
+    pub async fn remove(&self, client: &Client, owner: &Owner) -> Result<(), Error> {
+        crate::lock(&self.applied).remove(&binding_name(owner));
+        if self.route == Route::Policy {
+            unbind(client, owner).await?;
+        }
+        Ok(())
+    }
+}
+
+fn gvk(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind))
+}
+
+/// The variables and the mutation shared by both policies. Everything that varies per
+/// credential is read from the parameter (the credential itself): its pull secret name
+/// and target ServiceAccounts. A namespace annotated `pullkeeper.io/exclude: "true"`,
+/// a suspended or deleted credential, a Pod of another ServiceAccount or one that already
+/// lists the secret: no patch.
+pub fn policy(name: &str, param_kind: &str) -> Value {
+    let variables = json!([
+        {"name": "secretName", "expression":
+            "has(params.spec.target) && has(params.spec.target.secretName) ? params.spec.target.secretName : 'pullkeeper-' + params.metadata.name"},
+        {"name": "serviceAccounts", "expression":
+            "has(params.spec.target) && has(params.spec.target.serviceAccounts) ? params.spec.target.serviceAccounts : ['default']"},
+        {"name": "serviceAccount", "expression":
+            "has(object.spec.serviceAccountName) && object.spec.serviceAccountName != '' ? object.spec.serviceAccountName : 'default'"},
+        {"name": "excluded", "expression":
+            "has(namespaceObject.metadata.annotations) && 'pullkeeper.io/exclude' in namespaceObject.metadata.annotations && namespaceObject.metadata.annotations['pullkeeper.io/exclude'] == 'true'"},
+        {"name": "applies", "expression":
+            "!(has(params.spec.suspend) && params.spec.suspend) && !has(params.metadata.deletionTimestamp) && !variables.excluded && variables.serviceAccount in variables.serviceAccounts && !(has(object.spec.imagePullSecrets) && object.spec.imagePullSecrets.exists(s, s.name == variables.secretName))"},
+    ]);
+    // An untyped value: a typed `Object.spec.imagePullSecrets{...}` list makes 1.36
+    // apiservers fail the request with an internal error.
+    let patch = "!variables.applies ? [] : has(object.spec.imagePullSecrets) ? \
+        [JSONPatch{op: 'add', path: '/spec/imagePullSecrets/-', value: {'name': variables.secretName}}] : \
+        [JSONPatch{op: 'add', path: '/spec/imagePullSecrets', value: [{'name': variables.secretName}]}]";
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": name, "labels": {BINDING_LABEL: "pullkeeper"}},
+        "spec": {
+            "paramKind": {"apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION), "kind": param_kind},
+            "matchConstraints": {
+                "resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE"], "resources": ["pods"],
+                }],
+            },
+            "failurePolicy": "Ignore",
+            "reinvocationPolicy": "IfNeeded",
+            "variables": variables,
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": patch}}],
+        },
+    })
+}
+
+/// Name of the binding of `owner`: stable, a valid object name, distinct per credential.
+pub fn binding_name(owner: &Owner) -> String {
+    let raw = match &owner.namespace {
+        Some(ns) => format!("pullkeeper.io-{ns}.{}", owner.name),
+        None => format!("pullkeeper.io-cluster.{}", owner.name),
+    };
+    shorten(&raw, 253)
+}
+
+/// The namespaces a binding applies to, as a label selector: the credential's own
+/// namespace, or the cluster kind's selector, allow-list and deny-list.
+pub fn namespace_selector(scope: &Scope) -> LabelSelector {
+    let name = |set: &[String]| set.iter().cloned().collect::<BTreeSet<String>>();
+    let selector: Selector = match scope {
+        Scope::Namespace(ns) => Expression::In(NAMESPACE_NAME_LABEL.into(), name(std::slice::from_ref(ns))).into(),
+        Scope::Cluster {
+            selector,
+            namespaces,
+            exclude,
+        } => {
+            let mut s = selector.clone().unwrap_or_default();
+            if let Some(allowed) = namespaces {
+                s.extend([Expression::In(NAMESPACE_NAME_LABEL.into(), name(allowed))]);
+            }
+            if !exclude.is_empty() {
+                s.extend([Expression::NotIn(NAMESPACE_NAME_LABEL.into(), name(exclude))]);
+            }
+            s
+        }
+    };
+    selector.into()
+}
+
+/// The binding for a credential, or `None` when the policy cannot name its Secret: a
+/// default name so long that pullkeeper shortens it (CEL cannot compute the digest).
+pub fn binding(owner: &Owner, spec: &ValidSpec) -> Option<Value> {
+    let default_name = format!("{SECRET_NAME_PREFIX}{}", owner.name);
+    if spec.secret_name != default_name && shorten(&default_name, 253) == spec.secret_name {
+        return None;
+    }
+    let (policy, namespace) = match &owner.namespace {
+        Some(ns) => (NAMESPACED_POLICY, Some(ns.clone())),
+        None => (CLUSTER_POLICY, None),
+    };
+    let mut param_ref = json!({"name": owner.name, "parameterNotFoundAction": "Allow"});
+    if let Some(ns) = namespace {
+        param_ref["namespace"] = json!(ns);
+    }
+    Some(json!({
+        "apiVersion": API_VERSION,
+        "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": binding_name(owner), "labels": {BINDING_LABEL: "pullkeeper"}},
+        "spec": {
+            "policyName": policy,
+            "paramRef": param_ref,
+            "matchResources": {"namespaceSelector": namespace_selector(&spec.scope)},
+        },
+    }))
+}
+
+/// Whether the apiserver serves MutatingAdmissionPolicy v1.
+pub async fn served(client: &Client) -> Result<bool, Error> {
+    match client.list_api_group_resources(API_VERSION).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "mutatingadmissionpolicies")),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(Error::Discovery(e)),
+    }
+}
+
+async fn apply(client: &Client, kind: &'static str, body: &Value) -> Result<(), Error> {
+    let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind));
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply { kind, name, source })
+}
+
+/// Decides the route at start-up and, for [`Route::Policy`], installs both policies.
+pub async fn start(client: &Client, enabled: bool) -> Result<Route, Error> {
+    if !enabled {
+        return Ok(Route::Disabled);
+    }
+    if !served(client).await? {
+        return Ok(Route::NotServed);
+    }
+    apply(
+        client,
+        "MutatingAdmissionPolicy",
+        &policy(CLUSTER_POLICY, "ClusterRegistryCredential"),
+    )
+    .await?;
+    apply(
+        client,
+        "MutatingAdmissionPolicy",
+        &policy(NAMESPACED_POLICY, "RegistryCredential"),
+    )
+    .await?;
+    Ok(Route::Policy)
+}
+
+/// Removes the binding of a credential, if any.
+pub async fn unbind(client: &Client, owner: &Owner) -> Result<(), Error> {
+    let name = binding_name(owner);
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("MutatingAdmissionPolicyBinding"));
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete { name, source }),
+    }
+}
+
+/// The `PodAdmission` condition for a route and the result of binding.
+pub fn condition(route: Route, owner: &Owner, bound: &Result<bool, Error>) -> Desired {
+    match (route, bound) {
+        (Route::Disabled, _) => Desired::new(
+            CONDITION,
+            Status::False,
+            "Disabled",
+            "pod admission is turned off (--pod-admission-policy=false): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
+        ),
+        (Route::Failed, _) => Desired::new(
+            CONDITION,
+            Status::False,
+            "PolicyNotInstalled",
+            "pullkeeper could not install its MutatingAdmissionPolicy at start-up (see its log; it needs create and patch on mutatingadmissionpolicies and their bindings)",
+        ),
+        (Route::NotServed, _) => Desired::new(
+            CONDITION,
+            Status::False,
+            "NotServed",
+            "the apiserver does not serve admissionregistration.k8s.io/v1 MutatingAdmissionPolicy (Kubernetes 1.36+): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
+        ),
+        (Route::Policy, Ok(true)) => Desired::new(
+            CONDITION,
+            Status::True,
+            "PolicyBound",
+            format!(
+                "MutatingAdmissionPolicyBinding {} adds the pull secret to new Pods of the targeted ServiceAccounts",
+                binding_name(owner)
+            ),
+        ),
+        (Route::Policy, Ok(false)) => Desired::new(
+            CONDITION,
+            Status::False,
+            "NameTooLong",
+            "the default pull secret name is shortened for this long credential name, which the admission policy cannot compute: set spec.target.secretName",
+        ),
+        (Route::Policy, Err(e)) => Desired::new(CONDITION, Status::False, "BindingFailed", e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::validate;
+    use crate::crd::{ClusterRegistryCredentialSpec, RegistryCredentialSpec};
+
+    fn cluster_spec(target: Value) -> ValidSpec {
+        let spec: ClusterRegistryCredentialSpec = serde_json::from_value(json!({
+            "registry": "ghcr.io",
+            "provider": {"basic": {"secretRef": {"name": "s", "namespace": "ops"}}},
+            "target": target,
+        }))
+        .expect("spec");
+        validate::cluster("ghcr", &spec).expect("valid")
+    }
+
+    fn owner(namespace: Option<&str>, name: &str) -> Owner {
+        Owner {
+            scope: if namespace.is_some() { "namespace" } else { "cluster" },
+            name: name.into(),
+            namespace: namespace.map(str::to_owned),
+            uid: "u".into(),
+        }
+    }
+
+    #[test]
+    fn cluster_targeting_becomes_a_namespace_selector() {
+        let spec = cluster_spec(json!({
+            "namespaceSelector": {"matchLabels": {"team": "payments"}},
+            "namespaces": ["web", "api"],
+            "excludeNamespaces": ["kube-system"],
+        }));
+        let sel = namespace_selector(&spec.scope);
+        assert_eq!(
+            sel.match_labels
+                .as_ref()
+                .and_then(|m| m.get("team"))
+                .map(String::as_str),
+            Some("payments")
+        );
+        let exprs = sel.match_expressions.unwrap_or_default();
+        let find = |op: &str| exprs.iter().find(|e| e.operator == op).expect(op);
+        assert_eq!(find("In").key, "kubernetes.io/metadata.name");
+        assert_eq!(find("In").values.clone().unwrap_or_default(), vec!["api", "web"]);
+        assert_eq!(find("NotIn").values.clone().unwrap_or_default(), vec!["kube-system"]);
+        // No targeting at all: every namespace.
+        assert_eq!(
+            namespace_selector(&cluster_spec(json!({})).scope),
+            LabelSelector::default()
+        );
+    }
+
+    #[test]
+    fn a_namespaced_credential_binds_its_own_namespace_and_its_own_parameter() {
+        let spec: RegistryCredentialSpec = serde_json::from_value(json!({
+            "registry": "ghcr.io",
+            "provider": {"basic": {"secretRef": {"name": "s"}}},
+        }))
+        .expect("spec");
+        let valid = validate::namespaced("ghcr", "team-a", &spec).expect("valid");
+        let b = binding(&owner(Some("team-a"), "ghcr"), &valid).expect("binding");
+        assert_eq!(b["spec"]["policyName"], NAMESPACED_POLICY);
+        assert_eq!(b["spec"]["paramRef"]["namespace"], "team-a");
+        assert_eq!(b["spec"]["paramRef"]["name"], "ghcr");
+        let exprs = &b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"];
+        assert_eq!(exprs[0]["values"], json!(["team-a"]));
+        // Same name in another namespace: another binding.
+        assert_ne!(
+            binding_name(&owner(Some("team-a"), "ghcr")),
+            binding_name(&owner(Some("team-b"), "ghcr"))
+        );
+        assert_ne!(
+            binding_name(&owner(None, "ghcr")),
+            binding_name(&owner(Some("team-a"), "ghcr"))
+        );
+    }
+
+    #[test]
+    fn a_shortened_default_secret_name_gets_no_binding() {
+        let long = "x".repeat(250);
+        let spec: ClusterRegistryCredentialSpec = serde_json::from_value(json!({
+            "registry": "ghcr.io",
+            "provider": {"basic": {"secretRef": {"name": "s", "namespace": "ops"}}},
+        }))
+        .expect("spec");
+        let valid = validate::cluster(&long, &spec).expect("valid");
+        assert!(binding(&owner(None, &long), &valid).is_none());
+        assert!(binding_name(&owner(None, &long)).len() <= 253);
+        let short = validate::cluster("ghcr", &spec).expect("valid");
+        assert!(binding(&owner(None, "ghcr"), &short).is_some());
+    }
+
+    #[test]
+    fn the_policy_only_touches_image_pull_secrets_of_new_pods() {
+        let p = policy(CLUSTER_POLICY, "ClusterRegistryCredential");
+        assert_eq!(p["spec"]["failurePolicy"], "Ignore");
+        assert_eq!(
+            p["spec"]["matchConstraints"]["resourceRules"][0]["operations"],
+            json!(["CREATE"])
+        );
+        assert_eq!(
+            p["spec"]["matchConstraints"]["resourceRules"][0]["resources"],
+            json!(["pods"])
+        );
+        let expr = p["spec"]["mutations"][0]["jsonPatch"]["expression"]
+            .as_str()
+            .expect("expr");
+        let paths: Vec<&str> = expr.match_indices("path: '").map(|(i, _)| &expr[i + 7..]).collect();
+        assert!(paths.iter().all(|p| p.starts_with("/spec/imagePullSecrets")), "{expr}");
+        assert_eq!(p["spec"]["paramKind"]["kind"], "ClusterRegistryCredential");
+    }
+}
