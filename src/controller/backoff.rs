@@ -25,16 +25,18 @@ pub struct Backoffs {
 }
 
 impl Backoffs {
+    /// Records a failure and returns how many failures came before it in a row.
+    pub fn record(&self, key: &str) -> u32 {
+        let mut map = crate::lock(&self.attempts);
+        let n = map.entry(key.to_owned()).or_insert(0);
+        let attempt = *n;
+        *n = n.saturating_add(1);
+        attempt
+    }
+
     /// Records a failure and returns the delay before the next try.
     pub fn next(&self, key: &str) -> Duration {
-        let attempt = {
-            let mut map = crate::lock(&self.attempts);
-            let n = map.entry(key.to_owned()).or_insert(0);
-            let attempt = *n;
-            *n = n.saturating_add(1);
-            attempt
-        };
-        delay(attempt, rand::random::<f64>())
+        delay(self.record(key), rand::random::<f64>())
     }
 
     /// Forgets failures after a success.

@@ -1,6 +1,9 @@
 //! Issued credentials, kept until their refresh time so that namespace churn never makes
-//! pullkeeper call a provider again: one provider call per credential per refresh. An
-//! entry is dropped when the spec changes (new generation) or a source Secret changes.
+//! pullkeeper call a provider again: one provider call per credential per refresh. A
+//! failed call is kept too, until its retry time, so no trigger (a namespace, a
+//! ServiceAccount, the operator's own status write) can send the provider more requests
+//! than the backoff allows. An entry is dropped when the spec changes (new generation) or
+//! a source Secret changes, so a fix is tried at once.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,7 +17,26 @@ use super::triggers::Trigger;
 #[derive(Clone)]
 struct Entry {
     generation: Option<i64>,
-    cached: Cached,
+    state: State,
+}
+
+#[derive(Clone)]
+enum State {
+    Issued(Cached),
+    Failed(Failure),
+}
+
+/// A failed provider call: what it said and when to try again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// CamelCase reason of the error.
+    pub reason: &'static str,
+    /// The error's message (never a secret value).
+    pub message: String,
+    /// Whether retrying cannot help until something changes.
+    pub permanent: bool,
+    /// When the provider may be asked again.
+    pub retry_at: Timestamp,
 }
 
 /// A credential with when it was issued and when it is due for renewal.
@@ -35,16 +57,42 @@ pub struct CredentialCache {
 }
 
 impl CredentialCache {
+    /// The cached credential, if still fresh for this generation, or the last failure if
+    /// its retry time has not come; `None` when the provider should be asked.
+    pub fn lookup(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Result<Cached, Failure>> {
+        let entries = crate::lock(&self.entries);
+        let e = entries.get(key).filter(|e| e.generation == generation)?;
+        match &e.state {
+            State::Issued(c) => (now < c.refresh_at).then(|| Ok(c.clone())),
+            State::Failed(f) => (now < f.retry_at).then(|| Err(f.clone())),
+        }
+    }
+
     /// The cached credential, if still fresh for this generation.
     pub fn get(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
-        let entries = crate::lock(&self.entries);
-        let e = entries.get(key)?;
-        (e.generation == generation && now < e.cached.refresh_at).then(|| e.cached.clone())
+        self.lookup(key, generation, now)?.ok()
     }
 
     /// Remembers a credential until its `refresh_at`.
     pub fn put(&self, key: Trigger, generation: Option<i64>, cached: Cached) {
-        crate::lock(&self.entries).insert(key, Entry { generation, cached });
+        crate::lock(&self.entries).insert(
+            key,
+            Entry {
+                generation,
+                state: State::Issued(cached),
+            },
+        );
+    }
+
+    /// Remembers a failed call until its `retry_at`.
+    pub fn put_failure(&self, key: Trigger, generation: Option<i64>, failure: Failure) {
+        crate::lock(&self.entries).insert(
+            key,
+            Entry {
+                generation,
+                state: State::Failed(failure),
+            },
+        );
     }
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
@@ -86,5 +134,26 @@ mod tests {
         assert!(c.get(&key, Some(1), later).is_none(), "due for refresh");
         c.invalidate(&key);
         assert!(c.get(&key, Some(1), t0).is_none());
+    }
+
+    #[test]
+    fn a_failure_holds_until_its_retry_time_or_a_change() {
+        let c = CredentialCache::default();
+        let key = Trigger::Cluster("a".into());
+        let t0 = Timestamp::from_second(1_800_000_000).expect("t");
+        let retry_at = Timestamp::from_second(1_800_000_030).expect("t");
+        let failure = Failure {
+            reason: "ProviderUnreachable",
+            message: "down".into(),
+            permanent: false,
+            retry_at,
+        };
+        c.put_failure(key.clone(), Some(1), failure.clone());
+        assert_eq!(c.lookup(&key, Some(1), t0).and_then(Result::err), Some(failure));
+        assert!(c.get(&key, Some(1), t0).is_none());
+        assert!(c.lookup(&key, Some(1), retry_at).is_none(), "due for a retry");
+        assert!(c.lookup(&key, Some(2), t0).is_none(), "a spec change retries at once");
+        c.invalidate(&key);
+        assert!(c.lookup(&key, Some(1), t0).is_none(), "a source change retries at once");
     }
 }

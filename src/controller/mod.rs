@@ -10,6 +10,7 @@ pub mod cache;
 pub mod kind;
 pub mod plan;
 pub mod reconcile;
+pub mod schedule;
 pub mod secret;
 pub mod service_account;
 pub mod status;

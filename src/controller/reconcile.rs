@@ -17,20 +17,16 @@ use tracing::{Instrument, info_span, warn};
 use crate::crd::RegistryCredentialStatus;
 use crate::provider::{self, Credential, ProviderError, ProviderSpec};
 
-use super::cache::Cached;
+use super::cache::{Cached, Failure};
 use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, SyncReport};
 use super::target::NamespaceInfo;
 use super::validate::ValidSpec;
-use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, verify};
+use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, schedule, verify};
 
 /// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
 pub const FINALIZER: &str = "pullkeeper.io/cleanup";
-/// How long to wait before looking again at an object that needs a spec change.
-const RECHECK_INVALID: Duration = Duration::from_secs(3600);
-/// Floor between refreshes, so a past or absurd expiry never hot-loops.
-pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 
 /// Reconciles one object.
 pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -51,8 +47,10 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
             result.as_ref().err().map(Error::metric_label),
             started.elapsed(),
         );
+        // Backoffs are reset by a success of the step that failed (see `apply_spec` and
+        // `credential`), not by any `Ok`: a failure reported in status is an `Ok` too.
         if result.is_ok() {
-            ctx.backoffs.reset(&backoff_key::<K>(&obj));
+            ctx.backoffs.reset(&backoff_key::<K>(&obj, Step::Reconcile));
         }
         result
     }
@@ -65,7 +63,13 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         Ok(spec) => spec,
         Err(e) => {
             ctx.sources.sync(&obj.trigger(), &[]);
-            return finish(obj, ctx, &Outcome::Invalid(e), Action::requeue(RECHECK_INVALID)).await;
+            return finish(
+                obj,
+                ctx,
+                &Outcome::Invalid(e),
+                Action::requeue(schedule::RECHECK_INVALID),
+            )
+            .await;
         }
     };
     if spec.suspend {
@@ -79,17 +83,24 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         .ok()
         .map(|c| secret::content(&owner, &spec.registry, &c.credential));
     let (sync, retryable) = fan_out::<K>(&owner, ctx, &spec, content.as_ref()).await;
-    let delay = match &issued {
-        Ok(c) if !retryable => Duration::try_from(c.refresh_at.duration_since(Timestamp::now()))
+    let now = Timestamp::now();
+    let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+    let sync_key = backoff_key::<K>(obj, Step::Sync);
+    let until = |at: Timestamp| {
+        Duration::try_from(at.duration_since(now))
             .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-        Err(e) if e.is_permanent() && !retryable => RECHECK_INVALID,
-        _ => retry_delay(
-            ctx.backoffs.next(&backoff_key::<K>(obj)),
-            obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0),
-            Timestamp::now(),
-        ),
+            .max(Duration::from_secs(1))
     };
+    let mut delay = match &issued {
+        Ok(c) => until(c.refresh_at),
+        Err(f) => until(f.retry_at),
+    };
+    if retryable {
+        let quick = schedule::retry_delay(ctx.backoffs.next(&sync_key), current_expiry, now);
+        delay = delay.min(quick);
+    } else if issued.is_ok() {
+        ctx.backoffs.reset(&sync_key);
+    }
     let (images, delay) = match &issued {
         Ok(c) => match verify::images(
             &ctx.verified,
@@ -122,40 +133,61 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
 }
 
 /// The credential to write: cached until its refresh time, recovered from the Secrets
-/// already written after a restart, or issued by the provider (one call).
-async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec) -> Result<Cached, ProviderError> {
+/// already written after a restart, or issued by the provider (one call). A failed call
+/// is remembered until its retry time, so no trigger sends the provider more requests
+/// than the backoff allows.
+async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec) -> Result<Cached, Failure> {
     let key = obj.trigger();
     let generation = obj.meta().generation;
     let now = Timestamp::now();
     // A cached credential keeps its issue and refresh times, so repeated reconciles
     // compute an identical status and write nothing.
-    let cached = match ctx.credentials.get(&key, generation, now) {
-        Some(c) => Some(c),
-        None => recover(obj, ctx, spec, now).await,
-    };
-    let issued = match cached {
-        Some(cached) => Ok(cached),
-        None => issue(ctx, spec).await.map(|credential| {
+    if let Some(known) = ctx.credentials.lookup(&key, generation, now) {
+        return known;
+    }
+    if let Some(cached) = recover(obj, ctx, spec, now).await {
+        return Ok(cached);
+    }
+    let provider_key = backoff_key::<K>(obj, Step::Provider);
+    match issue(ctx, spec).await {
+        Ok(credential) => {
+            ctx.backoffs.reset(&provider_key);
             let refresh_at = now
-                .checked_add(next_refresh(spec, &credential))
+                .checked_add(schedule::next_refresh(spec, &credential))
                 .unwrap_or(Timestamp::MAX);
             let cached = Cached {
                 credential,
                 issued_at: now,
                 refresh_at,
             };
-            ctx.credentials.put(key.clone(), generation, cached.clone());
-            cached
-        }),
-    };
-    match &issued {
-        Ok(c) => ctx.metrics.set_expiry(
-            &metric_labels(obj),
-            c.credential.expires_at.map(|t| t.as_second() as f64),
-        ),
-        Err(_) => ctx.credentials.invalidate(&key),
+            ctx.credentials.put(key, generation, cached.clone());
+            ctx.metrics.set_expiry(
+                &metric_labels(obj),
+                cached.credential.expires_at.map(|t| t.as_second() as f64),
+            );
+            Ok(cached)
+        }
+        Err(e) => {
+            let attempt = ctx.backoffs.record(&provider_key);
+            let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+            let wait = schedule::provider_retry(
+                schedule::RetryClass::of(&e),
+                attempt,
+                rand::random::<f64>(),
+                current_expiry,
+                now,
+            );
+            let failure = Failure {
+                reason: e.reason(),
+                message: e.to_string(),
+                permanent: e.is_permanent(),
+                retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
+            };
+            warn!(reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
+            ctx.credentials.put_failure(key, generation, failure.clone());
+            Err(failure)
+        }
     }
-    issued
 }
 
 /// Plans from the caches and writes what differs; returns how it went and whether a
@@ -387,47 +419,6 @@ async fn issue(ctx: &Context, spec: &ValidSpec) -> Result<Credential, ProviderEr
     result
 }
 
-/// When to renew: `expiresAt - renewBefore` (default a quarter of the remaining
-/// lifetime), never sooner than [`MIN_REFRESH`]; credentials without expiry are re-read
-/// every `refresh.interval`.
-pub fn next_refresh(spec: &ValidSpec, credential: &Credential) -> Duration {
-    refresh_delay(spec, credential.expires_at, Timestamp::now(), rand::random::<f64>())
-}
-
-/// Pure form of [`next_refresh`]: `jitter` in `[0, 1)` moves the renewal up to 10% (at
-/// most 5 minutes) earlier, so many credentials issued together do not renew together.
-pub fn refresh_delay(spec: &ValidSpec, expires_at: Option<Timestamp>, now: Timestamp, jitter: f64) -> Duration {
-    match expires_at {
-        None => spec.refresh_interval,
-        Some(at) => {
-            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
-            if left.is_zero() {
-                // Already expired (or an absurd answer): never a hot loop.
-                return MIN_REFRESH;
-            }
-            let before = spec.renew_before.unwrap_or(left / 4);
-            let due = left.saturating_sub(before);
-            let early = due.mul_f64(0.1 * jitter.clamp(0.0, 1.0)).min(Duration::from_secs(300));
-            // Short-lived tokens renew at their due time; never sooner than half their
-            // remaining life (and at least a second) even if renewBefore exceeds it.
-            let floor = (left / 2).clamp(Duration::from_secs(1), MIN_REFRESH);
-            due.saturating_sub(early).max(floor)
-        }
-    }
-}
-
-/// Retry delay after a failure: the backoff, but never past half the remaining life of the
-/// secret already in place, so a retry always happens before it expires.
-pub fn retry_delay(backoff: Duration, current_expiry: Option<Timestamp>, now: Timestamp) -> Duration {
-    match current_expiry {
-        Some(at) if at > now => {
-            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
-            backoff.min((left / 2).max(Duration::from_secs(5)))
-        }
-        _ => backoff,
-    }
-}
-
 async fn finish<K: CredentialKind>(obj: &K, ctx: &Context, outcome: &Outcome, action: Action) -> Result<Action, Error> {
     let previous = obj.current_status();
     let next = status::build(previous, outcome, obj.meta().generation, Timestamp::now());
@@ -495,13 +486,24 @@ fn metric_labels<K: CredentialKind>(obj: &K) -> crate::metrics::CredentialLabels
     }
 }
 
-fn backoff_key<K: CredentialKind>(obj: &K) -> String {
-    format!("{}/{}", K::KIND, obj.key())
+/// The steps that back off separately, each reset only by its own success.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Asking the provider for a credential.
+    Provider,
+    /// Writing Secrets and ServiceAccount entries.
+    Sync,
+    /// The reconcile as a whole failing with an error (API I/O).
+    Reconcile,
+}
+
+fn backoff_key<K: CredentialKind>(obj: &K, step: Step) -> String {
+    format!("{}/{}/{step:?}", K::KIND, obj.key())
 }
 
 /// Retries failed reconciles with exponential backoff and jitter per object.
 pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoffs.next(&backoff_key::<K>(&obj));
+    let delay = ctx.backoffs.next(&backoff_key::<K>(&obj, Step::Reconcile));
     warn!(kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -509,33 +511,8 @@ pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Cont
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::validate::{self, ValidSpec};
-    use crate::crd::{ClusterRegistryCredentialSpec, EcrProvider, Provider};
-
-    fn spec(renew_before: Option<Duration>) -> ValidSpec {
-        let raw = ClusterRegistryCredentialSpec {
-            registry: "123456789012.dkr.ecr.us-east-1.amazonaws.com".into(),
-            provider: Provider::Ecr(EcrProvider {
-                region: None,
-                role_arn: None,
-                external_id: None,
-                credentials_secret_ref: None,
-                endpoint: None,
-            }),
-            refresh: Default::default(),
-            target: Default::default(),
-            verify: None,
-            tls: None,
-            suspend: false,
-        };
-        let mut v = validate::cluster("x", &raw).expect("valid");
-        v.renew_before = renew_before;
-        v
-    }
-
-    fn t(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + secs).expect("t")
-    }
+    use crate::controller::schedule::tests::{spec, t};
+    use crate::controller::validate::ValidSpec;
 
     fn written_copy(
         owner: &secret::Owner,
@@ -588,60 +565,5 @@ mod tests {
             ..owner.clone()
         };
         assert!(verified_copy(&other, &spec, &copy, &hash, Some(t(3600))).is_none());
-    }
-
-    #[test]
-    fn renews_a_quarter_of_the_lifetime_early_by_default() {
-        // 12 h token: renew after 9 h, at most 5 min earlier with jitter.
-        let d = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.0);
-        assert_eq!(d, Duration::from_secs(9 * 3600));
-        let j = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.99);
-        assert!(j < d && j >= d - Duration::from_secs(300), "{j:?}");
-    }
-
-    #[test]
-    fn renew_before_is_honoured() {
-        let d = refresh_delay(&spec(Some(Duration::from_secs(1800))), Some(t(3600)), t(0), 0.0);
-        assert_eq!(d, Duration::from_secs(1800));
-    }
-
-    #[test]
-    fn past_or_absurd_expiry_uses_the_floor() {
-        assert_eq!(
-            refresh_delay(&spec(None), Some(t(-10 * 365 * 86400)), t(0), 0.5),
-            MIN_REFRESH
-        );
-        assert_eq!(refresh_delay(&spec(None), Some(t(0)), t(0), 0.5), MIN_REFRESH);
-    }
-
-    #[test]
-    fn short_lived_tokens_renew_before_expiry_but_not_in_a_loop() {
-        let d = refresh_delay(&spec(None), Some(t(8)), t(0), 0.0);
-        assert_eq!(d, Duration::from_secs(6));
-        // renewBefore longer than the lifetime: half the remaining life.
-        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(8)), t(0), 0.0);
-        assert_eq!(d, Duration::from_secs(4));
-        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(3600)), t(0), 0.0);
-        assert_eq!(d, MIN_REFRESH);
-    }
-
-    #[test]
-    fn retries_happen_before_the_current_secret_expires() {
-        assert_eq!(
-            retry_delay(Duration::from_secs(300), Some(t(120)), t(0)),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
-            retry_delay(Duration::from_secs(2), Some(t(120)), t(0)),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            retry_delay(Duration::from_secs(300), None, t(0)),
-            Duration::from_secs(300)
-        );
-        assert_eq!(
-            retry_delay(Duration::from_secs(300), Some(t(-5)), t(0)),
-            Duration::from_secs(300)
-        );
     }
 }

@@ -5,8 +5,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::conditions::{self, Desired, Status, reasons, types, whole_seconds};
 use crate::crd::{ImageStatus, MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
-use crate::provider::ProviderError;
 
+use super::cache::Failure;
 use super::validate::SpecError;
 
 /// A credential the provider issued.
@@ -43,7 +43,7 @@ pub enum Outcome {
     /// The credential was asked for and the fan-out done.
     Reconciled {
         /// What the provider said.
-        credential: Result<Issued, ProviderError>,
+        credential: Result<Issued, Failure>,
         /// How the fan-out went.
         sync: SyncReport,
         /// Pullability of `verify.images`: `None` when nothing is to be verified.
@@ -154,7 +154,7 @@ impl Outcome {
 
 /// Ready, CredentialIssued, Synced and Pullable after a reconcile that got this far.
 fn reconciled_conditions(
-    credential: &Result<Issued, ProviderError>,
+    credential: &Result<Issued, Failure>,
     sync: &SyncReport,
     images: Option<&[ImageStatus]>,
 ) -> Vec<Desired> {
@@ -202,10 +202,14 @@ fn reconciled_conditions(
             out
         }
         Err(e) => {
-            let message = format!("{e}; secrets already written are left as they are");
+            let message = format!(
+                "{}; secrets already written are left as they are; next attempt at {}",
+                e.message,
+                whole_seconds(e.retry_at)
+            );
             let mut out = vec![
-                Desired::new(types::READY, Status::False, e.reason(), message.clone()),
-                Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason(), message),
+                Desired::new(types::READY, Status::False, e.reason, message.clone()),
+                Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason, message),
             ];
             if !sync.failures.is_empty() {
                 out.push(synced);
@@ -255,7 +259,8 @@ pub fn build(
                 status.next_refresh_time = Some(Time(whole_seconds(issued.next_refresh)));
                 status.content_hash = Some(issued.content_hash.clone());
             }
-            Err(_) => status.next_refresh_time = None,
+            // The next attempt, so `kubectl get -o yaml` shows the retry schedule.
+            Err(f) => status.next_refresh_time = Some(Time(whole_seconds(f.retry_at))),
         }
     }
     status
@@ -337,7 +342,7 @@ mod tests {
         Timestamp::from_second(1_800_000_000).expect("valid")
     }
 
-    fn reconciled(credential: Result<Issued, ProviderError>, failures: Vec<NamespaceFailure>) -> Outcome {
+    fn reconciled(credential: Result<Issued, Failure>, failures: Vec<NamespaceFailure>) -> Outcome {
         let targeted = 3;
         let synced = targeted - failures.len();
         Outcome::Reconciled {
@@ -352,15 +357,21 @@ mod tests {
         }
     }
 
-    fn unreachable(provider: &'static str) -> ProviderError {
-        ProviderError::Cloud {
+    fn unreachable(provider: &'static str) -> Failure {
+        let e = crate::provider::ProviderError::Cloud {
             provider,
             failure: crate::provider::CloudFailure::Unreachable,
             message: "connection refused".into(),
+        };
+        Failure {
+            reason: e.reason(),
+            message: e.to_string(),
+            permanent: e.is_permanent(),
+            retry_at: now(),
         }
     }
 
-    fn ok() -> Result<Issued, ProviderError> {
+    fn ok() -> Result<Issued, Failure> {
         Ok(Issued {
             expires_at: None,
             issued_at: now(),
@@ -437,6 +448,9 @@ mod tests {
             .expect("ready")
             .message;
         assert!(msg.contains("left as they are"), "{msg}");
+        // The retry schedule is visible: in the message and as nextRefreshTime.
+        assert!(msg.contains("next attempt at"), "{msg}");
+        assert_eq!(failed.next_refresh_time, Some(Time(now())));
     }
 
     #[test]

@@ -118,9 +118,18 @@ impl Fakes {
     pub fn issued(&self, id: &str) -> u32 {
         self.state.lock().expect("lock").get(id).map_or(0, |b| b.issued)
     }
+
+    /// Requests received so far for `id`, answered or refused.
+    pub fn requests(&self, id: &str) -> u32 {
+        REQUESTS.lock().expect("lock").get(id).copied().unwrap_or(0)
+    }
 }
 
+/// Requests received per test id, whatever the answer.
+static REQUESTS: std::sync::LazyLock<Mutex<HashMap<String, u32>>> = std::sync::LazyLock::new(Default::default);
+
 fn behaviour(state: &Shared, id: &str) -> Option<Behaviour> {
+    *REQUESTS.lock().ok()?.entry(id.to_owned()).or_insert(0) += 1;
     state.lock().ok()?.get(id).cloned()
 }
 

@@ -179,6 +179,52 @@ async fn an_outage_across_a_renewal_keeps_the_old_secret_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_provider_outage_is_retried_with_backoff_whatever_triggers_arrive() {
+    let c = case("backoff", 3600, 1).await;
+    let ns = c.namespaces[0].clone();
+    let f = fakes::fakes();
+    let provider =
+        json!({"gcp": {"serviceAccountKeySecretRef": {"name": "cloud", "namespace": c.src, "key": "key.json"}}});
+    c.apply("europe-docker.pkg.dev", provider.clone()).await;
+    c.ready("True", "Synced").await;
+    let (_, before, _) = c.written(&ns).await.expect("written");
+    // The endpoint goes down (503), and a spec change makes the operator ask again.
+    f.mode(&c.id, Mode::Down);
+    let start = f.requests(&c.id);
+    c.apply(
+        "europe-docker.pkg.dev",
+        json!({"gcp": {
+            "serviceAccountKeySecretRef": {"name": "cloud", "namespace": c.src, "key": "key.json"},
+            "tokenUrl": format!("{}/gcp/{}/token", f.base, c.id),
+        }}),
+    )
+    .await;
+    let status = c.ready("False", "ProviderUnreachable").await;
+    assert!(status.next_refresh_time.is_some(), "the next attempt is in status");
+    // For 30 s, namespaces keep arriving (each one a trigger): the endpoint still sees
+    // only what the backoff allows (1, 2, 4, 8, 16 s with jitter: at most 7 calls).
+    let client = support::client().await;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        support::namespace(&client, "backoff-churn", &[("e2e-target", &c.label)]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let calls = f.requests(&c.id) - start;
+    assert!((2..=8).contains(&calls), "{calls} provider requests in 30 s of outage");
+    let (_, during, _) = c.written(&ns).await.expect("the old secret stays during the outage");
+    assert_eq!(during, before, "a failed call replaced the secret");
+    // Recovery is noticed within the longest wait (30 s).
+    f.mode(&c.id, Mode::Ok);
+    let renewed = eventually(Duration::from_secs(40), || async {
+        let (_, now, _) = c.written(&ns).await?;
+        (now != before).then_some(now)
+    })
+    .await;
+    assert!(renewed.is_some(), "no new token within 40 s of recovery");
+    c.delete().await;
+}
+
+#[tokio::test]
 async fn gcp_metadata_server_and_rejected_keys() {
     let c = case("gcpmeta", 3600, 1).await;
     let f = fakes::fakes();

@@ -1,0 +1,239 @@
+//! Timing, as named and unit-tested functions: when to renew a credential, how long to
+//! wait after a failure, and never past the life of the secret already in place.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::provider::{CloudFailure, Credential};
+
+use super::backoff;
+use super::validate::ValidSpec;
+
+/// How long to wait before looking again at an object that needs a spec change.
+pub const RECHECK_INVALID: Duration = Duration::from_secs(3600);
+/// Floor between refreshes, so a past or absurd expiry never hot-loops.
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+/// Longest wait after a transient provider failure (the endpoint down, a 5xx): an outage
+/// costs a few requests a minute, and a recovery is noticed within this time.
+pub const TRANSIENT_MAX: Duration = Duration::from_secs(30);
+/// Wait after a throttled call that gave no hint of its own.
+pub const THROTTLED_MIN: Duration = Duration::from_secs(60);
+/// First wait after a permanent failure (rejected or denied credentials, a bad spec):
+/// retrying fast cannot help; a change of the spec or a source Secret retries at once.
+pub const PERMANENT_MIN: Duration = Duration::from_secs(300);
+
+/// How a failed provider call is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Try again soon, backing off to [`TRANSIENT_MAX`].
+    Transient,
+    /// The provider asked us to slow down.
+    Throttled,
+    /// Wait for a change; look again rarely.
+    Permanent,
+}
+
+impl RetryClass {
+    /// The class of a provider error.
+    pub fn of(error: &crate::provider::ProviderError) -> Self {
+        match error {
+            crate::provider::ProviderError::Cloud {
+                failure: CloudFailure::Throttled,
+                ..
+            } => RetryClass::Throttled,
+            crate::provider::ProviderError::Cloud {
+                failure: CloudFailure::Unauthorized | CloudFailure::Denied,
+                ..
+            } => RetryClass::Permanent,
+            e if e.is_permanent() => RetryClass::Permanent,
+            _ => RetryClass::Transient,
+        }
+    }
+}
+
+/// Delay before provider attempt number `attempt + 1` after `attempt` failures in a row,
+/// with `jitter` in `[0, 1)`, never past half the remaining life of the secret in place.
+pub fn provider_retry(
+    class: RetryClass,
+    attempt: u32,
+    jitter: f64,
+    current_expiry: Option<Timestamp>,
+    now: Timestamp,
+) -> Duration {
+    let base = backoff::delay(attempt, jitter);
+    let d = match class {
+        RetryClass::Transient => base.min(TRANSIENT_MAX),
+        RetryClass::Throttled => base.max(THROTTLED_MIN).min(backoff::MAX),
+        RetryClass::Permanent => PERMANENT_MIN
+            .saturating_mul(2u32.saturating_pow(attempt.min(8)))
+            .min(RECHECK_INVALID),
+    };
+    retry_delay(d, current_expiry, now)
+}
+
+/// When to renew: `expiresAt - renewBefore` (default a quarter of the remaining
+/// lifetime), never sooner than [`MIN_REFRESH`]; credentials without expiry are re-read
+/// every `refresh.interval`.
+pub fn next_refresh(spec: &ValidSpec, credential: &Credential) -> Duration {
+    refresh_delay(spec, credential.expires_at, Timestamp::now(), rand::random::<f64>())
+}
+
+/// Pure form of [`next_refresh`]: `jitter` in `[0, 1)` moves the renewal up to 10% (at
+/// most 5 minutes) earlier, so many credentials issued together do not renew together.
+pub fn refresh_delay(spec: &ValidSpec, expires_at: Option<Timestamp>, now: Timestamp, jitter: f64) -> Duration {
+    match expires_at {
+        None => spec.refresh_interval,
+        Some(at) => {
+            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            if left.is_zero() {
+                // Already expired (or an absurd answer): never a hot loop.
+                return MIN_REFRESH;
+            }
+            let before = spec.renew_before.unwrap_or(left / 4);
+            let due = left.saturating_sub(before);
+            let early = due.mul_f64(0.1 * jitter.clamp(0.0, 1.0)).min(Duration::from_secs(300));
+            // Short-lived tokens renew at their due time; never sooner than half their
+            // remaining life (and at least a second) even if renewBefore exceeds it.
+            let floor = (left / 2).clamp(Duration::from_secs(1), MIN_REFRESH);
+            due.saturating_sub(early).max(floor)
+        }
+    }
+}
+
+/// Retry delay after a failure: the backoff, but never past half the remaining life of the
+/// secret already in place, so a retry always happens before it expires.
+pub fn retry_delay(backoff: Duration, current_expiry: Option<Timestamp>, now: Timestamp) -> Duration {
+    match current_expiry {
+        Some(at) if at > now => {
+            let left = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            backoff.min((left / 2).max(Duration::from_secs(5)))
+        }
+        _ => backoff,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::controller::validate;
+    use crate::crd::{ClusterRegistryCredentialSpec, EcrProvider, Provider};
+
+    /// An ECR spec with `renewBefore` (shared with other modules' tests).
+    pub(crate) fn spec(renew_before: Option<Duration>) -> ValidSpec {
+        let raw = ClusterRegistryCredentialSpec {
+            registry: "123456789012.dkr.ecr.us-east-1.amazonaws.com".into(),
+            provider: Provider::Ecr(EcrProvider {
+                region: None,
+                role_arn: None,
+                external_id: None,
+                credentials_secret_ref: None,
+                endpoint: None,
+            }),
+            refresh: Default::default(),
+            target: Default::default(),
+            verify: None,
+            tls: None,
+            suspend: false,
+        };
+        let mut v = validate::cluster("x", &raw).expect("valid");
+        v.renew_before = renew_before;
+        v
+    }
+
+    /// A fixed instant plus `secs`.
+    pub(crate) fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("t")
+    }
+
+    #[test]
+    fn renews_a_quarter_of_the_lifetime_early_by_default() {
+        // 12 h token: renew after 9 h, at most 5 min earlier with jitter.
+        let d = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(9 * 3600));
+        let j = refresh_delay(&spec(None), Some(t(12 * 3600)), t(0), 0.99);
+        assert!(j < d && j >= d - Duration::from_secs(300), "{j:?}");
+    }
+
+    #[test]
+    fn renew_before_is_honoured() {
+        let d = refresh_delay(&spec(Some(Duration::from_secs(1800))), Some(t(3600)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn past_or_absurd_expiry_uses_the_floor() {
+        assert_eq!(
+            refresh_delay(&spec(None), Some(t(-10 * 365 * 86400)), t(0), 0.5),
+            MIN_REFRESH
+        );
+        assert_eq!(refresh_delay(&spec(None), Some(t(0)), t(0), 0.5), MIN_REFRESH);
+    }
+
+    #[test]
+    fn short_lived_tokens_renew_before_expiry_but_not_in_a_loop() {
+        let d = refresh_delay(&spec(None), Some(t(8)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(6));
+        // renewBefore longer than the lifetime: half the remaining life.
+        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(8)), t(0), 0.0);
+        assert_eq!(d, Duration::from_secs(4));
+        let d = refresh_delay(&spec(Some(Duration::from_secs(7200))), Some(t(3600)), t(0), 0.0);
+        assert_eq!(d, MIN_REFRESH);
+    }
+
+    #[test]
+    fn retries_happen_before_the_current_secret_expires() {
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), Some(t(120)), t(0)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(2), Some(t(120)), t(0)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), None, t(0)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(300), Some(t(-5)), t(0)),
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn transient_failures_back_off_to_thirty_seconds() {
+        let d: Vec<Duration> = (0..8)
+            .map(|a| provider_retry(RetryClass::Transient, a, 0.999, None, t(0)))
+            .collect();
+        assert!(d[0] <= Duration::from_secs(1));
+        assert!(d.windows(2).all(|w| w[0] <= w[1]), "{d:?}");
+        assert!(d.iter().all(|d| *d <= TRANSIENT_MAX), "{d:?}");
+        // A two-minute outage costs at most 12 requests a minute.
+        let mut elapsed = Duration::ZERO;
+        let mut calls = 0;
+        for a in 0.. {
+            if elapsed >= Duration::from_secs(60) {
+                break;
+            }
+            calls += 1;
+            elapsed += provider_retry(RetryClass::Transient, a, 0.0, None, t(0));
+        }
+        assert!(calls <= 12, "{calls} calls in the first minute");
+    }
+
+    #[test]
+    fn permanent_failures_wait_minutes_and_throttling_at_least_a_minute() {
+        assert_eq!(provider_retry(RetryClass::Permanent, 0, 0.5, None, t(0)), PERMANENT_MIN);
+        assert_eq!(
+            provider_retry(RetryClass::Permanent, 10, 0.5, None, t(0)),
+            RECHECK_INVALID
+        );
+        assert!(provider_retry(RetryClass::Throttled, 0, 0.0, None, t(0)) >= THROTTLED_MIN);
+        // Still before the secret in place expires.
+        assert_eq!(
+            provider_retry(RetryClass::Permanent, 3, 0.5, Some(t(600)), t(0)),
+            Duration::from_secs(300)
+        );
+    }
+}
