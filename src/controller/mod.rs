@@ -125,6 +125,8 @@ pub struct Context {
     pub verified: verify::VerifyCache,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
+    /// The only namespace ClusterRegistryCredentials may read source Secrets from.
+    pub source_secret_namespace: Option<String>,
 }
 
 /// Settings for [`run`].
@@ -140,6 +142,9 @@ pub struct Settings {
     pub credential_selector: Option<String>,
     /// Leader election; `None` reconciles without it (a single replica).
     pub leader: Option<crate::leader::Config>,
+    /// The only namespace ClusterRegistryCredentials may read source Secrets from;
+    /// `None` allows any.
+    pub source_secret_namespace: Option<String>,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -192,6 +197,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         credentials,
         verified: verify::VerifyCache::default(),
         write_concurrency: settings.write_concurrency.max(1),
+        source_secret_namespace: settings.source_secret_namespace.clone(),
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)
