@@ -3,6 +3,7 @@
 //! running in-process. Every test works in its own random namespaces and names.
 
 mod check;
+mod confine;
 mod ecr;
 mod fakes;
 mod fanout;
