@@ -241,6 +241,20 @@ policies_type_check() {
   done
 }
 
+# retrying COMMAND...: COMMAND succeeds within 15 s. The apiserver's RBAC authorizer
+# learns of changed roles from a watch, so a check right after an upgrade may see the old
+# rules for a moment.
+retrying() {
+  local i
+  for i in $(seq 1 30); do
+    if "$@"; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  return 1
+}
+
 release_deployed() {
   "$helm" status "$release" -n "$ns" | grep "^STATUS: deployed"
 }
@@ -523,11 +537,11 @@ check "the Deployment keeps PULLKEEPER_LOG_FORMAT=json" deployment_env "PULLKEEP
 check "helm upgrade --set sourceSecrets.namespace=<release namespace> --set metrics.auth.enabled=true" \
   helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set sourceSecrets.namespace="$ns" \
   --set metrics.auth.enabled=true
-check "SA may get secrets in the source namespace" can get secrets -n "$ns"
-check "SA may not get secrets elsewhere" cannot get secrets -n default
-check "SA may still list secrets everywhere (it watches its own by label)" can list secrets -A
-check "SA may create tokenreviews" can create tokenreviews.authentication.k8s.io
-check "SA may create subjectaccessreviews" can create subjectaccessreviews.authorization.k8s.io
+check "SA may get secrets in the source namespace" retrying can get secrets -n "$ns"
+check "SA may not get secrets elsewhere" retrying cannot get secrets -n default
+check "SA may still list secrets everywhere (it watches its own by label)" retrying can list secrets -A
+check "SA may create tokenreviews" retrying can create tokenreviews.authentication.k8s.io
+check "SA may create subjectaccessreviews" retrying can create subjectaccessreviews.authorization.k8s.io
 check "the metrics-reader ClusterRole exists" exists clusterrole "$fullname-metrics-reader"
 check "the Deployment has PULLKEEPER_SOURCE_SECRET_NAMESPACE" deployment_env "PULLKEEPER_SOURCE_SECRET_NAMESPACE=$ns"
 
