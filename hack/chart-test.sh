@@ -4,7 +4,9 @@
 # the repository's generated CRDs, check the rendered objects with a server-side dry run,
 # check that values.schema.json rejects bad values, then install it for real into a fresh
 # namespace, check what it created (CRDs Established, Deployment, ServiceAccount, RBAC,
-# Service) and what the ServiceAccount may do, upgrade it, and uninstall it.
+# admission policies, Service) and what the ServiceAccount may do (RBAC with
+# `kubectl auth can-i`, the admission policies with requests made as that ServiceAccount),
+# upgrade it, and uninstall it.
 #
 #   hack/chart-test.sh KUBECONFIG
 #
@@ -71,7 +73,7 @@ cleanup() {
   if $installed; then
     "$helm" uninstall "$release" -n "$ns" --wait=false >/dev/null 2>&1 || true
   fi
-  "$kubectl" delete namespace "$ns" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  "$kubectl" delete namespace "$ns" "$ns-victim" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   if ! $crds_preexisting; then
     "$kubectl" delete crd "${crds[@]}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   fi
@@ -173,6 +175,16 @@ kube_version_refused() {
   grep -q 'incompatible with Kubernetes' "$work/kube-version"
 }
 
+# count_kind FILE KIND N: exactly N objects of KIND are rendered.
+count_kind() {
+  local n
+  n="$(grep -c "^kind: $2\$" "$1" || true)"
+  [[ "$n" -eq "$3" ]] || { echo "$n $2 rendered, want $3"; return 1; }
+}
+
+# The admission policy API, as `helm template` does not ask a cluster for it.
+readonly vap_api=admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy
+
 # ---------------------------------------------------------------------------------------
 # checks against the cluster
 
@@ -219,6 +231,30 @@ crd_upgrade_command() {
   helm_q show crds "$chart" | "$kubectl" apply --server-side --force-conflicts --dry-run=server -f -
 }
 
+# The apiserver found no type errors in the policies' CEL.
+policies_type_check() {
+  local p out
+  for p in secrets serviceaccounts token-requests; do
+    out="$("$kubectl" get validatingadmissionpolicy "$fullname-$p" -o jsonpath='{.status.typeChecking}')"
+    echo "$p: $out"
+    [[ "$out" != *expressionWarnings* ]] || return 1
+  done
+}
+
+# retrying COMMAND...: COMMAND succeeds within 15 s. The apiserver's RBAC authorizer
+# learns of changed roles from a watch, so a check right after an upgrade may see the old
+# rules for a moment.
+retrying() {
+  local i
+  for i in $(seq 1 30); do
+    if "$@"; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  return 1
+}
+
 release_deployed() {
   "$helm" status "$release" -n "$ns" | grep "^STATUS: deployed"
 }
@@ -227,6 +263,58 @@ deployment_env() {
   "$kubectl" -n "$ns" get deployment "$fullname" \
     -o jsonpath='{range .spec.template.spec.containers[0].env[*]}{.name}={.value}{"\n"}{end}' |
     grep -Fx "$1"
+}
+
+# denied_as_operator WHAT ARGS...: kubectl ARGS (pass --dry-run=server where kubectl
+# has it) as the operator's ServiceAccount is refused by the chart's admission policy WHAT. New policies take a
+# moment to be enforced, so this retries for up to 30 s while the request is allowed.
+denied_as_operator() {
+  local what="$1"
+  shift
+  local i
+  for i in $(seq 1 30); do
+    if "$kubectl" "$@" --as "system:serviceaccount:$ns:$fullname" >"$work/denied" 2>&1; then
+      sleep 1
+      continue
+    fi
+    cat "$work/denied"
+    grep -q "ValidatingAdmissionPolicy '$fullname-$what'" "$work/denied"
+    return
+  done
+  echo "still allowed after 30 s:"
+  cat "$work/denied"
+  return 1
+}
+
+# allowed_as_operator ARGS...: kubectl ARGS as the operator's ServiceAccount succeeds.
+allowed_as_operator() {
+  "$kubectl" "$@" --as "system:serviceaccount:$ns:$fullname" >/dev/null
+}
+
+# A pull secret as the operator writes it, and a Secret it must not write.
+pull_secret_manifest() {
+  cat <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: pullkeeper-chart-test
+  namespace: $1
+  labels: {app.kubernetes.io/managed-by: pullkeeper}
+type: kubernetes.io/dockerconfigjson
+stringData: {.dockerconfigjson: '{"auths":{}}'}
+YAML
+}
+sa_token_secret_manifest() {
+  cat <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: pullkeeper-chart-test-token
+  namespace: $1
+  labels: {app.kubernetes.io/managed-by: pullkeeper}
+  annotations: {kubernetes.io/service-account.name: default}
+type: kubernetes.io/service-account-token
+YAML
 }
 
 # ---------------------------------------------------------------------------------------
@@ -271,12 +359,87 @@ check "image.digest pulls by digest" \
   rendered "$work/render-digest" '^          image: "ghcr\.io/pullkeeper/pullkeeper@sha256:0{64}"$'
 check "kubeVersion refuses Kubernetes 1.24" kube_version_refused 1.24.0
 
+echo "--- admission policies, source namespace, metrics, aggregated roles"
+template_with --api-versions "$vap_api" >"$work/render-vap" 2>&1 || true
+check "with the v1 API served, three ValidatingAdmissionPolicies are rendered" \
+  count_kind "$work/render-vap" ValidatingAdmissionPolicy 3
+check "... and three bindings" count_kind "$work/render-vap" ValidatingAdmissionPolicyBinding 3
+check "the policies match the operator's ServiceAccount only" \
+  rendered "$work/render-vap" "expression: request.userInfo.username == \"system:serviceaccount:$ns:$fullname\"\$"
+check "without the v1 API, no policy is rendered" \
+  count_kind "$work/render-default" ValidatingAdmissionPolicy 0
+template_with --api-versions "$vap_api" --set admissionPolicy.enabled=false >"$work/render-novap" 2>&1 || true
+check "admissionPolicy.enabled=false renders no policy" \
+  count_kind "$work/render-novap" ValidatingAdmissionPolicy 0
+template_with --api-versions "$vap_api" --set 'admissionPolicy.extraTokenAudiences={vault,https://sts.example.com}' \
+  >"$work/render-aud" 2>&1 || true
+check "admissionPolicy.extraTokenAudiences extends the allowed audiences" \
+  grep -F -- '[\"sts.amazonaws.com\",\"api://AzureADTokenExchange\",\"vault\",\"https://sts.example.com\"]' "$work/render-aud"
+check "the ClusterRole grants create on serviceaccounts/token" \
+  rendered "$work/render-default" 'resources: \["serviceaccounts/token"\]'
+check "by default the ClusterRole may get Secrets everywhere" \
+  rendered "$work/render-default" 'verbs: \["get", "list", "watch", "create", "patch", "delete"\]'
+template_with --set sourceSecrets.namespace=creds >"$work/render-src" 2>&1 || true
+check "sourceSecrets.namespace drops get on Secrets from the ClusterRole" \
+  not_rendered "$work/render-src" 'verbs: \["get", "list", "watch", "create", "patch", "delete"\]'
+check "sourceSecrets.namespace grants get on Secrets in that namespace" \
+  rendered "$work/render-src" '^  name: pullkeeper-source-secrets$'
+check "sourceSecrets.namespace sets PULLKEEPER_SOURCE_SECRET_NAMESPACE" \
+  grep -A1 'name: PULLKEEPER_SOURCE_SECRET_NAMESPACE$' "$work/render-src"
+helm_q install --dry-run=client "$release" "$chart" -n "$ns" --set sourceSecrets.namespace=creds \
+  >"$work/notes-src" 2>&1 || true
+check "sourceSecrets.namespace: the notes' example reads from that namespace" \
+  rendered "$work/notes-src" 'secretRef: \{name: ghcr-login, namespace: creds\}'
+check "by default no source-secrets Role and no PULLKEEPER_SOURCE_SECRET_NAMESPACE" \
+  not_rendered "$work/render-default" 'pullkeeper-source-secrets|PULLKEEPER_SOURCE_SECRET_NAMESPACE'
+check "probes use the health port" rendered "$work/render-default" '^              port: http-health$'
+check "the health port is 8081 on all addresses" \
+  grep -A1 'name: PULLKEEPER_HEALTH_ADDR$' "$work/render-default"
+check "by default no review permissions and no metrics-reader" \
+  not_rendered "$work/render-default" 'tokenreviews|subjectaccessreviews|metrics-reader'
+check "by default PULLKEEPER_METRICS_AUTH is false" \
+  grep -A1 -x ' *- name: PULLKEEPER_METRICS_AUTH' "$work/render-default"
+template_with --set metrics.auth.enabled=true --set metrics.serviceMonitor.enabled=true >"$work/render-auth" 2>&1 || true
+check "metrics.auth.enabled grants create on tokenreviews" rendered "$work/render-auth" 'resources: \["tokenreviews"\]'
+check "metrics.auth.enabled grants create on subjectaccessreviews" \
+  rendered "$work/render-auth" 'resources: \["subjectaccessreviews"\]'
+check "metrics.auth.enabled ships the metrics-reader ClusterRole" \
+  rendered "$work/render-auth" '^  name: pullkeeper-metrics-reader$'
+check "metrics.auth.enabled sets PULLKEEPER_METRICS_AUTH=true" \
+  grep -A1 'name: PULLKEEPER_METRICS_AUTH$' "$work/render-auth"
+check "metrics.auth.enabled: the ServiceMonitor sends a bearer token" \
+  rendered "$work/render-auth" 'bearerTokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token'
+template_with --set metrics.bindAddress=127.0.0.1 >"$work/render-lo" 2>&1 || true
+check "metrics.bindAddress=127.0.0.1 listens on loopback" \
+  rendered "$work/render-lo" '^              value: "127\.0\.0\.1:8080"$'
+check "metrics.bindAddress=127.0.0.1 renders no metrics Service" count_kind "$work/render-lo" Service 0
+template_with --set metrics.bindAddress=::1 >"$work/render-lo6" 2>&1 || true
+check "metrics.bindAddress=::1 is bracketed" rendered "$work/render-lo6" '^              value: "\[::1\]:8080"$'
+check "a ServiceMonitor with loopback metrics is refused" \
+  schema_rejects metrics.bindAddress --set metrics.bindAddress=127.0.0.1 --set metrics.serviceMonitor.enabled=true
+check "aggregated roles reach view, edit and admin by default" \
+  rendered "$work/render-default" 'rbac\.authorization\.k8s\.io/aggregate-to-view: "true"'
+check "the edit role writes registrycredentials only" \
+  grep -A3 'resources: \["registrycredentials"\]$' "$work/render-default"
+template_with --set aggregateRoles.enabled=false >"$work/render-noagg" 2>&1 || true
+check "aggregateRoles.enabled=false renders no aggregated role" \
+  not_rendered "$work/render-noagg" 'aggregate-to-'
+for opt in "admissionPolicy.enabled=false" "sourceSecrets.namespace=creds" "metrics.auth.enabled=true" \
+  "metrics.bindAddress=127.0.0.1" "aggregateRoles.enabled=false"; do
+  check "helm lint --strict --set $opt" helm_q lint --strict "$chart" --set "$opt"
+done
+
 echo "--- values.schema.json"
 check "schema rejects replicas=abc" schema_rejects replicas --set replicas=abc
 check "schema rejects an unknown top-level key" schema_rejects replica --set replica=2
 check "schema rejects logFormat=xml" schema_rejects logFormat --set logFormat=xml
 check "schema rejects image.pullPolicy=Sometimes" schema_rejects pullPolicy --set image.pullPolicy=Sometimes
 check "schema rejects an unknown image key" schema_rejects imag --set image.name=x
+check "schema rejects metrics.bindAddress=10.0.0.1" schema_rejects bindAddress --set metrics.bindAddress=10.0.0.1
+check "schema rejects sourceSecrets.namespace=Not_A_Namespace" \
+  schema_rejects namespace --set sourceSecrets.namespace=Not_A_Namespace
+check "schema rejects an unknown admissionPolicy key" schema_rejects enable --set admissionPolicy.enable=true
+check "schema rejects metrics.auth=true (it is an object)" schema_rejects auth --set metrics.auth=true
 check "schema accepts a percentage for pdb.minAvailable" \
   template_with --set pdb.enabled=true --set pdb.minAvailable=50%
 
@@ -289,6 +452,10 @@ for set in "${values_sets[@]}"; do
   check "kubectl apply --dry-run=server accepts the objects, pod is PSS-restricted ($name)" \
     dry_run "$work/render-${name}"
 done
+# Every option at once, policies included (the cluster must accept their CEL).
+template_with --api-versions "$vap_api" --set sourceSecrets.namespace="$ns" --set metrics.auth.enabled=true \
+  --set 'admissionPolicy.extraTokenAudiences={vault}' >"$work/render-all" 2>&1 || true
+check "kubectl apply --dry-run=server accepts the policies and every option" dry_run "$work/render-all"
 "$kubectl" delete namespace "$ns" --wait=true --timeout=60s >/dev/null
 
 echo "--- install"
@@ -303,6 +470,11 @@ check "ServiceAccount exists" exists -n "$ns" serviceaccount "$fullname"
 check "ClusterRole and ClusterRoleBinding exist" exists clusterrole,clusterrolebinding "$fullname"
 check "Role and RoleBinding exist" exists -n "$ns" role,rolebinding "$fullname-leader-election"
 check "metrics Service exists" exists -n "$ns" service "$fullname-metrics"
+check "ValidatingAdmissionPolicies and bindings exist" \
+  exists validatingadmissionpolicy,validatingadmissionpolicybinding \
+  "$fullname-secrets" "$fullname-serviceaccounts" "$fullname-token-requests"
+check "the policies type-check without warnings" policies_type_check
+check "aggregated view and edit ClusterRoles exist" exists clusterrole "$fullname-view" "$fullname-edit"
 check "helm lists the release as deployed" release_deployed
 check "the install notes' example ClusterRegistryCredential is valid" notes_example_valid
 check "the documented CRD upgrade command is accepted" crd_upgrade_command
@@ -326,12 +498,52 @@ check "SA may not read pods" cannot get pods -n default
 check "SA may not delete namespaces" cannot delete namespaces
 check "SA may not delete serviceaccounts" cannot delete serviceaccounts -n default
 check "SA may not delete clusterregistrycredentials" cannot delete clusterregistrycredentials.pullkeeper.io
+check "SA may create serviceaccounts/token in every namespace" can create serviceaccounts --subresource token -A
+check "SA may not create or patch RBAC" cannot create clusterrolebindings.rbac.authorization.k8s.io
+check "SA may not escalate or bind roles" cannot bind clusterroles.rbac.authorization.k8s.io
+check "SA may not create tokenreviews (metrics.auth is off)" cannot create tokenreviews.authentication.k8s.io
+"$kubectl" create namespace "$ns-victim" >/dev/null
+"$kubectl" -n "$ns-victim" create secret generic foreign --from-literal=a=b >/dev/null
+"$kubectl" -n "$ns-victim" create serviceaccount robot >/dev/null
+sa_token_secret_manifest "$ns-victim" >"$work/sa-token-secret.yaml"
+pull_secret_manifest "$ns-victim" >"$work/pull-secret.yaml"
+check "policy: SA may not create a service-account-token Secret" \
+  denied_as_operator secrets create --dry-run=server -f "$work/sa-token-secret.yaml"
+check "policy: SA may not create an Opaque Secret" \
+  denied_as_operator secrets -n "$ns-victim" create secret generic x --from-literal=a=b --dry-run=server
+check "policy: SA may not edit a foreign Secret" \
+  denied_as_operator secrets -n "$ns-victim" label --dry-run=server secret foreign app.kubernetes.io/managed-by=pullkeeper
+check "policy: SA may not delete a foreign Secret" denied_as_operator secrets -n "$ns-victim" delete --dry-run=server secret foreign
+check "policy: SA may create its own pull secret" allowed_as_operator create --dry-run=server -f "$work/pull-secret.yaml"
+check "policy: SA may not change a ServiceAccount's secrets" \
+  denied_as_operator serviceaccounts -n "$ns-victim" patch --dry-run=server serviceaccount robot --type=json \
+  -p '[{"op":"add","path":"/secrets","value":[{"name":"x"}]}]'
+check "policy: SA may not label a ServiceAccount" \
+  denied_as_operator serviceaccounts -n "$ns-victim" label --dry-run=server serviceaccount robot a=b
+check "policy: SA may add imagePullSecrets to a ServiceAccount" \
+  allowed_as_operator -n "$ns-victim" patch --dry-run=server serviceaccount robot --type=json \
+  -p '[{"op":"add","path":"/imagePullSecrets","value":[{"name":"x"}]}]'
+check "policy: SA may not request a token for the apiserver's audience" \
+  denied_as_operator token-requests -n "$ns-victim" create token robot
+check "policy: SA may request a token for sts.amazonaws.com" \
+  allowed_as_operator -n "$ns-victim" create token robot --audience sts.amazonaws.com
+"$kubectl" delete namespace "$ns-victim" --wait=false >/dev/null
 
 echo "--- upgrade"
 check "helm upgrade --set logLevel=debug" \
   helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set logLevel=debug
 check "the Deployment has the new PULLKEEPER_LOG" deployment_env "PULLKEEPER_LOG=debug"
 check "the Deployment keeps PULLKEEPER_LOG_FORMAT=json" deployment_env "PULLKEEPER_LOG_FORMAT=json"
+check "helm upgrade --set sourceSecrets.namespace=<release namespace> --set metrics.auth.enabled=true" \
+  helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set sourceSecrets.namespace="$ns" \
+  --set metrics.auth.enabled=true
+check "SA may get secrets in the source namespace" retrying can get secrets -n "$ns"
+check "SA may not get secrets elsewhere" retrying cannot get secrets -n default
+check "SA may still list secrets everywhere (it watches its own by label)" retrying can list secrets -A
+check "SA may create tokenreviews" retrying can create tokenreviews.authentication.k8s.io
+check "SA may create subjectaccessreviews" retrying can create subjectaccessreviews.authorization.k8s.io
+check "the metrics-reader ClusterRole exists" exists clusterrole "$fullname-metrics-reader"
+check "the Deployment has PULLKEEPER_SOURCE_SECRET_NAMESPACE" deployment_env "PULLKEEPER_SOURCE_SECRET_NAMESPACE=$ns"
 
 echo "--- uninstall"
 check "helm uninstall" helm_q uninstall "$release" -n "$ns" --wait
@@ -339,8 +551,11 @@ installed=false
 check "Deployment, ServiceAccount, Service, Role, RoleBinding are gone" \
   gone -n "$ns" deployment/"$fullname" serviceaccount/"$fullname" service/"$fullname-metrics" \
   role/"$fullname-leader-election" rolebinding/"$fullname-leader-election"
-check "ClusterRole and ClusterRoleBinding are gone" \
-  gone clusterrole/"$fullname" clusterrolebinding/"$fullname"
+check "ClusterRoles and ClusterRoleBinding are gone" \
+  gone clusterrole/"$fullname" clusterrolebinding/"$fullname" clusterrole/"$fullname-view" \
+  clusterrole/"$fullname-metrics-reader"
+check "the admission policies are gone" gone validatingadmissionpolicy/"$fullname-secrets" \
+  validatingadmissionpolicybinding/"$fullname-secrets"
 check "CRDs are kept (Helm never deletes CRDs)" exists crd "${crds[@]}"
 
 echo "$passed passed, $failed failed"

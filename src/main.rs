@@ -64,9 +64,22 @@ enum Output {
 
 #[derive(clap::Args, Debug)]
 struct ControllerArgs {
-    /// Address for /healthz, /readyz and /metrics.
+    /// Address for /metrics, and for /healthz and /readyz too unless --health-addr
+    /// names another one.
     #[arg(long, env = "PULLKEEPER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Address for /healthz and /readyz (the kubelet's probes), e.g. so that
+    /// --metrics-addr can be 127.0.0.1:8080. Default: the --metrics-addr listener.
+    #[arg(long, env = "PULLKEEPER_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// Require a bearer token on /metrics that the apiserver authenticates (TokenReview)
+    /// and allows to get the non-resource URL /metrics (SubjectAccessReview).
+    #[arg(long, env = "PULLKEEPER_METRICS_AUTH", default_value_t = false)]
+    metrics_auth: bool,
+    /// Only read ClusterRegistryCredential source Secrets in this namespace; a credential
+    /// naming another one is refused as InvalidSpec. Empty: any namespace.
+    #[arg(long, env = "PULLKEEPER_SOURCE_SECRET_NAMESPACE")]
+    source_secret_namespace: Option<String>,
     /// Log format.
     #[arg(long, env = "PULLKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -198,9 +211,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context("no Kubernetes configuration found: set KUBECONFIG or run inside a cluster")?;
     let metrics = std::sync::Arc::new(pullkeeper::metrics::Metrics::default());
     let client = pullkeeper::operator::client(config, &metrics).context("building the Kubernetes client")?;
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let endpoints = endpoints(&args).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(pullkeeper::operator::cancel_on_signal(shutdown.clone()));
     let leader = if args.leader_elect {
@@ -233,9 +244,28 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
         pod_admission: args.pod_admission_policy,
+        source_secret_namespace: args.source_secret_namespace.filter(|ns| !ns.is_empty()),
     };
-    pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
+    pullkeeper::operator::run_with(client, metrics, endpoints, settings, shutdown)
         .await
         .context("serving health and metrics")?;
     Ok(())
+}
+
+/// One listener for everything, unless --health-addr names a different address.
+async fn endpoints(args: &ControllerArgs) -> anyhow::Result<pullkeeper::operator::Endpoints> {
+    async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))
+    }
+    let (health, metrics) = match args.health_addr {
+        Some(h) if h != args.metrics_addr => (bind(h).await?, Some(bind(args.metrics_addr).await?)),
+        _ => (bind(args.metrics_addr).await?, None),
+    };
+    Ok(pullkeeper::operator::Endpoints {
+        health,
+        metrics,
+        metrics_auth: args.metrics_auth,
+    })
 }

@@ -23,6 +23,17 @@ pub fn client(config: kube::Config, metrics: &Arc<Metrics>) -> Result<Client, ku
         .build())
 }
 
+/// Where the operator serves its HTTP endpoints.
+pub struct Endpoints {
+    /// Serves `/healthz` and `/readyz`, and `/metrics` too unless `metrics` is set.
+    pub health: TcpListener,
+    /// A separate listener for `/metrics` (e.g. bound to loopback).
+    pub metrics: Option<TcpListener>,
+    /// Require a bearer token the apiserver authenticates and authorises for `get` on
+    /// `/metrics`.
+    pub metrics_auth: bool,
+}
+
 /// Runs the operator until `shutdown` is cancelled. `listener` serves health and metrics.
 pub async fn run(
     client: Client,
@@ -31,15 +42,38 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let endpoints = Endpoints {
+        health: listener,
+        metrics: None,
+        metrics_auth: false,
+    };
+    run_with(client, metrics, endpoints, settings, shutdown).await
+}
+
+/// Runs the operator until `shutdown` is cancelled, serving `endpoints`.
+pub async fn run_with(
+    client: Client,
+    metrics: Arc<Metrics>,
+    endpoints: Endpoints,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let health = Arc::new(Health::default());
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    }
-    let server = tokio::spawn(http::serve(
-        listener,
-        http::router(health.clone(), metrics.clone()),
-        shutdown.clone(),
-    ));
+    let auth = endpoints.metrics_auth.then(|| client.clone());
+    let metrics_router = http::metrics_router(metrics.clone(), auth);
+    let (health_router, metrics_server) = match endpoints.metrics {
+        None => {
+            log_listening(&endpoints.health, "/healthz, /readyz and /metrics");
+            (http::health_router(health.clone()).merge(metrics_router), None)
+        }
+        Some(listener) => {
+            log_listening(&endpoints.health, "/healthz and /readyz");
+            log_listening(&listener, "/metrics");
+            let server = tokio::spawn(http::serve(listener, metrics_router, shutdown.clone()));
+            (http::health_router(health.clone()), Some(server))
+        }
+    };
+    let server = tokio::spawn(http::serve(endpoints.health, health_router, shutdown.clone()));
     let mut result = Ok(());
     if controller::wait_for_crds(&client, &shutdown).await {
         health.set_ready(true);
@@ -66,11 +100,21 @@ pub async fn run(
     }
     health.set_ready(false);
     shutdown.cancel();
-    let served = match server.await {
-        Ok(res) => res,
-        Err(join) => Err(std::io::Error::other(join)),
-    };
+    let mut served = joined(server.await);
+    if let Some(m) = metrics_server {
+        served = served.and(joined(m.await));
+    }
     result.and(served)
+}
+
+fn joined(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
+    res.unwrap_or_else(|join| Err(std::io::Error::other(join)))
+}
+
+fn log_listening(listener: &TcpListener, what: &str) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving {what}");
+    }
 }
 
 /// Resolves when SIGTERM or SIGINT arrives, cancelling `token`.

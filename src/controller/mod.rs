@@ -129,6 +129,8 @@ pub struct Context {
     pub write_concurrency: usize,
     /// How new Pods get the pull secret before their ServiceAccount holds it.
     pub admission: admission::Bindings,
+    /// The only namespace ClusterRegistryCredentials may read source Secrets from.
+    pub source_secret_namespace: Option<String>,
 }
 
 /// Settings for [`run`].
@@ -147,6 +149,9 @@ pub struct Settings {
     /// Keep new Pods supplied through a MutatingAdmissionPolicy where the apiserver serves
     /// one (see [`admission`]).
     pub pod_admission: bool,
+    /// The only namespace ClusterRegistryCredentials may read source Secrets from;
+    /// `None` allows any.
+    pub source_secret_namespace: Option<String>,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -208,6 +213,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         verified: verify::VerifyCache::default(),
         write_concurrency: settings.write_concurrency.max(1),
         admission: admission::Bindings::new(route),
+        source_secret_namespace: settings.source_secret_namespace.clone(),
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)

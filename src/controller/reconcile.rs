@@ -22,7 +22,7 @@ use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, SyncReport};
 use super::target::NamespaceInfo;
-use super::validate::ValidSpec;
+use super::validate::{self, ValidSpec};
 use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, schedule, verify};
 
 /// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
@@ -59,7 +59,10 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
 }
 
 async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
-    let spec = match obj.validate() {
+    let spec = match obj
+        .validate()
+        .and_then(|s| validate::confine_sources(s, ctx.source_secret_namespace.as_deref()))
+    {
         Ok(spec) => spec,
         Err(e) => {
             ctx.sources.sync(&obj.trigger(), &[]);

@@ -47,6 +47,19 @@ pub enum SpecError {
     /// A namespace is both allowed and excluded, so nothing is targeted there.
     #[error("namespace {0:?} is in both spec.target.namespaces and spec.target.excludeNamespaces")]
     IncludedAndExcluded(String),
+    /// A ClusterRegistryCredential names a source Secret outside the one namespace the
+    /// administrator allows.
+    #[error(
+        "{field} is {namespace:?}, but this pullkeeper reads ClusterRegistryCredential source Secrets only in namespace {allowed:?}: move the Secret there and set {field} to {allowed:?}"
+    )]
+    SourceNamespaceNotAllowed {
+        /// Field path of the reference's namespace.
+        field: &'static str,
+        /// Namespace given.
+        namespace: String,
+        /// The one allowed namespace.
+        allowed: String,
+    },
 }
 
 impl SpecError {
@@ -209,6 +222,60 @@ fn common(
     })
 }
 
+/// Refuses a ClusterRegistryCredential whose source Secrets are outside `allowed` (the
+/// operator's `--source-secret-namespace`), so the operator need not read Secrets
+/// everywhere. The namespaced kind reads its own namespace only and is never refused.
+pub fn confine_sources(spec: ValidSpec, allowed: Option<&str>) -> Result<ValidSpec, SpecError> {
+    let Some(allowed) = allowed else {
+        return Ok(spec);
+    };
+    if !matches!(spec.scope, Scope::Cluster { .. }) {
+        return Ok(spec);
+    }
+    if let Some((field, namespace)) = source_namespaces(&spec.provider)
+        .into_iter()
+        .find(|(_, ns)| *ns != allowed)
+    {
+        return Err(SpecError::SourceNamespaceNotAllowed {
+            field,
+            namespace: namespace.to_owned(),
+            allowed: allowed.to_owned(),
+        });
+    }
+    Ok(spec)
+}
+
+/// The namespace of every Secret a provider reads, with the field that names it.
+fn source_namespaces(provider: &ProviderSpec) -> Vec<(&'static str, &str)> {
+    match provider {
+        Provider::Basic(b) => vec![("spec.provider.basic.secretRef.namespace", &b.secret_ref.namespace)],
+        Provider::DockerConfig(d) => vec![(
+            "spec.provider.dockerConfig.secretRef.namespace",
+            &d.secret_ref.namespace,
+        )],
+        Provider::Ecr(e) => e
+            .credentials_secret_ref
+            .iter()
+            .map(|r| ("spec.provider.ecr.credentialsSecretRef.namespace", r.namespace.as_str()))
+            .collect(),
+        Provider::Gcp(g) => g
+            .service_account_key_secret_ref
+            .iter()
+            .map(|r| {
+                (
+                    "spec.provider.gcp.serviceAccountKeySecretRef.namespace",
+                    r.namespace.as_str(),
+                )
+            })
+            .collect(),
+        Provider::Acr(a) => a
+            .client_secret_ref
+            .iter()
+            .map(|r| ("spec.provider.acr.clientSecretRef.namespace", r.namespace.as_str()))
+            .collect(),
+    }
+}
+
 /// Parses a Go-style duration (`90s`, `30m`, `1h30m`, `500ms`).
 pub fn duration(field: &'static str, value: &str) -> Result<Duration, SpecError> {
     let bad = || SpecError::Duration {
@@ -331,6 +398,78 @@ mod tests {
         let mut s = local_spec();
         s.target.service_accounts = Some(vec![]);
         assert!(namespaced("x", "ns", &s).expect("valid").service_accounts.is_empty());
+    }
+
+    fn cluster_spec(provider: serde_json::Value) -> ClusterRegistryCredentialSpec {
+        serde_json::from_value(serde_json::json!({
+            "registry": "ghcr.io",
+            "provider": provider,
+            "target": {}
+        }))
+        .expect("cluster spec")
+    }
+
+    #[test]
+    fn without_a_source_namespace_any_namespace_is_read() {
+        let spec = cluster_spec(serde_json::json!({"basic": {"secretRef": {"name": "pat", "namespace": "team-a"}}}));
+        let v = cluster("x", &spec).expect("valid");
+        assert_eq!(confine_sources(v.clone(), None), Ok(v));
+    }
+
+    #[test]
+    fn a_cluster_credential_may_read_only_the_allowed_namespace() {
+        let allowed = Some("pullkeeper-system");
+        let ok = cluster_spec(
+            serde_json::json!({"basic": {"secretRef": {"name": "pat", "namespace": "pullkeeper-system"}}}),
+        );
+        let v = cluster("x", &ok).expect("valid");
+        assert_eq!(confine_sources(v.clone(), allowed), Ok(v));
+        // No Secret at all (the ambient identity) is never refused.
+        let ambient = cluster("x", &cluster_spec(serde_json::json!({"ecr": {}}))).expect("valid");
+        assert!(confine_sources(ambient, allowed).is_ok());
+
+        for (provider, field) in [
+            (
+                serde_json::json!({"basic": {"secretRef": {"name": "pat", "namespace": "team-a"}}}),
+                "spec.provider.basic.secretRef.namespace",
+            ),
+            (
+                serde_json::json!({"dockerConfig": {"secretRef": {"name": "cfg", "namespace": "team-a"}}}),
+                "spec.provider.dockerConfig.secretRef.namespace",
+            ),
+            (
+                serde_json::json!({"ecr": {"credentialsSecretRef": {"name": "aws", "namespace": "team-a"}}}),
+                "spec.provider.ecr.credentialsSecretRef.namespace",
+            ),
+            (
+                serde_json::json!({"gcp": {"serviceAccountKeySecretRef": {"name": "k", "namespace": "team-a", "key": "key.json"}}}),
+                "spec.provider.gcp.serviceAccountKeySecretRef.namespace",
+            ),
+            (
+                serde_json::json!({"acr": {"tenantId": "t", "clientId": "c", "clientSecretRef": {"name": "sp", "namespace": "team-a", "key": "s"}}}),
+                "spec.provider.acr.clientSecretRef.namespace",
+            ),
+        ] {
+            let v = cluster("x", &cluster_spec(provider)).expect("valid");
+            let e = confine_sources(v, allowed).expect_err(field);
+            assert_eq!(
+                e,
+                SpecError::SourceNamespaceNotAllowed {
+                    field,
+                    namespace: "team-a".into(),
+                    allowed: "pullkeeper-system".into()
+                }
+            );
+            let msg = e.to_string();
+            assert!(msg.contains(field) && msg.contains("\"pullkeeper-system\""), "{msg}");
+            assert_eq!(e.reason(), crate::crd::conditions::reasons::INVALID_SPEC);
+        }
+    }
+
+    #[test]
+    fn the_namespaced_kind_is_not_confined() {
+        let v = namespaced("ghcr", "team-a", &local_spec()).expect("valid");
+        assert_eq!(confine_sources(v.clone(), Some("pullkeeper-system")), Ok(v));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Operator processes started by the tests themselves: leader election with two replicas,
-//! and least privilege (the operator running with only the Helm chart's RBAC).
+//! and least privilege (the operator running with only the Helm chart's RBAC and
+//! admission policies).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,7 +29,7 @@ impl Drop for Operator {
     }
 }
 
-fn free_addr() -> String {
+pub(crate) fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -188,62 +189,6 @@ async fn two_replicas_elect_one_leader_and_hand_over_when_it_dies() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
-/// Renders the chart's ServiceAccount and RBAC for `release` in `namespace`, applies them
-/// as the admin, and returns a kubeconfig that authenticates as that ServiceAccount.
-fn chart_identity(admin: &Path, release: &str, namespace: &str, dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tools = Command::new("bash")
-        .arg(root.join("hack/tools.sh"))
-        .output()
-        .expect("tools");
-    let tools = PathBuf::from(
-        String::from_utf8_lossy(&tools.stdout)
-            .lines()
-            .last()
-            .expect("dir")
-            .trim(),
-    );
-    let rendered = Command::new(tools.join("helm"))
-        .args(["template", release])
-        .arg(root.join("charts/pullkeeper"))
-        .args(["--namespace", namespace])
-        .args(["--show-only", "templates/serviceaccount.yaml"])
-        .args(["--show-only", "templates/clusterrole.yaml"])
-        .args(["--show-only", "templates/role.yaml"])
-        .output()
-        .expect("helm template");
-    assert!(
-        rendered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let manifests = dir.join("rbac.yaml");
-    std::fs::write(&manifests, &rendered.stdout).expect("write");
-    let applied = Command::new(tools.join("kubectl"))
-        .env("KUBECONFIG", admin)
-        .args(["apply", "-f"])
-        .arg(&manifests)
-        .output()
-        .expect("kubectl apply");
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let sa = format!("{release}-pullkeeper");
-    let token = Command::new(tools.join("kubectl"))
-        .env("KUBECONFIG", admin)
-        .args(["create", "token", &sa, "-n", namespace, "--duration=1h"])
-        .output()
-        .expect("kubectl create token");
-    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
-    let mut kc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(admin).expect("admin kubeconfig")).expect("yaml");
-    for user in kc["users"].as_sequence_mut().expect("users") {
-        user["user"] = serde_yaml::to_value(serde_json::json!({ "token": token })).expect("value");
-    }
-    let path = dir.join("chart-sa.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write kubeconfig");
-    path
-}
-
 #[tokio::test]
 async fn the_operator_works_with_only_the_charts_rbac() {
     let env = support::env();
@@ -251,7 +196,8 @@ async fn the_operator_works_with_only_the_charts_rbac() {
     let shard = support::unique("rbac");
     let home = support::namespace(&client, "rbac-home", &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = chart_identity(&env.kubeconfig, &shard, &home, dir.path());
+    // The chart's RBAC and its admission policies, both enforced.
+    let kubeconfig = support::chart_identity(&env.kubeconfig, &shard, &home, dir.path(), &[]).await;
     let op = start(
         &kubeconfig,
         &shard,

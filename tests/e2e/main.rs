@@ -4,6 +4,7 @@
 
 mod admission;
 mod check;
+mod confine;
 mod ecr;
 mod fakes;
 mod fanout;

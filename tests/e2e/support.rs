@@ -71,6 +71,7 @@ pub fn env() -> &'static Env {
                         credential_selector: Some(format!("!{SHARD_LABEL}")),
                         leader: None,
                         pod_admission: true,
+                        source_secret_namespace: None,
                     };
                     // Runs for the life of the test binary.
                     let _ =
@@ -141,7 +142,8 @@ pub async fn client() -> Client {
     client_for(&env().kubeconfig).await
 }
 
-async fn client_for(kubeconfig: &Path) -> Client {
+/// A client for the user of `kubeconfig`, bound to the calling test's runtime.
+pub async fn client_for(kubeconfig: &Path) -> Client {
     Client::try_from(config_for(kubeconfig).await).expect("client")
 }
 
@@ -647,4 +649,145 @@ pub async fn delete_credential(client: &Client, name: &str) {
     let _ = Api::<pullkeeper::crd::ClusterRegistryCredential>::all(client.clone())
         .delete(name, &DeleteParams::default())
         .await;
+}
+
+/// The directory holding the pinned helm and kubectl (from `hack/tools.sh`).
+pub fn tools() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack/tools.sh"))
+        .output()
+        .expect("hack/tools.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("tools dir")
+            .trim(),
+    )
+}
+
+/// Names of the chart's admission policies for `release` (their bindings have the same).
+pub fn chart_policies(release: &str) -> [String; 3] {
+    ["secrets", "serviceaccounts", "token-requests"].map(|p| format!("{release}-pullkeeper-{p}"))
+}
+
+/// Renders the chart's ServiceAccount, RBAC and admission policies for `release` in
+/// `namespace` with the helm `--set` values `sets`, applies them as the admin, waits
+/// until the policies are enforced, and returns a kubeconfig that authenticates as that
+/// ServiceAccount.
+pub async fn chart_identity(admin: &Path, release: &str, namespace: &str, dir: &Path, sets: &[&str]) -> PathBuf {
+    let tools = tools();
+    let mut helm = Command::new(tools.join("helm"));
+    helm.args(["template", release])
+        .arg(repo_root().join("charts/pullkeeper"))
+        .args(["--namespace", namespace])
+        // `helm template` asks no cluster which APIs it serves; this one does.
+        .args([
+            "--api-versions",
+            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+        ]);
+    for t in ["serviceaccount", "clusterrole", "role", "admissionpolicy"] {
+        helm.args(["--show-only", &format!("templates/{t}.yaml")]);
+    }
+    for s in sets {
+        helm.args(["--set", s]);
+    }
+    let rendered = helm.output().expect("helm template");
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let manifests = dir.join(format!("chart-{release}.yaml"));
+    std::fs::write(&manifests, &rendered.stdout).expect("write");
+    let applied = Command::new(tools.join("kubectl"))
+        .env("KUBECONFIG", admin)
+        .args(["apply", "-f"])
+        .arg(&manifests)
+        .output()
+        .expect("kubectl apply");
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let sa = format!("{release}-pullkeeper");
+    let token = Command::new(tools.join("kubectl"))
+        .env("KUBECONFIG", admin)
+        .args(["create", "token", &sa, "-n", namespace, "--duration=1h"])
+        .output()
+        .expect("kubectl create token");
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin).expect("admin kubeconfig")).expect("yaml");
+    for user in kc["users"].as_sequence_mut().expect("users") {
+        user["user"] = serde_yaml::to_value(serde_json::json!({ "token": token })).expect("value");
+    }
+    let path = dir.join(format!("chart-{release}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write kubeconfig");
+    wait_until_enforced(&client_for(&path).await, release, namespace).await;
+    path
+}
+
+/// Whether `result` is a refusal by the chart's admission policy `policy`.
+pub fn denied_by_policy<T: std::fmt::Debug>(result: &Result<T, kube::Error>, policy: &str) -> bool {
+    match result {
+        Err(kube::Error::Api(e)) => {
+            e.code == 403 && e.message.contains(&format!("ValidatingAdmissionPolicy '{policy}'"))
+        }
+        _ => false,
+    }
+}
+
+/// Policies are enforced a moment after they are created: retries a request each policy
+/// refuses (as `operator`, the chart's ServiceAccount; dry runs where the API has them)
+/// until all three refuse it.
+async fn wait_until_enforced(operator: &Client, release: &str, namespace: &str) {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    let [secrets, service_accounts, tokens] = chart_policies(release);
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let sa_name = format!("{release}-pullkeeper");
+    let enforced = eventually(Duration::from_secs(30), || async {
+        let mut opaque = Secret::default();
+        opaque.metadata.name = Some("policy-probe".into());
+        let r = Api::<Secret>::namespaced(operator.clone(), namespace)
+            .create(&dry, &opaque)
+            .await;
+        if !denied_by_policy(&r, &secrets) {
+            return None;
+        }
+        let label = serde_json::json!({"metadata": {"labels": {"policy-probe": "x"}}});
+        let r = Api::<ServiceAccount>::namespaced(operator.clone(), namespace)
+            .patch(
+                &sa_name,
+                &PatchParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &Patch::Merge(&label),
+            )
+            .await;
+        if !denied_by_policy(&r, &service_accounts) {
+            return None;
+        }
+        // The apiserver's own audience (an empty list defaults to it).
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = Api::<ServiceAccount>::namespaced(operator.clone(), namespace)
+            .create_token_request(&sa_name, &PostParams::default(), &request)
+            .await;
+        denied_by_policy(&r, &tokens).then_some(())
+    })
+    .await;
+    assert!(
+        enforced.is_some(),
+        "the chart's admission policies were not enforced within 30 s"
+    );
 }

@@ -70,3 +70,21 @@ The operator image: repository:tag (tag defaults to appVersion), or repository@d
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when /metrics listens on loopback only (reachable from inside the pod only).
+*/}}
+{{- define "pullkeeper.metricsLoopback" -}}
+{{- if has .Values.metrics.bindAddress (list "127.0.0.1" "::1") }}true{{ end }}
+{{- end }}
+
+{{/*
+PULLKEEPER_METRICS_ADDR: bindAddress:8080, IPv6 addresses in brackets.
+*/}}
+{{- define "pullkeeper.metricsAddr" -}}
+{{- if contains ":" .Values.metrics.bindAddress }}
+{{- printf "[%s]:8080" .Values.metrics.bindAddress }}
+{{- else }}
+{{- printf "%s:8080" .Values.metrics.bindAddress }}
+{{- end }}
+{{- end }}
