@@ -51,6 +51,10 @@ struct CheckArgs {
     /// Do not verify TLS certificates.
     #[arg(long)]
     insecure_skip_verify: bool,
+    /// Never contact registries in these ranges, e.g. `10.0.0.0/8` (repeatable or
+    /// comma-separated), on top of link-local and cloud metadata addresses.
+    #[arg(long = "deny-cidr", value_delimiter = ',')]
+    deny_cidrs: Vec<pullkeeper::registry::Cidr>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -97,6 +101,10 @@ struct ControllerArgs {
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Comma-separated CIDRs that `verify` never contacts (e.g. the node and service
+    /// networks), on top of the link-local and cloud metadata addresses always refused.
+    #[arg(long, env = "PULLKEEPER_DENY_REGISTRY_CIDRS", value_delimiter = ',')]
+    deny_registry_cidrs: Vec<pullkeeper::registry::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,11 +144,13 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let client = pullkeeper::registry::RegistryClient::new(&pullkeeper::registry::TlsOptions {
-        ca_bundle,
-        insecure_skip_verify: args.insecure_skip_verify,
-    })
-    .map_err(anyhow::Error::msg)?;
+    let client = pullkeeper::registry::RegistryClient::with_policy(
+        &pullkeeper::registry::TlsOptions {
+            ca_bundle,
+            insecure_skip_verify: args.insecure_skip_verify,
+        },
+        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs),
+    )?;
     let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
     match args.output {
         Output::Text => print!("{}", check::render_text(&reports)),
@@ -228,6 +238,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
+        deny_registry_cidrs: args.deny_registry_cidrs,
     };
     pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
         .await

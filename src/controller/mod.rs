@@ -140,6 +140,9 @@ pub struct Settings {
     pub credential_selector: Option<String>,
     /// Leader election; `None` reconciles without it (a single replica).
     pub leader: Option<crate::leader::Config>,
+    /// Ranges that pullability checks never contact, on top of the built-in link-local
+    /// and cloud metadata addresses.
+    pub deny_registry_cidrs: Vec<crate::registry::Cidr>,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -190,7 +193,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         caches,
         sources: triggers::SourceWatches::new(client.clone(), trigger_tx, credentials.clone(), shutdown.clone()),
         credentials,
-        verified: verify::VerifyCache::default(),
+        verified: verify::VerifyCache::new(crate::registry::AddressPolicy::new(
+            settings.deny_registry_cidrs.clone(),
+        )),
         write_concurrency: settings.write_concurrency.max(1),
     });
     let config = kube::runtime::controller::Config::default()

@@ -70,6 +70,7 @@ pub fn env() -> &'static Env {
                         // processes that a test starts itself.
                         credential_selector: Some(format!("!{SHARD_LABEL}")),
                         leader: None,
+                        deny_registry_cidrs: vec![],
                     };
                     // Runs for the life of the test binary.
                     let _ =
