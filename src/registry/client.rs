@@ -131,7 +131,7 @@ pub enum PullError {
     /// The registry's address is link-local, a cloud metadata service, or in a range the
     /// administrator denied; nothing was sent to it.
     #[error(
-        "{registry} is not an allowed registry address ({detail}): link-local and cloud metadata addresses, and ranges denied by the operator's --deny-registry-cidrs, are never contacted"
+        "{registry} was not contacted: {detail}; pullability checks never reach link-local or cloud metadata addresses, nor ranges denied with the operator's --deny-registry-cidrs"
     )]
     AddressNotAllowed {
         /// Registry.

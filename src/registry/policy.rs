@@ -173,7 +173,7 @@ impl AddressPolicy {
         };
         for candidate in std::iter::once(ip).chain(embedded) {
             if let Some((_, why)) = self.built_in.iter().find(|(c, _)| c.contains(candidate)) {
-                return Err(refuse(format!("{why}, which is never contacted")));
+                return Err(refuse((*why).to_owned()));
             }
             if self.denied.iter().any(|c| c.contains(candidate)) {
                 return Err(refuse("in a range denied by --deny-registry-cidrs".to_owned()));
@@ -188,7 +188,7 @@ impl AddressPolicy {
         if METADATA_NAMES.contains(&n.as_str()) {
             return Err(AddressRefused {
                 host: name.to_owned(),
-                rule: "a cloud metadata service, which is never contacted".to_owned(),
+                rule: "a cloud metadata service".to_owned(),
             });
         }
         Ok(())
