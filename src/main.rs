@@ -53,8 +53,8 @@ struct CheckArgs {
     insecure_skip_verify: bool,
     /// Never contact registries in these ranges, e.g. `10.0.0.0/8` (repeatable or
     /// comma-separated), on top of link-local and cloud metadata addresses.
-    #[arg(long = "deny-cidr", value_delimiter = ',')]
-    deny_cidrs: Vec<pullkeeper::registry::Cidr>,
+    #[arg(long = "deny-cidr")]
+    deny_cidrs: Vec<pullkeeper::registry::CidrList>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -103,8 +103,8 @@ struct ControllerArgs {
     instance: Option<String>,
     /// Comma-separated CIDRs that `verify` never contacts (e.g. the node and service
     /// networks), on top of the link-local and cloud metadata addresses always refused.
-    #[arg(long, env = "PULLKEEPER_DENY_REGISTRY_CIDRS", value_delimiter = ',')]
-    deny_registry_cidrs: Vec<pullkeeper::registry::Cidr>,
+    #[arg(long, env = "PULLKEEPER_DENY_REGISTRY_CIDRS")]
+    deny_registry_cidrs: Vec<pullkeeper::registry::CidrList>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,7 +149,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             ca_bundle,
             insecure_skip_verify: args.insecure_skip_verify,
         },
-        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs),
+        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs.into_iter().flat_map(|l| l.0).collect()),
     )?;
     let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
     match args.output {
@@ -238,7 +238,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
-        deny_registry_cidrs: args.deny_registry_cidrs,
+        deny_registry_cidrs: args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect(),
     };
     pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
         .await

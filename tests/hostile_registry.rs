@@ -371,3 +371,55 @@ async fn metadata_and_denied_addresses_are_refused_without_connecting() {
         "the denied name was contacted"
     );
 }
+
+fn pullkeeper(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pullkeeper"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("KUBECONFIG")
+        .env("KUBERNETES_SERVICE_HOST", "")
+        .output()
+        .expect("pullkeeper");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_takes_denied_ranges_and_the_controller_flag_parses_them() {
+    let (addr, accepted) = counting_listener("127.0.0.4").await;
+    let image = format!("{addr}/app:v1");
+    let (code, out, err) = pullkeeper(
+        &[
+            "check",
+            &image,
+            "--deny-cidr",
+            "10.0.0.0/8,127.0.0.4/32",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    assert_eq!(v[0]["reason"], "AddressNotAllowed", "{out}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+
+    let (code, _, err) = pullkeeper(&["check", &image, "--deny-cidr", "10.0.0/8"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("10.0.0.0/8"), "says how to write it: {err}");
+
+    let (code, _, err) = pullkeeper(&["controller", "--deny-registry-cidrs", "nope"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--deny-registry-cidrs"), "{err}");
+    let (code, _, err) = pullkeeper(
+        &["controller"],
+        &[("PULLKEEPER_DENY_REGISTRY_CIDRS", "10.0.0.0/8,nope")],
+    );
+    assert_eq!(code, 2, "{err}");
+    // An empty setting (a chart default) is no range at all, not an error.
+    let (_, _, err) = pullkeeper(&["controller"], &[("PULLKEEPER_DENY_REGISTRY_CIDRS", "")]);
+    assert!(!err.contains("CIDR"), "{err}");
+}

@@ -106,3 +106,47 @@ fn without_url_query(e: &reqwest::Error) -> String {
         _ => text,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `status` with a 1 GiB body generated while sent.
+    async fn endless(status: u16) -> String {
+        static CHUNK: [u8; 64 * 1024] = [b' '; 64 * 1024];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new().fallback(move || async move {
+            let chunks = (1u64 << 30) / CHUNK.len() as u64;
+            let body = axum::body::Body::from_stream(futures::stream::iter(
+                (0..chunks).map(|_| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(&CHUNK))),
+            ));
+            (axum::http::StatusCode::from_u16(status).expect("status"), body)
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/token")
+    }
+
+    #[tokio::test]
+    async fn gigabyte_answers_are_refused_at_the_cap() {
+        let url = endless(200).await;
+        let e = json::<serde_json::Value>("gcp", "token endpoint", http_client().get(&url))
+            .await
+            .expect_err("1 GiB answer");
+        assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+
+        let url = endless(403).await;
+        let e = json::<serde_json::Value>("gcp", "token endpoint", http_client().get(&url))
+            .await
+            .expect_err("1 GiB error");
+        assert!(matches!(
+            e,
+            ProviderError::Cloud {
+                failure: CloudFailure::Denied,
+                ..
+            }
+        ));
+    }
+}

@@ -511,12 +511,10 @@ fn is_plain_http_answer(e: &reqwest::Error) -> bool {
     }
 }
 
+/// Only a host that is really loopback (by address, not by how its name starts) may
+/// fall back to plain HTTP: `127.evil.example` is a DNS name like any other.
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(
-        host,
-        |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host },
-    );
-    h == "localhost" || h.starts_with("127.") || h == "[::1]"
+    Url::parse(&format!("http://{host}/")).is_ok_and(|u| policy::is_loopback(&u))
 }
 
 /// One resolution: the base URL in use and the authorization that works.
@@ -890,6 +888,12 @@ mod tests {
         assert!(is_loopback("localhost"));
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("ghcr.io"));
+        assert!(
+            !is_loopback("127.evil.example:5000"),
+            "a name that starts like an address"
+        );
+        assert!(!is_loopback("localhost.evil.example"));
+        assert!(is_loopback("127.0.0.2:5000"));
     }
 
     /// An error that wraps another, as hyper and reqwest do.

@@ -10,5 +10,5 @@ pub mod untrusted;
 
 pub use client::{ClientError, Login, PullError, RegistryClient, Resolved, TlsOptions};
 pub use host::{HostError, RegistryHost};
-pub use policy::{AddressPolicy, AddressRefused, Cidr, CidrError, Insecure, parse_cidrs};
+pub use policy::{AddressPolicy, AddressRefused, Cidr, CidrError, CidrList, Insecure, parse_cidrs};
 pub use reference::{Reference, ReferenceError};

@@ -107,6 +107,18 @@ pub fn parse_cidrs(list: &str) -> Result<Vec<Cidr>, CidrError> {
         .collect()
 }
 
+/// A comma-separated list of CIDRs as one setting; an empty setting is an empty list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrList(pub Vec<Cidr>);
+
+impl FromStr for CidrList {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        parse_cidrs(s).map(CidrList)
+    }
+}
+
 fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
@@ -392,6 +404,7 @@ mod tests {
         assert_eq!(l, vec![cidr("10.0.0.0/8"), cidr("192.168.0.0/16")]);
         assert!(parse_cidrs("").expect("empty").is_empty());
         assert!(parse_cidrs("10.0.0.0/8,nope").is_err());
+        assert_eq!("".parse::<CidrList>(), Ok(CidrList::default()), "an empty setting");
     }
 
     #[test]
