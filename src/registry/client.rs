@@ -632,8 +632,9 @@ impl<'a> Session<'a> {
                 registry,
                 detail: i.to_string(),
             },
-            Failure::Tls | Failure::PlainHttp => PullError::Tls { registry, detail },
-            Failure::Other => {
+            Failure::Tls => PullError::Tls { registry, detail },
+            // A plain-HTTP answer is no certificate problem: the CA advice would mislead.
+            Failure::PlainHttp | Failure::Other => {
                 let lower = chain.to_ascii_lowercase();
                 if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
                     PullError::Tls { registry, detail }
