@@ -423,3 +423,39 @@ async fn check_takes_denied_ranges_and_the_controller_flag_parses_them() {
     let (_, _, err) = pullkeeper(&["controller"], &[("PULLKEEPER_DENY_REGISTRY_CIDRS", "")]);
     assert!(!err.contains("CIDR"), "{err}");
 }
+
+#[tokio::test]
+async fn a_realm_on_the_metadata_service_is_refused_before_it_is_asked() {
+    for realm in [
+        "https://169.254.169.254/latest/api/token",
+        "https://metadata.google.internal/computeMetadata/v1/token",
+        "https://[fd00:ec2::254]/token",
+    ] {
+        let (addr, seen) = serve("127.0.0.1", move |req: Request, _| async move {
+            if req.uri().path() == "/v2/" {
+                return StatusCode::OK.into_response();
+            }
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, format!("Bearer realm=\"{realm}\""))],
+            )
+                .into_response()
+        })
+        .await;
+        let started = Instant::now();
+        let err = client()
+            .resolve(&reference(addr, "team/app"), Some(&login()), &[])
+            .await
+            .expect_err(realm);
+        assert_eq!(err.reason(), "AddressNotAllowed", "{realm}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{realm}: refused before connecting"
+        );
+        assert!(
+            seen.lines().iter().all(|l| l.ends_with("auth=no")),
+            "{:?}",
+            seen.lines()
+        );
+    }
+}
