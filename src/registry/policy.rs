@@ -17,9 +17,12 @@ use std::sync::Arc;
 use reqwest::Url;
 
 /// Link-local and cloud metadata addresses, never contacted whatever the settings.
-const BUILT_IN: [(&str, &str); 6] = [
+const BUILT_IN: [(&str, &str); 8] = [
     // IPv4 link-local: the metadata service of AWS, GCP, Azure, OCI, DigitalOcean, ...
     ("169.254.0.0/16", "link-local"),
+    // Connecting to 0.0.0.0 or :: reaches the local host, past any loopback range denied.
+    ("0.0.0.0/8", "an unspecified address"),
+    ("::/128", "an unspecified address"),
     ("fe80::/10", "link-local"),
     ("fd00:ec2::254/128", "the AWS metadata service"),
     ("fd20:ce::254/128", "the Google Cloud metadata service"),
@@ -420,6 +423,8 @@ mod tests {
             "fd20:ce::254",
             "100.100.100.200",
             "168.63.129.16",
+            "0.0.0.0",
+            "::",
         ] {
             assert!(p.check_ip("h", ip(bad)).is_err(), "{bad} should be refused");
         }
