@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     use pullkeeper::check;
     let logins = match (&args.docker_config, &args.secret) {
-        (Some(path), _) => check::read_docker_config(path).map_err(anyhow::Error::msg)?,
+        (Some(path), _) => check::read_docker_config(path)?,
         (None, Some(ns_name)) => {
             let (ns, name) = ns_name.split_once('/').context("--secret takes namespace/name")?;
             let client = kube::Client::try_default()
