@@ -10,7 +10,54 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::provider::entry_for;
-use crate::registry::{Login, PullError, Reference, RegistryClient, RegistryHost, Resolved};
+use crate::registry::{HostError, Login, PullError, Reference, RegistryClient, RegistryHost, Resolved};
+
+/// Why no login could be found for a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The registry part of the image is not a host.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The docker config could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential helper could not be run.
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// `docker-credential-<name>`.
+        program: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential helper failed.
+    #[error("{program} get failed: {stderr}")]
+    Helper {
+        /// `docker-credential-<name>`.
+        program: String,
+        /// What it printed on stderr, bounded.
+        stderr: String,
+    },
+    /// A credential helper answered something else than credentials.
+    #[error("{program} did not answer with credentials JSON")]
+    HelperAnswer {
+        /// `docker-credential-<name>`.
+        program: String,
+    },
+}
+
+impl CheckError {
+    /// The reason printed for the image.
+    pub fn reason(&self) -> &'static str {
+        "CredentialError"
+    }
+}
 
 /// Where logins come from.
 pub enum Logins {
@@ -40,11 +87,11 @@ struct HelperAnswer {
 impl Logins {
     /// The login for `registry`, if any: an `auths` entry, else the registry's credential
     /// helper, else the default credential store.
-    pub fn for_registry(&self, registry: &str) -> Result<Option<Login>, String> {
+    pub fn for_registry(&self, registry: &str) -> Result<Option<Login>, CheckError> {
         let Logins::DockerConfig(doc) = self else {
             return Ok(None);
         };
-        let host = RegistryHost::parse(registry).map_err(|e| e.to_string())?;
+        let host = RegistryHost::parse(registry)?;
         if let Ok(c) = entry_for(doc, &host) {
             return Ok(Some(Login {
                 username: c.username,
@@ -69,31 +116,32 @@ impl Logins {
     }
 }
 
-fn run_helper(helper: &str, server: &str) -> Result<Login, String> {
+fn run_helper(helper: &str, server: &str) -> Result<Login, CheckError> {
     let program = format!("docker-credential-{helper}");
+    let spawn = |source| CheckError::Spawn {
+        program: program.clone(),
+        source,
+    };
     let mut child = Command::new(&program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running {program}: {e}"))?;
+        .map_err(spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(server.as_bytes())
-            .map_err(|e| format!("writing to {program}: {e}"))?;
+        stdin.write_all(server.as_bytes()).map_err(spawn)?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("running {program}: {e}"))?;
+    let out = child.wait_with_output().map_err(spawn)?;
     if !out.status.success() {
-        return Err(format!(
-            "{program} get failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(CheckError::Helper {
+            stderr: crate::registry::untrusted::sanitize(&String::from_utf8_lossy(&out.stderr)),
+            program,
+        });
     }
-    let a: HelperAnswer =
-        serde_json::from_slice(&out.stdout).map_err(|_| format!("{program} did not answer with credentials JSON"))?;
+    let a: HelperAnswer = serde_json::from_slice(&out.stdout).map_err(|_| CheckError::HelperAnswer {
+        program: program.clone(),
+    })?;
     Ok(Login {
         username: a.username,
         password: a.secret,
@@ -101,10 +149,13 @@ fn run_helper(helper: &str, server: &str) -> Result<Login, String> {
 }
 
 /// Reads a docker config file.
-pub fn read_docker_config(path: &Path) -> Result<Logins, String> {
+pub fn read_docker_config(path: &Path) -> Result<Logins, CheckError> {
     std::fs::read(path)
         .map(Logins::DockerConfig)
-        .map_err(|e| format!("reading {}: {e}", path.display()))
+        .map_err(|source| CheckError::Read {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// One image's result, as printed.
@@ -134,7 +185,7 @@ pub async fn check(client: &RegistryClient, logins: &Logins, images: &[String], 
             let r = Reference::parse(image).map_err(|e| ("InvalidReference".to_owned(), e.to_string()))?;
             let login = logins
                 .for_registry(&r.registry)
-                .map_err(|e| ("CredentialError".to_owned(), e))?;
+                .map_err(|e| (e.reason().to_owned(), e.to_string()))?;
             client
                 .resolve(&r, login.as_ref(), platforms)
                 .await
@@ -187,4 +238,20 @@ pub fn render_text(reports: &[Report]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_helper_is_a_credential_error_naming_it() {
+        let logins = Logins::DockerConfig(br#"{"credsStore":"pullkeeper-test-none"}"#.to_vec());
+        let Err(e) = logins.for_registry("ghcr.io") else {
+            panic!("a helper that does not exist gave a login");
+        };
+        assert_eq!(e.reason(), "CredentialError");
+        assert!(e.to_string().contains("docker-credential-pullkeeper-test-none"), "{e}");
+        assert!(matches!(Logins::Anonymous.for_registry("ghcr.io"), Ok(None)));
+    }
 }

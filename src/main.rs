@@ -51,6 +51,10 @@ struct CheckArgs {
     /// Do not verify TLS certificates.
     #[arg(long)]
     insecure_skip_verify: bool,
+    /// Never contact registries in these ranges, e.g. `10.0.0.0/8` (repeatable or
+    /// comma-separated), on top of link-local and cloud metadata addresses.
+    #[arg(long = "deny-cidr")]
+    deny_cidrs: Vec<pullkeeper::registry::CidrList>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -114,6 +118,10 @@ struct ControllerArgs {
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Comma-separated CIDRs that `verify` never contacts (e.g. the node and service
+    /// networks), on top of the link-local and cloud metadata addresses always refused.
+    #[arg(long, env = "PULLKEEPER_DENY_REGISTRY_CIDRS")]
+    deny_registry_cidrs: Vec<pullkeeper::registry::CidrList>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,7 +139,7 @@ fn main() -> anyhow::Result<()> {
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     use pullkeeper::check;
     let logins = match (&args.docker_config, &args.secret) {
-        (Some(path), _) => check::read_docker_config(path).map_err(anyhow::Error::msg)?,
+        (Some(path), _) => check::read_docker_config(path)?,
         (None, Some(ns_name)) => {
             let (ns, name) = ns_name.split_once('/').context("--secret takes namespace/name")?;
             let client = kube::Client::try_default()
@@ -153,11 +161,13 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let client = pullkeeper::registry::RegistryClient::new(&pullkeeper::registry::TlsOptions {
-        ca_bundle,
-        insecure_skip_verify: args.insecure_skip_verify,
-    })
-    .map_err(anyhow::Error::msg)?;
+    let client = pullkeeper::registry::RegistryClient::with_policy(
+        &pullkeeper::registry::TlsOptions {
+            ca_bundle,
+            insecure_skip_verify: args.insecure_skip_verify,
+        },
+        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs.into_iter().flat_map(|l| l.0).collect()),
+    )?;
     let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
     match args.output {
         Output::Text => print!("{}", check::render_text(&reports)),
@@ -245,6 +255,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_concurrency: args.write_concurrency.max(1),
         pod_admission: args.pod_admission_policy,
         source_secret_namespace: args.source_secret_namespace.filter(|ns| !ns.is_empty()),
+        deny_registry_cidrs: args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect(),
     };
     pullkeeper::operator::run_with(client, metrics, endpoints, settings, shutdown)
         .await

@@ -152,6 +152,9 @@ pub struct Settings {
     /// The only namespace ClusterRegistryCredentials may read source Secrets from;
     /// `None` allows any.
     pub source_secret_namespace: Option<String>,
+    /// Ranges that pullability checks never contact, on top of the built-in link-local
+    /// and cloud metadata addresses.
+    pub deny_registry_cidrs: Vec<crate::registry::Cidr>,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -210,7 +213,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         caches,
         sources: triggers::SourceWatches::new(client.clone(), trigger_tx, credentials.clone(), shutdown.clone()),
         credentials,
-        verified: verify::VerifyCache::default(),
+        verified: verify::VerifyCache::new(crate::registry::AddressPolicy::new(
+            settings.deny_registry_cidrs.clone(),
+        )),
         write_concurrency: settings.write_concurrency.max(1),
         admission: admission::Bindings::new(route),
         source_secret_namespace: settings.source_secret_namespace.clone(),

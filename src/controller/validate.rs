@@ -12,7 +12,7 @@ use crate::crd::{
     RegistryCredentialSpec, TlsSpec, VerifySpec,
 };
 use crate::provider::ProviderSpec;
-use crate::registry::{HostError, RegistryHost};
+use crate::registry::{HostError, Reference, RegistryHost};
 
 /// Default re-read period for credentials without an expiry.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
@@ -59,6 +59,16 @@ pub enum SpecError {
         namespace: String,
         /// The one allowed namespace.
         allowed: String,
+    },
+    /// A `RegistryCredential` names an image on another registry than its own.
+    #[error(
+        "spec.verify.images entry {image:?} is not on spec.registry {registry}: a RegistryCredential verifies only images on its own registry (a ClusterRegistryCredential may name any)"
+    )]
+    ForeignImage {
+        /// The image as written.
+        image: String,
+        /// `spec.registry`.
+        registry: String,
     },
 }
 
@@ -152,6 +162,9 @@ pub fn namespaced(name: &str, namespace: &str, spec: &RegistryCredentialSpec) ->
         namespace: namespace.to_owned(),
         key: r.key,
     };
+    if let Some(v) = &spec.verify {
+        own_registry_only(&spec.registry, &v.images)?;
+    }
     common(
         name,
         &spec.registry,
@@ -274,6 +287,30 @@ fn source_namespaces(provider: &ProviderSpec) -> Vec<(&'static str, &str)> {
             .map(|r| ("spec.provider.acr.clientSecretRef.namespace", r.namespace.as_str()))
             .collect(),
     }
+}
+
+/// A namespace's team must not use the operator to probe other registries (or whatever
+/// answers on an internal address): the namespaced kind verifies only images on its own
+/// registry. An image that does not parse is left to the verify step, which reports it
+/// per image without contacting anything.
+fn own_registry_only(registry: &str, images: &[String]) -> Result<(), SpecError> {
+    let Ok(own) = RegistryHost::parse(registry) else {
+        // common() reports the bad spec.registry.
+        return Ok(());
+    };
+    for image in images {
+        let Ok(reference) = Reference::parse(image) else {
+            continue;
+        };
+        let same = RegistryHost::parse(&reference.registry).is_ok_and(|h| h.same_registry(&own));
+        if !same {
+            return Err(SpecError::ForeignImage {
+                image: image.clone(),
+                registry: own.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Parses a Go-style duration (`90s`, `30m`, `1h30m`, `500ms`).
@@ -470,6 +507,54 @@ mod tests {
     fn the_namespaced_kind_is_not_confined() {
         let v = namespaced("ghcr", "team-a", &local_spec()).expect("valid");
         assert_eq!(confine_sources(v.clone(), Some("pullkeeper-system")), Ok(v));
+    }
+
+    #[test]
+    fn a_namespaced_credential_verifies_only_images_on_its_own_registry() {
+        let with_images = |registry: &str, images: &[&str]| {
+            let mut s = local_spec();
+            s.registry = registry.into();
+            s.verify = Some(VerifySpec {
+                images: images.iter().map(|i| (*i).to_owned()).collect(),
+                platforms: vec![],
+                interval: None,
+            });
+            s
+        };
+        let ok = with_images("ghcr.io", &["ghcr.io/acme/api:v1", "GHCR.IO/acme/web@sha256:0"]);
+        assert!(
+            namespaced("x", "ns", &ok).is_ok(),
+            "own registry (and an unparsable entry)"
+        );
+        let hub = with_images("index.docker.io", &["nginx", "docker.io/library/redis:7"]);
+        assert!(
+            namespaced("x", "ns", &hub).is_ok(),
+            "Docker Hub under its several names"
+        );
+        let probe = with_images("ghcr.io", &["ghcr.io/acme/api:v1", "169.254.169.254/latest:x"]);
+        let e = namespaced("x", "ns", &probe).expect_err("another registry");
+        assert_eq!(e.reason(), "InvalidSpec");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"169.254.169.254/latest:x\"") && msg.contains("spec.verify.images"),
+            "{msg}"
+        );
+        let port = with_images("registry.example.com:5000", &["registry.example.com/app:1"]);
+        assert!(
+            namespaced("x", "ns", &port).is_err(),
+            "another port is another registry"
+        );
+    }
+
+    #[test]
+    fn a_cluster_credential_may_verify_any_registry() {
+        let spec: ClusterRegistryCredentialSpec = serde_json::from_value(serde_json::json!({
+            "registry": "ghcr.io",
+            "provider": {"basic": {"secretRef": {"name": "pat", "namespace": "ops"}}},
+            "verify": {"images": ["quay.io/acme/api:v1", "nginx"]}
+        }))
+        .expect("spec");
+        assert!(cluster("x", &spec).is_ok());
     }
 
     #[test]

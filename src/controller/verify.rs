@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::crd::ImageStatus;
 use crate::crd::conditions::{reasons, whole_seconds};
 use crate::metrics::Metrics;
-use crate::registry::{Login, Reference, RegistryClient, RegistryHost, TlsOptions};
+use crate::registry::{AddressPolicy, Login, Reference, RegistryClient, RegistryHost, TlsOptions};
 
 use super::cache::Cached;
 use super::triggers::Trigger;
@@ -29,13 +29,22 @@ struct Entry {
     images: Vec<ImageStatus>,
 }
 
-/// Last results per credential.
+/// Last results per credential, and the addresses checks may not reach.
 #[derive(Default)]
 pub struct VerifyCache {
     entries: Mutex<HashMap<Trigger, Entry>>,
+    policy: AddressPolicy,
 }
 
 impl VerifyCache {
+    /// An empty cache whose checks refuse what `policy` refuses.
+    pub fn new(policy: AddressPolicy) -> Self {
+        Self {
+            entries: Mutex::default(),
+            policy,
+        }
+    }
+
     /// Forgets a credential's results.
     pub fn invalidate(&self, key: &Trigger) {
         crate::lock(&self.entries).remove(key);
@@ -70,7 +79,16 @@ pub async fn images(
     if let Some(hit) = fresh {
         return Some(hit);
     }
-    let checked = check(metrics, spec, &verify.images, &verify.platforms, credential, now).await;
+    let checked = check(
+        metrics,
+        &cache.policy,
+        spec,
+        &verify.images,
+        &verify.platforms,
+        credential,
+        now,
+    )
+    .await;
     crate::lock(&cache.entries).insert(
         key.clone(),
         Entry {
@@ -85,6 +103,7 @@ pub async fn images(
 
 async fn check(
     metrics: &Metrics,
+    policy: &AddressPolicy,
     spec: &ValidSpec,
     images: &[String],
     platforms: &[String],
@@ -104,12 +123,13 @@ async fn check(
             checked_at: checked_at.clone(),
         }
     };
-    let client = match RegistryClient::new(&TlsOptions {
+    let tls = TlsOptions {
         ca_bundle: spec.tls.ca_bundle.clone(),
         insecure_skip_verify: spec.tls.insecure_skip_verify,
-    }) {
+    };
+    let client = match RegistryClient::with_policy(&tls, policy.clone()) {
         Ok(c) => c,
-        Err(message) => return images.iter().map(|i| failed(i, "TLSError", message.clone())).collect(),
+        Err(e) => return images.iter().map(|i| failed(i, e.reason(), e.to_string())).collect(),
     };
     let login = Login {
         username: credential.credential.username.clone(),

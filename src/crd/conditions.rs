@@ -56,6 +56,14 @@ pub mod reasons {
     pub const SYNC_FAILED: &str = "SyncFailed";
     /// A same-named Secret not managed by pullkeeper is in the way.
     pub const CONFLICT: &str = "Conflict";
+    /// An image's registry is link-local, a cloud metadata service, or in a range the
+    /// administrator denied (`--deny-registry-cidrs`); nothing was sent to it. Name the
+    /// registry by an allowed address, or ask the administrator.
+    pub const ADDRESS_NOT_ALLOWED: &str = "AddressNotAllowed";
+    /// An image's registry pointed the client at a plain-HTTP token realm on another host,
+    /// or redirected from HTTPS to HTTP; the credential was not sent. Fix the registry's
+    /// auth configuration (an HTTPS realm).
+    pub const INSECURE_ENDPOINT: &str = "InsecureEndpoint";
 }
 
 /// Condition status values.

@@ -81,7 +81,8 @@ pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
     /// CamelCase reason: `Resolved`, `Unauthorized`, `Denied`, `NotFound`, `RateLimited`,
-    /// `TLSError`, `Unreachable` or `PlatformMissing`.
+    /// `TLSError`, `Unreachable`, `PlatformMissing`, `AddressNotAllowed`,
+    /// `InsecureEndpoint`, `InvalidReference` or `RegistryError`.
     pub reason: String,
     /// Details and what to do next.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -18,6 +18,10 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
+/// Largest answer read from a token or metadata endpoint (they are a few KiB); an
+/// endpoint override can name any server, so the body is capped while streaming.
+pub const BODY_CAP: usize = crate::registry::untrusted::SMALL_BODY_CAP;
+
 /// Sends a request and decodes a JSON answer, classifying failures. Error bodies are
 /// summarised by their OAuth2 `error`/`error_description` fields only.
 pub async fn json<T: DeserializeOwned>(
@@ -40,7 +44,12 @@ pub async fn json<T: DeserializeOwned>(
     })?;
     let status = resp.status();
     if !status.is_success() {
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        // Too big or not JSON: classified by status alone.
+        let body: serde_json::Value = crate::registry::untrusted::read_capped(resp, BODY_CAP)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         let code = body["error"].as_str().unwrap_or("");
         let desc = body["error_description"]
             .as_str()
@@ -67,7 +76,17 @@ pub async fn json<T: DeserializeOwned>(
             format!("{what}: HTTP {status} {detail}").trim().to_owned(),
         ));
     }
-    resp.json::<T>().await.map_err(|_| {
+    let body = crate::registry::untrusted::read_capped(resp, BODY_CAP)
+        .await
+        .map_err(|e| match e {
+            crate::registry::untrusted::BodyError::TooLarge { .. } => {
+                fail(CloudFailure::Other, format!("{what}: the answer is {e}"))
+            }
+            crate::registry::untrusted::BodyError::Read(e) => {
+                fail(CloudFailure::Unreachable, format!("{what}: {}", without_url_query(&e)))
+            }
+        })?;
+    serde_json::from_slice::<T>(&body).map_err(|_| {
         fail(
             CloudFailure::Other,
             format!("{what}: the answer is not the expected JSON"),
@@ -85,5 +104,49 @@ fn without_url_query(e: &reqwest::Error) -> String {
             text.replace(u.as_str(), clean.as_str())
         }
         _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `status` with a 1 GiB body generated while sent.
+    async fn endless(status: u16) -> String {
+        static CHUNK: [u8; 64 * 1024] = [b' '; 64 * 1024];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new().fallback(move || async move {
+            let chunks = (1u64 << 30) / CHUNK.len() as u64;
+            let body = axum::body::Body::from_stream(futures::stream::iter(
+                (0..chunks).map(|_| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(&CHUNK))),
+            ));
+            (axum::http::StatusCode::from_u16(status).expect("status"), body)
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/token")
+    }
+
+    #[tokio::test]
+    async fn gigabyte_answers_are_refused_at_the_cap() {
+        let url = endless(200).await;
+        let e = json::<serde_json::Value>("gcp", "token endpoint", http_client().get(&url))
+            .await
+            .expect_err("1 GiB answer");
+        assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+
+        let url = endless(403).await;
+        let e = json::<serde_json::Value>("gcp", "token endpoint", http_client().get(&url))
+            .await
+            .expect_err("1 GiB error");
+        assert!(matches!(
+            e,
+            ProviderError::Cloud {
+                failure: CloudFailure::Denied,
+                ..
+            }
+        ));
     }
 }

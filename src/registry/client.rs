@@ -2,25 +2,35 @@
 //! first (a HEAD does not count against Docker Hub's pull limit), follows Basic and Bearer
 //! challenges with the credential, reads the image index only when platforms must be
 //! checked, and classifies every failure into a reason a person can act on.
+//!
+//! The registry is named by whoever writes the spec, so everything it answers is treated
+//! as hostile: bodies are read with caps ([`untrusted`]), its text is bounded and cleaned
+//! before it reaches status, and credentials follow it only where [`policy`] allows.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, WWW_AUTHENTICATE};
+use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::challenge;
-use super::reference::Reference;
+use super::policy::{self, AddressPolicy, AddressRefused, Insecure, RedirectRefused};
+use super::reference::{Reference, valid_digest};
+use super::untrusted::{self, BodyError, MANIFEST_CAP, SMALL_BODY_CAP, sanitize};
 
 /// Media types accepted for manifests, most specific first.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
+
+/// Most platforms reported for one image (status must stay small whatever an index holds).
+const MAX_PLATFORMS: usize = 64;
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
@@ -118,6 +128,37 @@ pub enum PullError {
         /// Platforms present.
         available: String,
     },
+    /// The registry's address is link-local, a cloud metadata service, or in a range the
+    /// administrator denied; nothing was sent to it.
+    #[error(
+        "{registry} was not contacted: {detail}; pullability checks never reach link-local or cloud metadata addresses, nor ranges denied with the operator's --deny-registry-cidrs"
+    )]
+    AddressNotAllowed {
+        /// Registry.
+        registry: String,
+        /// Which host and which rule.
+        detail: String,
+    },
+    /// The registry sent the client (and would have sent the credential) somewhere insecure.
+    #[error(
+        "{registry} was not followed: {detail}; credentials go only over HTTPS, or to a loopback registry's own host: fix the registry's token realm or redirects"
+    )]
+    Insecure {
+        /// Registry.
+        registry: String,
+        /// Where it pointed.
+        detail: String,
+    },
+    /// An answer larger than a check ever needs.
+    #[error("{registry} answered with a {what} larger than {}: a pullability check reads no more", untrusted::human(*limit))]
+    TooLarge {
+        /// Registry.
+        registry: String,
+        /// `manifest`, `image config`, `token answer`.
+        what: &'static str,
+        /// The cap in bytes.
+        limit: usize,
+    },
     /// Anything else the registry answered.
     #[error("{registry} answered {detail}")]
     Registry {
@@ -139,8 +180,28 @@ impl PullError {
             PullError::Tls { .. } => "TLSError",
             PullError::Unreachable { .. } => "Unreachable",
             PullError::PlatformMissing { .. } => "PlatformMissing",
-            PullError::Registry { .. } => "RegistryError",
+            PullError::AddressNotAllowed { .. } => crate::crd::conditions::reasons::ADDRESS_NOT_ALLOWED,
+            PullError::Insecure { .. } => crate::crd::conditions::reasons::INSECURE_ENDPOINT,
+            PullError::TooLarge { .. } | PullError::Registry { .. } => "RegistryError",
         }
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The CA bundle does not parse.
+    #[error("spec.tls.caBundle is not PEM certificates: {0}")]
+    CaBundle(#[source] reqwest::Error),
+    /// The TLS stack refused the settings.
+    #[error("the TLS settings cannot be used: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// CamelCase reason (API.md): both are TLS settings problems.
+    pub fn reason(&self) -> &'static str {
+        "TLSError"
     }
 }
 
@@ -149,6 +210,7 @@ impl PullError {
 pub struct RegistryClient {
     https: reqwest::Client,
     plain: reqwest::Client,
+    policy: AddressPolicy,
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
     memory: std::sync::Arc<Memory>,
 }
@@ -218,32 +280,39 @@ struct Config {
 }
 
 impl RegistryClient {
-    /// A client with the given TLS settings.
-    pub fn new(tls: &TlsOptions) -> Result<Self, String> {
+    /// A client with the given TLS settings and the built-in address refusals.
+    pub fn new(tls: &TlsOptions) -> Result<Self, ClientError> {
+        Self::with_policy(tls, AddressPolicy::default())
+    }
+
+    /// A client with the given TLS settings that refuses the addresses `policy` refuses.
+    pub fn with_policy(tls: &TlsOptions, policy: AddressPolicy) -> Result<Self, ClientError> {
         crate::install_crypto_provider();
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
-            .user_agent(concat!("pullkeeper/", env!("CARGO_PKG_VERSION")));
+        // Both clients resolve through the policy and check every redirect; neither
+        // decompresses (no gzip feature), so a capped body is capped on the wire.
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(20))
+                .user_agent(concat!("pullkeeper/", env!("CARGO_PKG_VERSION")))
+                .dns_resolver(Arc::new(policy::PolicyResolver(policy.clone())))
+                .redirect(policy::redirect_policy(policy.clone()))
+        };
+        let mut b = builder();
         if let Some(pem) = &tls.ca_bundle {
-            for cert in reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| format!("spec.tls.caBundle is not PEM certificates: {e}"))?
-            {
+            for cert in reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(ClientError::CaBundle)? {
                 b = b.add_root_certificate(cert);
             }
         }
         if tls.insecure_skip_verify {
             b = b.danger_accept_invalid_certs(true);
         }
-        let https = b.build().map_err(|e| e.to_string())?;
-        let plain = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let https = b.build().map_err(ClientError::Build)?;
+        let plain = builder().build().map_err(ClientError::Build)?;
         Ok(Self {
             https,
             plain,
+            policy,
             requests: std::sync::Arc::default(),
             memory: std::sync::Arc::default(),
         })
@@ -276,16 +345,13 @@ impl RegistryClient {
         let headers = head.headers().clone();
         let media_type = header(&headers, CONTENT_TYPE.as_str()).unwrap_or_default();
         let size = header(&headers, "content-length").and_then(|v| v.parse().ok());
-        let mut digest = header(&headers, "docker-content-digest");
+        // The digest goes into status: only a well-formed one is taken from the server.
+        let mut digest = header(&headers, "docker-content-digest").filter(|d| valid_digest(d));
         let is_index = INDEX_TYPES.iter().any(|t| media_type.starts_with(t));
         let mut found = Vec::new();
         if !platforms.is_empty() || digest.is_none() {
-            let body = s
-                .send(reqwest::Method::GET, &url, Some(MANIFEST_ACCEPT))
-                .await?
-                .bytes()
-                .await
-                .map_err(|e| s.transport(&e))?;
+            let resp = s.send(reqwest::Method::GET, &url, Some(MANIFEST_ACCEPT)).await?;
+            let body = s.read(resp, "manifest", MANIFEST_CAP).await?;
             if digest.is_none() {
                 digest = Some(format!("sha256:{}", hex(&Sha256::digest(&body))));
             }
@@ -293,22 +359,18 @@ impl RegistryClient {
                 if is_index {
                     let index: Index =
                         serde_json::from_slice(&body).map_err(|_| s.bad("the image index is not valid JSON"))?;
-                    found = index
-                        .manifests
-                        .into_iter()
-                        .filter_map(|m| m.platform)
-                        .map(|p| platform_string(&p.os, &p.architecture, p.variant.as_deref()))
-                        .collect();
+                    for p in index.manifests.into_iter().filter_map(|m| m.platform) {
+                        let p = platform_string(&p.os, &p.architecture, p.variant.as_deref());
+                        if !found.contains(&p) {
+                            found.push(p);
+                        }
+                    }
                 } else {
                     let m: Manifest =
                         serde_json::from_slice(&body).map_err(|_| s.bad("the manifest is not valid JSON"))?;
                     let blob = format!("{}/v2/{}/blobs/{}", s.base, reference.repository, m.config.digest);
-                    let cfg = s
-                        .send(reqwest::Method::GET, &blob, None)
-                        .await?
-                        .bytes()
-                        .await
-                        .map_err(|e| s.transport(&e))?;
+                    let resp = s.send(reqwest::Method::GET, &blob, None).await?;
+                    let cfg = s.read(resp, "image config", MANIFEST_CAP).await?;
                     let c: Config =
                         serde_json::from_slice(&cfg).map_err(|_| s.bad("the image config is not valid JSON"))?;
                     found = vec![platform_string(&c.os, &c.architecture, c.variant.as_deref())];
@@ -318,14 +380,15 @@ impl RegistryClient {
                     return Err(PullError::PlatformMissing {
                         reference: reference.to_string(),
                         missing: missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-                        available: found.join(", "),
+                        available: sanitize(&found.join(", ")),
                     });
                 }
             }
         }
+        found.truncate(MAX_PLATFORMS);
         Ok(Resolved {
             digest: digest.unwrap_or_default(),
-            media_type,
+            media_type: untrusted::bounded(&media_type, 100),
             platforms: found,
             size,
         })
@@ -353,15 +416,22 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
 }
 
+/// A server-chosen header shown to people (Retry-After): short and clean.
+fn shown_header(h: &HeaderMap, name: &str) -> Option<String> {
+    header(h, name).map(|v| untrusted::bounded(&v, 40))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Platform names come from the registry and go into status: bounded and clean.
 fn platform_string(os: &str, arch: &str, variant: Option<&str>) -> String {
-    match variant {
+    let s = match variant {
         Some(v) if !v.is_empty() => format!("{os}/{arch}/{v}"),
         _ => format!("{os}/{arch}"),
-    }
+    };
+    untrusted::bounded(&s, 64)
 }
 
 /// `linux/arm64` matches `linux/arm64/v8`; a requested variant must match exactly.
@@ -371,25 +441,80 @@ fn platform_present(wanted: &str, found: &[String]) -> bool {
         .any(|f| f == wanted || (wanted.matches('/').count() == 1 && f.starts_with(&format!("{wanted}/"))))
 }
 
-/// rustls reports a plain-HTTP server as a corrupt TLS message, not a certificate error.
-fn is_plain_http_answer(e: &reqwest::Error) -> bool {
-    let mut src: Option<&dyn std::error::Error> = Some(e);
+/// What a transport failure was, read from the types in its error chain.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// The policy refused the address (in the resolver or a redirect).
+    Refused(AddressRefused),
+    /// A redirect would have gone somewhere insecure.
+    Insecure(Insecure),
+    /// TLS failed for another reason than the peer speaking plain HTTP.
+    Tls,
+    /// The peer answered TLS with plain HTTP: rustls sees a corrupt record.
+    PlainHttp,
+    /// Anything else: connection refused, timeout, DNS.
+    Other,
+}
+
+/// Walks the error chain looking at types, not text. `io::Error` hides the error it
+/// wraps from `source()`, so each one is opened with `get_ref`.
+fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = src {
-        let t = err.to_string().to_ascii_lowercase();
-        if t.contains("corrupt message") || t.contains("invalidcontenttype") || t.contains("http request to an https") {
-            return true;
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in std::iter::once(err).chain(inner) {
+            if let Some(r) = candidate.downcast_ref::<AddressRefused>() {
+                return Failure::Refused(r.clone());
+            }
+            if let Some(r) = candidate.downcast_ref::<RedirectRefused>() {
+                return match r {
+                    RedirectRefused::Address(a) => Failure::Refused(a.clone()),
+                    RedirectRefused::Insecure(i) => Failure::Insecure(i.clone()),
+                };
+            }
+            if let Some(t) = candidate.downcast_ref::<rustls::Error>() {
+                return match t {
+                    rustls::Error::InvalidMessage(_) => Failure::PlainHttp,
+                    _ => Failure::Tls,
+                };
+            }
         }
         src = err.source();
     }
-    false
+    Failure::Other
 }
 
+/// The text of a chain, for errors whose type says nothing (older TLS stacks).
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = String::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        chain.push_str(&err.to_string());
+        chain.push_str(": ");
+        src = err.source();
+    }
+    chain
+}
+
+/// rustls reports a plain-HTTP server as a corrupt TLS message, not a certificate error.
+fn is_plain_http_answer(e: &reqwest::Error) -> bool {
+    match classify(e) {
+        Failure::PlainHttp => true,
+        Failure::Other => {
+            let t = chain_text(e).to_ascii_lowercase();
+            t.contains("corrupt message") || t.contains("invalidcontenttype") || t.contains("http request to an https")
+        }
+        _ => false,
+    }
+}
+
+/// Only a host that is really loopback (by address, not by how its name starts) may
+/// fall back to plain HTTP: `127.evil.example` is a DNS name like any other.
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(
-        host,
-        |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host },
-    );
-    h == "localhost" || h.starts_with("127.") || h == "[::1]"
+    Url::parse(&format!("http://{host}/")).is_ok_and(|u| policy::is_loopback(&u))
 }
 
 /// One resolution: the base URL in use and the authorization that works.
@@ -411,6 +536,19 @@ impl<'a> Session<'a> {
         login: Option<&'a Login>,
     ) -> Result<Self, PullError> {
         let host = reference.api_host().to_owned();
+        // Literal addresses never reach the resolver, so the host is checked here, before
+        // anything is sent (names are checked again, with their addresses, on connect).
+        let registry_url = Url::parse(&format!("https://{host}/")).map_err(|_| PullError::Registry {
+            registry: reference.registry.clone(),
+            detail: "a host that does not form a URL".into(),
+        })?;
+        client
+            .policy
+            .check_url(&registry_url)
+            .map_err(|e| PullError::AddressNotAllowed {
+                registry: reference.registry.clone(),
+                detail: sanitize(&e.to_string()),
+            })?;
         let mut s = Session {
             client,
             reference,
@@ -449,6 +587,7 @@ impl<'a> Session<'a> {
                 // A certificate problem is a TLS registry with an untrusted certificate:
                 // say so rather than falling back to plain HTTP.
                 tls @ PullError::Tls { .. } if !is_plain_http_answer(&e) => return Err(tls),
+                refused @ (PullError::AddressNotAllowed { .. } | PullError::Insecure { .. }) => return Err(refused),
                 _ if is_loopback(&host) && (e.is_connect() || e.is_request()) => {
                     s.base = format!("http://{host}");
                     s.plain = true;
@@ -480,32 +619,46 @@ impl<'a> Session<'a> {
     }
 
     fn transport(&self, e: &reqwest::Error) -> PullError {
-        let mut chain = String::new();
-        let mut src: Option<&dyn std::error::Error> = Some(e);
-        while let Some(err) = src {
-            chain.push_str(&err.to_string());
-            chain.push_str(": ");
-            src = err.source();
-        }
+        let chain = chain_text(e);
         // The innermost cause says most (e.g. "invalid peer certificate: UnknownIssuer").
-        let detail = chain
-            .trim_end_matches(": ")
-            .rsplit(": ")
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        let lower = chain.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
-            PullError::Tls {
-                registry: self.registry(),
-                detail,
-            }
-        } else {
-            PullError::Unreachable {
-                registry: self.registry(),
-                detail,
+        let detail = sanitize(chain.trim_end_matches(": ").rsplit(": ").next().unwrap_or(""));
+        let registry = self.registry();
+        match classify(e) {
+            Failure::Refused(r) => PullError::AddressNotAllowed {
+                registry,
+                detail: sanitize(&r.to_string()),
+            },
+            Failure::Insecure(i) => PullError::Insecure {
+                registry,
+                detail: i.to_string(),
+            },
+            Failure::Tls => PullError::Tls { registry, detail },
+            // A plain-HTTP answer is no certificate problem: the CA advice would mislead.
+            Failure::PlainHttp | Failure::Other => {
+                let lower = chain.to_ascii_lowercase();
+                if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
+                    PullError::Tls { registry, detail }
+                } else {
+                    PullError::Unreachable { registry, detail }
+                }
             }
         }
+    }
+
+    /// Reads a body up to `limit` bytes.
+    async fn read(&self, resp: reqwest::Response, what: &'static str, limit: usize) -> Result<Vec<u8>, PullError> {
+        untrusted::read_capped(resp, limit).await.map_err(|e| match e {
+            BodyError::TooLarge { limit } => PullError::TooLarge {
+                registry: self.registry(),
+                what,
+                limit,
+            },
+            BodyError::Read(e) => self.transport(&e),
+        })
+    }
+
+    fn base_url(&self) -> Result<Url, PullError> {
+        Url::parse(&self.base).map_err(|_| self.bad("a host that does not form a URL"))
     }
 
     async fn send(
@@ -589,8 +742,26 @@ impl<'a> Session<'a> {
             let realm = c
                 .param("realm")
                 .ok_or_else(|| self.bad("a Bearer challenge without realm"))?;
+            // The realm gets the login: it must be HTTPS (or the loopback registry's own
+            // host) and an allowed address, checked before anything is sent to it.
+            let realm = policy::check_realm(&self.base_url()?, realm).map_err(|e| PullError::Insecure {
+                registry: self.registry(),
+                detail: e.to_string(),
+            })?;
+            self.client
+                .policy
+                .check_url(&realm)
+                .map_err(|e| PullError::AddressNotAllowed {
+                    registry: self.registry(),
+                    detail: sanitize(&e.to_string()),
+                })?;
+            let http = if realm.scheme() == "https" {
+                &self.client.https
+            } else {
+                &self.client.plain
+            };
             let scope = format!("repository:{}:pull", self.reference.repository);
-            let mut req = self.http().get(realm).query(&[("scope", scope.as_str())]);
+            let mut req = http.get(realm).query(&[("scope", scope.as_str())]);
             if let Some(service) = c.param("service") {
                 req = req.query(&[("service", service)]);
             }
@@ -601,9 +772,8 @@ impl<'a> Session<'a> {
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
             match resp.status() {
                 s if s.is_success() => {
-                    let t: TokenAnswer = resp
-                        .json()
-                        .await
+                    let body = self.read(resp, "token answer", SMALL_BODY_CAP).await?;
+                    let t: TokenAnswer = serde_json::from_slice(&body)
                         .map_err(|_| self.bad("the token endpoint's answer is not JSON"))?;
                     let token = t
                         .token
@@ -625,7 +795,7 @@ impl<'a> Session<'a> {
                 }),
                 StatusCode::TOO_MANY_REQUESTS => Err(PullError::RateLimited {
                     registry: self.registry(),
-                    retry_after: header(resp.headers(), "retry-after"),
+                    retry_after: shown_header(resp.headers(), "retry-after"),
                 }),
                 other => Err(self.bad(&format!("token endpoint answered {other}"))),
             }
@@ -650,7 +820,7 @@ impl<'a> Session<'a> {
         if status.is_success() {
             return Ok(resp);
         }
-        let retry_after = header(resp.headers(), "retry-after");
+        let retry_after = shown_header(resp.headers(), "retry-after");
         let insufficient = resp
             .headers()
             .get_all(WWW_AUTHENTICATE)
@@ -658,11 +828,12 @@ impl<'a> Session<'a> {
             .filter_map(|v| v.to_str().ok())
             .flat_map(challenge::parse)
             .any(|c| c.param("error") == Some("insufficient_scope"));
-        let code = resp
-            .json::<serde_json::Value>()
+        // An error body is read only up to a cap; one too big or not JSON just has no code.
+        let code = untrusted::read_capped(resp, SMALL_BODY_CAP)
             .await
             .ok()
-            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned))
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["errors"][0]["code"].as_str().map(|c| untrusted::bounded(c, 64)))
             .unwrap_or_default();
         Err(match status {
             StatusCode::NOT_FOUND => PullError::NotFound {
@@ -718,6 +889,64 @@ mod tests {
         assert!(is_loopback("localhost"));
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("ghcr.io"));
+        assert!(
+            !is_loopback("127.evil.example:5000"),
+            "a name that starts like an address"
+        );
+        assert!(!is_loopback("localhost.evil.example"));
+        assert!(is_loopback("127.0.0.2:5000"));
+    }
+
+    /// An error that wraps another, as hyper and reqwest do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn failures_are_classified_by_type_through_io_errors() {
+        let tls = Outer(Box::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        )));
+        assert_eq!(classify(&tls), Failure::Tls);
+        let plain = Outer(Box::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+        )));
+        assert_eq!(classify(&plain), Failure::PlainHttp);
+        let refused = AddressRefused {
+            host: "evil.example".into(),
+            rule: "link-local".into(),
+        };
+        assert_eq!(
+            classify(&Outer(Box::new(Outer(Box::new(refused.clone()))))),
+            Failure::Refused(refused)
+        );
+        let downgrade = RedirectRefused::Insecure(Insecure::Downgrade { to: "http://x/".into() });
+        assert!(matches!(classify(&Outer(Box::new(downgrade))), Failure::Insecure(_)));
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(classify(&Outer(Box::new(refused))), Failure::Other);
+    }
+
+    #[test]
+    fn refusals_have_their_own_reasons_and_size_errors_say_the_cap() {
+        let e = PullError::TooLarge {
+            registry: "r".into(),
+            what: "manifest",
+            limit: MANIFEST_CAP,
+        };
+        assert!(e.to_string().contains("manifest larger than 4 MiB"), "{e}");
+        assert_eq!(e.reason(), "RegistryError");
+        let e = PullError::AddressNotAllowed {
+            registry: "169.254.169.254".into(),
+            detail: "link-local".into(),
+        };
+        assert_eq!(e.reason(), "AddressNotAllowed");
+        let e = PullError::Insecure {
+            registry: "r".into(),
+            detail: "d".into(),
+        };
+        assert_eq!(e.reason(), "InsecureEndpoint");
     }
 
     #[test]

@@ -1,10 +1,14 @@
-//! Registry hosts and, later, the OCI distribution client used for pullability checks.
+//! Registry hosts and the OCI distribution client used for pullability checks, with the
+//! limits that keep a hostile registry from hurting the operator.
 
 pub mod challenge;
 mod client;
 mod host;
+mod policy;
 mod reference;
+pub mod untrusted;
 
-pub use client::{Login, PullError, RegistryClient, Resolved, TlsOptions};
+pub use client::{ClientError, Login, PullError, RegistryClient, Resolved, TlsOptions};
 pub use host::{HostError, RegistryHost};
+pub use policy::{AddressPolicy, AddressRefused, Cidr, CidrError, CidrList, Insecure, parse_cidrs};
 pub use reference::{Reference, ReferenceError};

@@ -179,6 +179,11 @@ fn valid_tag(t: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Whether `d` is a digest this client accepts (`sha256:` or `sha512:` and lower-case hex).
+pub(crate) fn valid_digest(d: &str) -> bool {
+    validate_digest(d).is_ok()
+}
+
 fn validate_digest(d: &str) -> Result<(), ()> {
     let (alg, hex) = d.split_once(':').ok_or(())?;
     let hex_ok = |n: usize| hex.len() == n && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());

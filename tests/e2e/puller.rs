@@ -153,3 +153,79 @@ async fn verify_reports_which_images_would_pull() {
     assert!(!text.contains(&reg.password), "a password reached the status");
     let _ = api.delete(&name, &DeleteParams::default()).await;
 }
+
+#[tokio::test]
+async fn verify_never_reaches_metadata_addresses_nor_other_registries_for_a_tenant() {
+    let reg = support::registry();
+    support::env();
+    let client = support::client().await;
+    let ns = support::namespace(&client, "verify-tenant", &[]).await;
+    support::put_secret(
+        &client,
+        &ns,
+        "login",
+        json!({"username": reg.user, "password": reg.password}),
+    )
+    .await;
+
+    // A cluster credential may name any registry, but never the metadata service.
+    let name = support::unique("verify-metadata");
+    let metadata = "169.254.169.254/latest/meta-data:v1".to_owned();
+    support::apply_credential(
+        &client,
+        &name,
+        json!({}),
+        json!({
+            "registry": reg.addr,
+            "provider": {"basic": {"secretRef": {"name": "login", "namespace": ns}}},
+            "target": {"namespaces": [ns]},
+            "verify": {"images": [metadata]}
+        }),
+    )
+    .await;
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let status = eventually(Duration::from_secs(20), || async {
+        let s = api.get(&name).await.ok()?.status?;
+        (s.images.len() == 1).then_some(s)
+    })
+    .await
+    .expect("status.images never filled");
+    assert_eq!(status.images[0].reason, "AddressNotAllowed", "{:?}", status.images);
+    let _ = api.delete(&name, &DeleteParams::default()).await;
+
+    // A RegistryCredential verifies only images on its own registry.
+    let tenant = Api::<pullkeeper::crd::RegistryCredential>::namespaced(client.clone(), &ns);
+    let name = support::unique("verify-foreign");
+    let foreign = "registry.example.com/probe:v1";
+    tenant
+        .patch(
+            &name,
+            &kube::api::PatchParams::apply("e2e-user").force(),
+            &kube::api::Patch::Apply(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "RegistryCredential",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "registry": reg.addr,
+                    "provider": {"basic": {"secretRef": {"name": "login"}}},
+                    "verify": {"images": [format!("{}/demo:v1", reg.addr), foreign]}
+                }
+            })),
+        )
+        .await
+        .expect("applied");
+    let ready = eventually(Duration::from_secs(20), || async {
+        let s = tenant.get(&name).await.ok()?.status?;
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "InvalidSpec")
+    })
+    .await
+    .expect("never InvalidSpec");
+    assert!(
+        ready.message.contains(foreign) && ready.message.contains("spec.verify.images"),
+        "{}",
+        ready.message
+    );
+    let _ = tenant.delete(&name, &DeleteParams::default()).await;
+    support::delete_namespace(&client, &ns).await;
+}

@@ -72,6 +72,7 @@ pub fn env() -> &'static Env {
                         leader: None,
                         pod_admission: true,
                         source_secret_namespace: None,
+                        deny_registry_cidrs: vec![],
                     };
                     // Runs for the life of the test binary.
                     let _ =
