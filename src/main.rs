@@ -97,6 +97,24 @@ struct ControllerArgs {
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Let a namespaced RegistryCredential use pullkeeper's own cloud identity (AWS
+    /// default chain/IRSA/Pod Identity, GKE metadata server, Azure workload identity).
+    /// Off: such a credential is refused with reason AmbientCredentialsNotAllowed.
+    #[arg(long, env = "PULLKEEPER_NAMESPACED_AMBIENT_CREDENTIALS", default_value_t = false)]
+    namespaced_ambient_credentials: bool,
+    /// Google OAuth2 token endpoint for service-account keys (private endpoints, tests).
+    #[arg(long, env = "PULLKEEPER_GCP_TOKEN_URL", default_value = pullkeeper::provider::gcp::DEFAULT_TOKEN_URL)]
+    gcp_token_url: String,
+    /// Google Security Token Service endpoint for workload identity federation.
+    #[arg(long, env = "PULLKEEPER_GCP_STS_URL", default_value = pullkeeper::provider::gcp::DEFAULT_STS_URL)]
+    gcp_sts_url: String,
+    /// Base URL of Google's IAM Credentials API (service account impersonation).
+    #[arg(
+        long,
+        env = "PULLKEEPER_GCP_IAM_CREDENTIALS_URL",
+        default_value = pullkeeper::provider::gcp::DEFAULT_IAM_CREDENTIALS_URL
+    )]
+    gcp_iam_credentials_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -228,6 +246,12 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
+        namespaced_ambient_credentials: args.namespaced_ambient_credentials,
+        endpoints: pullkeeper::provider::Endpoints {
+            gcp_token_url: args.gcp_token_url,
+            gcp_sts_url: args.gcp_sts_url,
+            gcp_iam_credentials_url: args.gcp_iam_credentials_url,
+        },
     };
     pullkeeper::operator::run(client, metrics, listener, settings, shutdown)
         .await

@@ -125,6 +125,10 @@ pub struct Context {
     pub verified: verify::VerifyCache,
     /// Max parallel writes within one reconcile.
     pub write_concurrency: usize,
+    /// A `RegistryCredential` may use the operator's own cloud identity.
+    pub namespaced_ambient_credentials: bool,
+    /// Cloud endpoints chosen by the administrator.
+    pub endpoints: crate::provider::Endpoints,
 }
 
 /// Settings for [`run`].
@@ -140,6 +144,12 @@ pub struct Settings {
     pub credential_selector: Option<String>,
     /// Leader election; `None` reconciles without it (a single replica).
     pub leader: Option<crate::leader::Config>,
+    /// Let a `RegistryCredential` (written by a namespace's team) use the operator's own
+    /// cloud identity (AWS chain, GKE metadata server, Azure workload identity). Off by
+    /// default, as cert-manager's `--issuer-ambient-credentials`.
+    pub namespaced_ambient_credentials: bool,
+    /// Cloud endpoints chosen by the administrator (Google STS, IAM Credentials, token URL).
+    pub endpoints: crate::provider::Endpoints,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -192,6 +202,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         credentials,
         verified: verify::VerifyCache::default(),
         write_concurrency: settings.write_concurrency.max(1),
+        namespaced_ambient_credentials: settings.namespaced_ambient_credentials,
+        endpoints: settings.endpoints.clone(),
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)

@@ -159,7 +159,7 @@ async fn gcp_token(
     validation.set_audience(&[format!("{}/gcp/{id}/token", fakes_base())]);
     validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
     match jsonwebtoken::decode::<serde_json::Value>(&assertion, &key, &validation) {
-        Ok(data) if data.claims["scope"] == "https://www.googleapis.com/auth/cloud-platform" => {}
+        Ok(data) if data.claims["scope"] == pullkeeper::provider::gcp::SCOPE => {}
         _ => {
             return (
                 StatusCode::BAD_REQUEST,

@@ -70,6 +70,10 @@ pub fn env() -> &'static Env {
                         // processes that a test starts itself.
                         credential_selector: Some(format!("!{SHARD_LABEL}")),
                         leader: None,
+                        // The defaults: a RegistryCredential may not use the operator's
+                        // own cloud identity.
+                        namespaced_ambient_credentials: false,
+                        endpoints: pullkeeper::provider::Endpoints::default(),
                     };
                     // Runs for the life of the test binary.
                     let _ =
