@@ -79,7 +79,7 @@ impl Acr {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         // With a ServiceAccount of the cluster, the app that trusts it is the spec's own:
         // never fall back to the operator's AZURE_TENANT_ID/AZURE_CLIENT_ID.
-        let env = |k: &str| {
+        let identity_env = |k: &str| {
             if self.spec.service_account_ref.is_some() {
                 None
             } else {
@@ -90,13 +90,13 @@ impl Acr {
             .spec
             .tenant_id
             .clone()
-            .or_else(|| env("AZURE_TENANT_ID"))
+            .or_else(|| identity_env("AZURE_TENANT_ID"))
             .ok_or_else(|| Self::invalid("set spec.provider.acr.tenantId (or AZURE_TENANT_ID)".into()))?;
         let client_id = self
             .spec
             .client_id
             .clone()
-            .or_else(|| env("AZURE_CLIENT_ID"))
+            .or_else(|| identity_env("AZURE_CLIENT_ID"))
             .ok_or_else(|| Self::invalid("set spec.provider.acr.clientId (or AZURE_CLIENT_ID)".into()))?;
         let authority = self
             .spec

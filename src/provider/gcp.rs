@@ -230,7 +230,17 @@ impl Gcp {
                 .await?
             }
             (None, None) => {
-                let base = self.spec.metadata_url.as_deref().unwrap_or(DEFAULT_METADATA);
+                // GCE_METADATA_HOST is how Google's own client libraries let the
+                // administrator point at another metadata server (emulators, tests).
+                let from_env = std::env::var("GCE_METADATA_HOST")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .map(|h| format!("http://{h}"));
+                let base = match (&self.spec.metadata_url, &from_env) {
+                    (Some(u), _) if self.author == Author::Cluster => u.as_str(),
+                    (_, Some(env)) => env.as_str(),
+                    _ => DEFAULT_METADATA,
+                };
                 let url = format!(
                     "{}/computeMetadata/v1/instance/service-accounts/default/token",
                     base.trim_end_matches('/')

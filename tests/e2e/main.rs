@@ -6,6 +6,7 @@ mod check;
 mod ecr;
 mod fakes;
 mod fanout;
+mod federation;
 mod ha;
 mod puller;
 mod skeleton;
