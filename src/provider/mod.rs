@@ -244,7 +244,11 @@ impl ProviderError {
     /// True when retrying cannot help until the spec or a referenced object changes.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ProviderError::SecretUnavailable { .. } | ProviderError::TokenRequestFailed { .. } => false,
+            // Nothing watches ServiceAccounts for this: retry with backoff so one created
+            // after the credential is picked up soon.
+            ProviderError::SecretUnavailable { .. }
+            | ProviderError::TokenRequestFailed { .. }
+            | ProviderError::ServiceAccountNotFound { .. } => false,
             ProviderError::Cloud { failure, .. } => matches!(failure, CloudFailure::InvalidConfig),
             _ => true,
         }
