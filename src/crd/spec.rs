@@ -197,6 +197,8 @@ pub struct DockerConfigProvider<R> {
      "message": "serviceAccountRef needs roleArn: the role the ServiceAccount's token is exchanged for"},
     {"rule": "!(has(self.serviceAccountRef) && has(self.credentialsSecretRef))",
      "message": "set serviceAccountRef or credentialsSecretRef, not both"},
+    {"rule": "!(has(self.serviceAccountRef) && has(self.externalId))",
+     "message": "externalId does not apply to serviceAccountRef: AssumeRoleWithWebIdentity takes none"},
 ]))]
 pub struct EcrProvider<R, S> {
     /// AWS region of the registry. Default: parsed from the registry host
@@ -212,7 +214,7 @@ pub struct EcrProvider<R, S> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/.+$"))]
     pub role_arn: Option<String>,
-    /// External ID to present when assuming `roleArn`.
+    /// External ID to present when assuming `roleArn` (not with `serviceAccountRef`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
     /// Secret with static AWS keys `access-key-id`, `secret-access-key` and optionally

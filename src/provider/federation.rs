@@ -119,6 +119,96 @@ mod tests {
         }
     }
 
+    /// Requests seen by [`fake_apiserver`]: method, URI, JSON body.
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+    /// A client whose apiserver records the request and answers with `status` and `body`.
+    fn fake_apiserver(status: u16, body: serde_json::Value) -> (Client, Seen) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let record = record.clone();
+            let body = body.clone();
+            async move {
+                let method = req.method().to_string();
+                let uri = req.uri().to_string();
+                let bytes = req.into_body().collect_bytes().await.map_err(Box::new)?;
+                let sent = serde_json::from_slice(&bytes).unwrap_or_default();
+                record.lock().expect("lock").push((method, uri, sent));
+                let resp = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.to_string().into_bytes()))
+                    .expect("response");
+                Ok::<_, Box<kube::Error>>(resp)
+            }
+        });
+        (Client::new(service, "default"), seen)
+    }
+
+    fn sa() -> ClusterServiceAccountRef {
+        ClusterServiceAccountRef {
+            name: "puller".into(),
+            namespace: "team-a".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn asks_the_token_subresource_for_one_audience_and_ten_minutes() {
+        use secrecy::ExposeSecret;
+        let (client, seen) = fake_apiserver(
+            201,
+            serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [AWS_AUDIENCE]},
+                "status": {"token": "header.payload.sig", "expirationTimestamp": "2026-01-01T00:00:00Z"}
+            }),
+        );
+        let token = service_account_token(&client, &sa(), AWS_AUDIENCE)
+            .await
+            .expect("token");
+        assert_eq!(token.expose_secret(), "header.payload.sig");
+        let seen = seen.lock().expect("lock");
+        let (method, uri, body) = &seen[0];
+        assert_eq!(method, "POST");
+        assert_eq!(
+            uri.trim_end_matches('?'),
+            "/api/v1/namespaces/team-a/serviceaccounts/puller/token"
+        );
+        assert_eq!(body["spec"]["audiences"], serde_json::json!([AWS_AUDIENCE]));
+        assert_eq!(body["spec"]["expirationSeconds"], 600);
+    }
+
+    #[tokio::test]
+    async fn never_asks_for_another_audience() {
+        let (client, seen) = fake_apiserver(201, serde_json::json!({}));
+        let e = service_account_token(&client, &sa(), "https://kubernetes.default.svc")
+            .await
+            .expect_err("refused");
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(seen.lock().expect("lock").is_empty(), "the apiserver was asked");
+    }
+
+    #[tokio::test]
+    async fn missing_and_forbidden_service_accounts_are_named() {
+        let status = |code: u16, reason: &str| {
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "m", "reason": reason, "code": code})
+        };
+        let (client, _) = fake_apiserver(404, status(404, "NotFound"));
+        let e = service_account_token(&client, &sa(), AZURE_AUDIENCE)
+            .await
+            .expect_err("404");
+        assert_eq!(e.reason(), "ServiceAccountNotFound");
+        assert!(e.to_string().contains("team-a/puller"), "{e}");
+        let (client, _) = fake_apiserver(403, status(403, "Forbidden"));
+        let e = service_account_token(&client, &sa(), AZURE_AUDIENCE)
+            .await
+            .expect_err("403");
+        assert_eq!(e.reason(), "TokenRequestForbidden");
+        assert!(e.to_string().contains("serviceaccounts/token"), "{e}");
+    }
+
     #[test]
     fn google_audience_names_the_provider() {
         let p = "projects/123/locations/global/workloadIdentityPools/pool/providers/kube";
