@@ -122,6 +122,24 @@ struct ControllerArgs {
     /// networks), on top of the link-local and cloud metadata addresses always refused.
     #[arg(long, env = "PULLKEEPER_DENY_REGISTRY_CIDRS")]
     deny_registry_cidrs: Vec<pullkeeper::registry::CidrList>,
+    /// Let a namespaced RegistryCredential use pullkeeper's own cloud identity (AWS
+    /// default chain/IRSA/Pod Identity, GKE metadata server, Azure workload identity).
+    /// Off: such a credential is refused with reason AmbientCredentialsNotAllowed.
+    #[arg(long, env = "PULLKEEPER_NAMESPACED_AMBIENT_CREDENTIALS", default_value_t = false)]
+    namespaced_ambient_credentials: bool,
+    /// Google OAuth2 token endpoint for service-account keys (private endpoints, tests).
+    #[arg(long, env = "PULLKEEPER_GCP_TOKEN_URL", default_value = pullkeeper::provider::gcp::DEFAULT_TOKEN_URL)]
+    gcp_token_url: String,
+    /// Google Security Token Service endpoint for workload identity federation.
+    #[arg(long, env = "PULLKEEPER_GCP_STS_URL", default_value = pullkeeper::provider::gcp::DEFAULT_STS_URL)]
+    gcp_sts_url: String,
+    /// Base URL of Google's IAM Credentials API (service account impersonation).
+    #[arg(
+        long,
+        env = "PULLKEEPER_GCP_IAM_CREDENTIALS_URL",
+        default_value = pullkeeper::provider::gcp::DEFAULT_IAM_CREDENTIALS_URL
+    )]
+    gcp_iam_credentials_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -256,6 +274,12 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         pod_admission: args.pod_admission_policy,
         source_secret_namespace: args.source_secret_namespace.filter(|ns| !ns.is_empty()),
         deny_registry_cidrs: args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect(),
+        namespaced_ambient_credentials: args.namespaced_ambient_credentials,
+        endpoints: pullkeeper::provider::Endpoints {
+            gcp_token_url: args.gcp_token_url,
+            gcp_sts_url: args.gcp_sts_url,
+            gcp_iam_credentials_url: args.gcp_iam_credentials_url,
+        },
     };
     pullkeeper::operator::run_with(client, metrics, endpoints, settings, shutdown)
         .await

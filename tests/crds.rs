@@ -88,3 +88,71 @@ fn the_namespaced_kind_cannot_name_another_namespace() {
         assert!(!text.contains(field), "RegistryCredential schema has {field}");
     }
 }
+
+fn validations(v: &serde_json::Value) -> Vec<(String, String)> {
+    v.get("x-kubernetes-validations")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap_or_default().to_owned(),
+                r["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn spec_schema(kind: &str) -> serde_json::Value {
+    let crd = pullkeeper::crd::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == kind)
+        .expect("kind");
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("serialises");
+    schema["openAPIV3Schema"]["properties"]["spec"].clone()
+}
+
+#[test]
+fn the_namespaced_kind_refuses_endpoint_overrides_and_chained_roles_by_cel() {
+    let rules = validations(&spec_schema("RegistryCredential"));
+    for (provider, field) in [
+        ("ecr", "endpoint"),
+        ("gcp", "tokenUrl"),
+        ("gcp", "metadataUrl"),
+        ("acr", "authorityHost"),
+        ("acr", "exchangeUrl"),
+        ("ecr", "roleArn"),
+    ] {
+        let path = format!("spec.provider.{provider}.{field}");
+        let found = rules.iter().find(|(rule, message)| {
+            rule.contains(&format!("self.provider.{provider}.{field}")) && message.starts_with(&path)
+        });
+        assert!(found.is_some(), "no CEL rule refusing {path}; rules: {rules:?}");
+    }
+    // The cluster kind is written by administrators and keeps the overrides.
+    assert!(validations(&spec_schema("ClusterRegistryCredential")).is_empty());
+}
+
+#[test]
+fn federation_fields_need_their_companions_on_both_kinds() {
+    for kind in ["RegistryCredential", "ClusterRegistryCredential"] {
+        let provider = &spec_schema(kind)["properties"]["provider"]["properties"];
+        for (name, needs) in [
+            ("ecr", "roleArn"),
+            ("gcp", "workloadIdentityProvider"),
+            ("acr", "clientId"),
+        ] {
+            let rules = validations(&provider[name]);
+            assert!(
+                rules
+                    .iter()
+                    .any(|(rule, _)| rule.contains("serviceAccountRef") && rule.contains(needs)),
+                "{kind} {name}: no rule tying serviceAccountRef to {needs}: {rules:?}"
+            );
+            assert!(
+                provider[name]["properties"]["serviceAccountRef"].is_object(),
+                "{kind} {name} lacks serviceAccountRef"
+            );
+        }
+    }
+}

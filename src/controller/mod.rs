@@ -131,6 +131,10 @@ pub struct Context {
     pub admission: admission::Bindings,
     /// The only namespace ClusterRegistryCredentials may read source Secrets from.
     pub source_secret_namespace: Option<String>,
+    /// A `RegistryCredential` may use the operator's own cloud identity.
+    pub namespaced_ambient_credentials: bool,
+    /// Cloud endpoints chosen by the administrator.
+    pub endpoints: crate::provider::Endpoints,
 }
 
 /// Settings for [`run`].
@@ -155,6 +159,12 @@ pub struct Settings {
     /// Ranges that pullability checks never contact, on top of the built-in link-local
     /// and cloud metadata addresses.
     pub deny_registry_cidrs: Vec<crate::registry::Cidr>,
+    /// Let a `RegistryCredential` (written by a namespace's team) use the operator's own
+    /// cloud identity (AWS chain, GKE metadata server, Azure workload identity). Off by
+    /// default, as cert-manager's `--issuer-ambient-credentials`.
+    pub namespaced_ambient_credentials: bool,
+    /// Cloud endpoints chosen by the administrator (Google STS, IAM Credentials, token URL).
+    pub endpoints: crate::provider::Endpoints,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -219,6 +229,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         write_concurrency: settings.write_concurrency.max(1),
         admission: admission::Bindings::new(route),
         source_secret_namespace: settings.source_secret_namespace.clone(),
+        namespaced_ambient_credentials: settings.namespaced_ambient_credentials,
+        endpoints: settings.endpoints.clone(),
     });
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)

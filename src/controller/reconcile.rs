@@ -22,7 +22,7 @@ use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, SyncReport};
 use super::target::NamespaceInfo;
-use super::validate::{self, ValidSpec};
+use super::validate::{self, Scope, ValidSpec};
 use super::{Context, CredentialKind, Error, STATUS_MANAGER, apply, schedule, verify};
 
 /// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
@@ -59,10 +59,11 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
 }
 
 async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
-    let spec = match obj
+    let valid = obj
         .validate()
         .and_then(|s| validate::confine_sources(s, ctx.source_secret_namespace.as_deref()))
-    {
+        .and_then(|s| validate::tenancy(&s, ctx.namespaced_ambient_credentials).map(|()| s));
+    let spec = match valid {
         Ok(spec) => spec,
         Err(e) => {
             ctx.sources.sync(&obj.trigger(), &[]);
@@ -411,7 +412,11 @@ fn source_secrets(p: &ProviderSpec) -> Vec<(String, String)> {
 }
 
 async fn issue(ctx: &Context, spec: &ValidSpec) -> Result<Credential, ProviderError> {
-    let provider = provider::from_spec(&ctx.client, &spec.registry, &spec.provider)?;
+    let author = match spec.scope {
+        Scope::Namespace(_) => provider::Author::Namespace,
+        Scope::Cluster { .. } => provider::Author::Cluster,
+    };
+    let provider = provider::from_spec(&ctx.client, &spec.registry, &spec.provider, &ctx.endpoints, author)?;
     let started = Instant::now();
     let result = provider.issue().await;
     ctx.metrics.observe_provider_call(

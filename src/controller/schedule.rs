@@ -128,6 +128,7 @@ pub(crate) mod tests {
                 role_arn: None,
                 external_id: None,
                 credentials_secret_ref: None,
+                service_account_ref: None,
                 endpoint: None,
             }),
             refresh: Default::default(),

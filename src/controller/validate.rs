@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use kube::core::Selector;
 
+use crate::crd::conditions::reasons;
 use crate::crd::{
-    ClusterRegistryCredentialSpec, ClusterSecretKeyRef, ClusterSecretRef, Provider, RefreshSpec,
-    RegistryCredentialSpec, TlsSpec, VerifySpec,
+    ClusterRegistryCredentialSpec, ClusterSecretKeyRef, ClusterSecretRef, ClusterServiceAccountRef, Provider,
+    RefreshSpec, RegistryCredentialSpec, TlsSpec, VerifySpec,
 };
 use crate::provider::ProviderSpec;
 use crate::registry::{HostError, Reference, RegistryHost};
@@ -70,13 +71,100 @@ pub enum SpecError {
         /// `spec.registry`.
         registry: String,
     },
+    /// A namespaced credential would use the operator's own cloud identity.
+    #[error(
+        "spec.provider.{provider} would use pullkeeper's own {cloud} identity, which a RegistryCredential may not use unless the administrator starts pullkeeper with --namespaced-ambient-credentials: {instead}"
+    )]
+    AmbientCredentialsNotAllowed {
+        /// Provider kind.
+        provider: &'static str,
+        /// Whose identity, in words.
+        cloud: &'static str,
+        /// What to set instead.
+        instead: &'static str,
+    },
+    /// A namespaced credential redirects where credentials are sent.
+    #[error(
+        "{field} is not allowed on a RegistryCredential: credentials go only to the cloud's own endpoints (administrators redirect them operator-wide, or use a ClusterRegistryCredential)"
+    )]
+    EndpointOverride {
+        /// Field path.
+        field: &'static str,
+    },
+    /// A namespaced credential would assume a role with the operator's own identity.
+    #[error(
+        "spec.provider.ecr.roleArn on a RegistryCredential needs serviceAccountRef or credentialsSecretRef: it is never assumed with pullkeeper's own identity"
+    )]
+    RoleArnWithoutIdentity,
+    /// The operator's Azure identity may only be exchanged at an ACR registry.
+    #[error(
+        "spec.registry {registry:?} is not an Azure Container Registry host (*.azurecr.io, .azurecr.cn, .azurecr.us, .azurecr.de): pullkeeper's own Azure token is only sent to ACR; set serviceAccountRef or clientSecretRef"
+    )]
+    NotAnAcrRegistry {
+        /// Registry given.
+        registry: String,
+    },
 }
 
 impl SpecError {
     /// The CamelCase reason for conditions.
     pub fn reason(&self) -> &'static str {
-        crate::crd::conditions::reasons::INVALID_SPEC
+        match self {
+            SpecError::AmbientCredentialsNotAllowed { .. } => reasons::AMBIENT_CREDENTIALS_NOT_ALLOWED,
+            _ => reasons::INVALID_SPEC,
+        }
     }
+}
+
+/// The tenancy rules for the namespaced kind, which its namespace's own team writes (the
+/// cluster kind passes unchecked): no endpoint overrides, no `roleArn` on the operator's
+/// identity, and the operator's ambient cloud identity only if `ambient_allowed` (the
+/// administrator's opt-in), and then for ACR only towards an ACR host. The CRD's CEL rules
+/// refuse most of this at admission; this also covers objects stored before them.
+pub fn tenancy(spec: &ValidSpec, ambient_allowed: bool) -> Result<(), SpecError> {
+    if !matches!(spec.scope, Scope::Namespace(_)) {
+        return Ok(());
+    }
+    let p = &spec.provider;
+    if let Some(field) = p.endpoint_overrides().first() {
+        return Err(SpecError::EndpointOverride { field });
+    }
+    if let Provider::Ecr(e) = p
+        && e.role_arn.is_some()
+        && p.uses_ambient_identity()
+    {
+        return Err(SpecError::RoleArnWithoutIdentity);
+    }
+    if !p.uses_ambient_identity() {
+        return Ok(());
+    }
+    if !ambient_allowed {
+        let (cloud, instead) = match p {
+            Provider::Ecr(_) => (
+                "AWS",
+                "set serviceAccountRef with roleArn (federation of a ServiceAccount of this namespace), or credentialsSecretRef",
+            ),
+            Provider::Gcp(_) => (
+                "Google Cloud",
+                "set serviceAccountRef with workloadIdentityProvider (federation of a ServiceAccount of this namespace), or serviceAccountKeySecretRef",
+            ),
+            _ => (
+                "Azure",
+                "set serviceAccountRef with tenantId and clientId (federation of a ServiceAccount of this namespace), or clientSecretRef",
+            ),
+        };
+        return Err(SpecError::AmbientCredentialsNotAllowed {
+            provider: p.kind_name(),
+            cloud,
+            instead,
+        });
+    }
+    if matches!(p, Provider::Acr(_)) && !crate::provider::acr::is_acr_host(&spec.registry) {
+        return Err(SpecError::NotAnAcrRegistry {
+            registry: spec.registry.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Where the pull secret goes.
@@ -162,13 +250,17 @@ pub fn namespaced(name: &str, namespace: &str, spec: &RegistryCredentialSpec) ->
         namespace: namespace.to_owned(),
         key: r.key,
     };
+    let local_sa = |r: crate::crd::LocalServiceAccountRef| ClusterServiceAccountRef {
+        name: r.name,
+        namespace: namespace.to_owned(),
+    };
     if let Some(v) = &spec.verify {
         own_registry_only(&spec.registry, &v.images)?;
     }
     common(
         name,
         &spec.registry,
-        spec.provider.clone().map_refs(local, local_key),
+        spec.provider.clone().map_refs(local, local_key, local_sa),
         &spec.refresh,
         spec.target.secret_name.as_deref(),
         Scope::Namespace(namespace.to_owned()),
@@ -349,9 +441,15 @@ pub fn duration(field: &'static str, value: &str) -> Result<Duration, SpecError>
     Ok(total)
 }
 
-impl<R, K> Provider<R, K> {
-    /// Rewrites every Secret reference, e.g. to resolve local references to a namespace.
-    pub fn map_refs<R2, K2>(self, r: impl Fn(R) -> R2, k: impl Fn(K) -> K2) -> Provider<R2, K2> {
+impl<R, K, S> Provider<R, K, S> {
+    /// Rewrites every Secret and ServiceAccount reference, e.g. to resolve local references
+    /// to a namespace.
+    pub fn map_refs<R2, K2, S2>(
+        self,
+        r: impl Fn(R) -> R2,
+        k: impl Fn(K) -> K2,
+        sa: impl Fn(S) -> S2,
+    ) -> Provider<R2, K2, S2> {
         use crate::crd::{AcrProvider, BasicProvider, DockerConfigProvider, EcrProvider, GcpProvider};
         match self {
             Provider::Basic(b) => Provider::Basic(BasicProvider {
@@ -367,17 +465,22 @@ impl<R, K> Provider<R, K> {
                 role_arn: e.role_arn,
                 external_id: e.external_id,
                 credentials_secret_ref: e.credentials_secret_ref.map(r),
+                service_account_ref: e.service_account_ref.map(&sa),
                 endpoint: e.endpoint,
             }),
             Provider::Gcp(g) => Provider::Gcp(GcpProvider {
-                service_account_key_secret_ref: g.service_account_key_secret_ref.map(k),
+                service_account_key_secret_ref: g.service_account_key_secret_ref.map(&k),
+                service_account_ref: g.service_account_ref.map(&sa),
+                workload_identity_provider: g.workload_identity_provider,
+                service_account_email: g.service_account_email,
                 token_url: g.token_url,
                 metadata_url: g.metadata_url,
             }),
             Provider::Acr(a) => Provider::Acr(AcrProvider {
                 tenant_id: a.tenant_id,
                 client_id: a.client_id,
-                client_secret_ref: a.client_secret_ref.map(k),
+                client_secret_ref: a.client_secret_ref.map(&k),
+                service_account_ref: a.service_account_ref.map(&sa),
                 authority_host: a.authority_host,
                 exchange_url: a.exchange_url,
             }),
@@ -555,6 +658,132 @@ mod tests {
         }))
         .expect("spec");
         assert!(cluster("x", &spec).is_ok());
+    }
+
+    fn with_provider(provider: &str, fields: serde_json::Value) -> RegistryCredentialSpec {
+        let mut s = local_spec();
+        s.provider = serde_json::from_value(serde_json::json!({ provider: fields })).expect("provider");
+        s
+    }
+
+    fn tenancy_of(s: &RegistryCredentialSpec, ambient: bool) -> Result<(), SpecError> {
+        tenancy(&namespaced("x", "team-a", s).expect("valid"), ambient)
+    }
+
+    #[test]
+    fn ambient_identity_is_refused_on_the_namespaced_kind_without_opt_in() {
+        for (provider, instead) in [
+            ("ecr", "serviceAccountRef with roleArn"),
+            ("gcp", "serviceAccountRef with workloadIdentityProvider"),
+            ("acr", "serviceAccountRef with tenantId and clientId"),
+        ] {
+            let s = with_provider(provider, serde_json::json!({}));
+            let e = tenancy_of(&s, false).expect_err(provider);
+            assert_eq!(e.reason(), "AmbientCredentialsNotAllowed");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("spec.provider.{provider}"))
+                    && text.contains(instead)
+                    && text.contains("--namespaced-ambient-credentials"),
+                "{text}"
+            );
+        }
+        // Opt-in lets it through (ACR only towards an ACR host).
+        assert_eq!(tenancy_of(&with_provider("ecr", serde_json::json!({})), true), Ok(()));
+        assert_eq!(tenancy_of(&with_provider("gcp", serde_json::json!({})), true), Ok(()));
+        let mut acr = with_provider("acr", serde_json::json!({}));
+        assert!(matches!(
+            tenancy_of(&acr, true),
+            Err(SpecError::NotAnAcrRegistry { .. })
+        ));
+        acr.registry = "contoso.azurecr.io".into();
+        assert_eq!(tenancy_of(&acr, true), Ok(()));
+    }
+
+    #[test]
+    fn own_secrets_and_federation_are_not_ambient() {
+        for (provider, fields) in [
+            ("ecr", serde_json::json!({"credentialsSecretRef": {"name": "aws"}})),
+            (
+                "ecr",
+                serde_json::json!({"serviceAccountRef": {"name": "puller"}, "roleArn": "arn:aws:iam::123456789012:role/r"}),
+            ),
+            (
+                "gcp",
+                serde_json::json!({"serviceAccountKeySecretRef": {"name": "k", "key": "key.json"}}),
+            ),
+            (
+                "gcp",
+                serde_json::json!({"serviceAccountRef": {"name": "puller"}, "workloadIdentityProvider": "projects/1/locations/global/workloadIdentityPools/p/providers/k"}),
+            ),
+            (
+                "acr",
+                serde_json::json!({"clientSecretRef": {"name": "sp", "key": "s"}}),
+            ),
+            (
+                "acr",
+                serde_json::json!({"serviceAccountRef": {"name": "puller"}, "tenantId": "t", "clientId": "c"}),
+            ),
+        ] {
+            let s = with_provider(provider, fields.clone());
+            assert_eq!(tenancy_of(&s, false), Ok(()), "{provider} {fields}");
+        }
+        // The ServiceAccount resolves to the credential's own namespace.
+        let s = with_provider("acr", serde_json::json!({"serviceAccountRef": {"name": "puller"}}));
+        match namespaced("x", "team-a", &s).expect("valid").provider {
+            Provider::Acr(a) => assert_eq!(a.service_account_ref.expect("sa").namespace, "team-a"),
+            other => panic!("unexpected {}", other.kind_name()),
+        }
+    }
+
+    #[test]
+    fn the_namespaced_kind_may_not_chain_a_role_or_redirect_endpoints() {
+        let role = serde_json::json!({"roleArn": "arn:aws:iam::123456789012:role/r"});
+        for ambient in [false, true] {
+            let e = tenancy_of(&with_provider("ecr", role.clone()), ambient).expect_err("role");
+            assert_eq!(e, SpecError::RoleArnWithoutIdentity);
+        }
+        for (provider, fields, field) in [
+            (
+                "ecr",
+                serde_json::json!({"credentialsSecretRef": {"name": "a"}, "endpoint": "http://x"}),
+                "spec.provider.ecr.endpoint",
+            ),
+            (
+                "gcp",
+                serde_json::json!({"metadataUrl": "http://x"}),
+                "spec.provider.gcp.metadataUrl",
+            ),
+            (
+                "gcp",
+                serde_json::json!({"tokenUrl": "http://x"}),
+                "spec.provider.gcp.tokenUrl",
+            ),
+            (
+                "acr",
+                serde_json::json!({"authorityHost": "http://x"}),
+                "spec.provider.acr.authorityHost",
+            ),
+            (
+                "acr",
+                serde_json::json!({"exchangeUrl": "http://x"}),
+                "spec.provider.acr.exchangeUrl",
+            ),
+        ] {
+            let e = tenancy_of(&with_provider(provider, fields), true).expect_err(field);
+            assert_eq!(e, SpecError::EndpointOverride { field });
+            assert!(e.to_string().starts_with(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_kind_keeps_ambient_identity_and_overrides() {
+        let raw: ClusterRegistryCredentialSpec = serde_json::from_value(serde_json::json!({
+            "registry": "ghcr.io",
+            "provider": {"acr": {"exchangeUrl": "http://x", "authorityHost": "http://y"}}
+        }))
+        .expect("spec");
+        assert_eq!(tenancy(&cluster("x", &raw).expect("valid"), false), Ok(()));
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub mod reasons {
     pub const PROVIDER_UNREACHABLE: &str = "ProviderUnreachable";
     /// The cloud provider failed in another way.
     pub const PROVIDER_ERROR: &str = "ProviderError";
+    /// A `RegistryCredential` would use the operator's own cloud identity, and the
+    /// administrator has not allowed that (`--namespaced-ambient-credentials`).
+    pub const AMBIENT_CREDENTIALS_NOT_ALLOWED: &str = "AmbientCredentialsNotAllowed";
+    /// The ServiceAccount named by `serviceAccountRef` does not exist.
+    pub const SERVICE_ACCOUNT_NOT_FOUND: &str = "ServiceAccountNotFound";
+    /// pullkeeper may not request a token for the ServiceAccount named by `serviceAccountRef`.
+    pub const TOKEN_REQUEST_FORBIDDEN: &str = "TokenRequestForbidden";
+    /// Requesting a ServiceAccount token failed for another reason (retried).
+    pub const TOKEN_REQUEST_FAILED: &str = "TokenRequestFailed";
     /// Some targeted namespaces do not hold the current secret.
     pub const SYNC_FAILED: &str = "SyncFailed";
     /// A same-named Secret not managed by pullkeeper is in the way.

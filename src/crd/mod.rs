@@ -49,7 +49,7 @@ pub struct ClusterRegistryCredentialSpec {
     pub registry: String,
 
     /// Where the credential comes from. Exactly one source must be set.
-    pub provider: Provider<ClusterSecretRef, ClusterSecretKeyRef>,
+    pub provider: Provider<ClusterSecretRef, ClusterSecretKeyRef, ClusterServiceAccountRef>,
 
     /// When the credential is renewed or re-read.
     #[serde(default, skip_serializing_if = "RefreshSpec::is_empty")]
@@ -94,6 +94,26 @@ pub struct ClusterRegistryCredentialSpec {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.provider.ecr) || !has(self.provider.ecr.endpoint)",
+     "fieldPath": ".provider.ecr.endpoint", "reason": "FieldValueForbidden",
+     "message": "spec.provider.ecr.endpoint is not allowed on a RegistryCredential: credentials go only to AWS's own endpoints (administrators set AWS_ENDPOINT_URL on the operator, or use a ClusterRegistryCredential)"},
+    {"rule": "!has(self.provider.gcp) || !has(self.provider.gcp.tokenUrl)",
+     "fieldPath": ".provider.gcp.tokenUrl", "reason": "FieldValueForbidden",
+     "message": "spec.provider.gcp.tokenUrl is not allowed on a RegistryCredential: credentials go only to Google's own endpoints (or use a ClusterRegistryCredential)"},
+    {"rule": "!has(self.provider.gcp) || !has(self.provider.gcp.metadataUrl)",
+     "fieldPath": ".provider.gcp.metadataUrl", "reason": "FieldValueForbidden",
+     "message": "spec.provider.gcp.metadataUrl is not allowed on a RegistryCredential: credentials go only to Google's own endpoints (or use a ClusterRegistryCredential)"},
+    {"rule": "!has(self.provider.acr) || !has(self.provider.acr.authorityHost)",
+     "fieldPath": ".provider.acr.authorityHost", "reason": "FieldValueForbidden",
+     "message": "spec.provider.acr.authorityHost is not allowed on a RegistryCredential: credentials go only to Entra ID (administrators set AZURE_AUTHORITY_HOST on the operator, or use a ClusterRegistryCredential)"},
+    {"rule": "!has(self.provider.acr) || !has(self.provider.acr.exchangeUrl)",
+     "fieldPath": ".provider.acr.exchangeUrl", "reason": "FieldValueForbidden",
+     "message": "spec.provider.acr.exchangeUrl is not allowed on a RegistryCredential: the ACR token exchange goes to spec.registry (or use a ClusterRegistryCredential)"},
+    {"rule": "!has(self.provider.ecr) || !has(self.provider.ecr.roleArn) || has(self.provider.ecr.serviceAccountRef) || has(self.provider.ecr.credentialsSecretRef)",
+     "fieldPath": ".provider.ecr.roleArn", "reason": "FieldValueForbidden",
+     "message": "spec.provider.ecr.roleArn on a RegistryCredential needs serviceAccountRef or credentialsSecretRef: it is never assumed with the operator's own identity"},
+]))]
 pub struct RegistryCredentialSpec {
     /// Registry host the credential is for, as `host[:port]` without a scheme or path,
     /// e.g. `ghcr.io` or `registry.example.com:5000`.
@@ -103,7 +123,7 @@ pub struct RegistryCredentialSpec {
 
     /// Where the credential comes from. Exactly one source must be set. Secrets are read
     /// from this resource's own namespace.
-    pub provider: Provider<LocalSecretRef, LocalSecretKeyRef>,
+    pub provider: Provider<LocalSecretRef, LocalSecretKeyRef, LocalServiceAccountRef>,
 
     /// When the credential is renewed or re-read.
     #[serde(default, skip_serializing_if = "RefreshSpec::is_empty")]

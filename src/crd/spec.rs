@@ -63,28 +63,84 @@ pub struct LocalSecretKeyRef {
     pub key: String,
 }
 
-/// The credential source. Exactly one variant is set.
+/// Reference to a ServiceAccount in any namespace (cluster-scoped resources only).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ClusterServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Namespace of the ServiceAccount.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub namespace: String,
+}
+
+/// Reference to a ServiceAccount in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LocalServiceAccountRef {
+    /// Name of the ServiceAccount, in the same namespace as this resource.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+/// The credential source. Exactly one variant is set. `R` is a Secret reference, `K` a
+/// Secret key reference and `S` a ServiceAccount reference: namespaced or not per kind.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub enum Provider<R, K> {
+pub enum Provider<R, K, S> {
     /// A static username and password or token from a Secret: a GitHub PAT, a Docker Hub
     /// access token, a Harbor robot account, a GitLab deploy token, any self-hosted registry.
     Basic(BasicProvider<R>),
     /// Replicate the entry for `registry` from an existing `kubernetes.io/dockerconfigjson` Secret.
     DockerConfig(DockerConfigProvider<R>),
     /// AWS Elastic Container Registry: 12-hour tokens from `GetAuthorizationToken`.
-    Ecr(EcrProvider<R>),
+    Ecr(EcrProvider<R, S>),
     /// Google Artifact Registry / Container Registry: OAuth2 access tokens (about 1 hour).
-    Gcp(GcpProvider<K>),
+    Gcp(GcpProvider<K, S>),
     /// Azure Container Registry: an Entra ID token exchanged for an ACR refresh token.
-    Acr(AcrProvider<K>),
+    Acr(AcrProvider<K, S>),
 }
 
-impl<R, K> Provider<R, K> {
+impl<R, K, S> Provider<R, K, S> {
     /// True for sources that mint a new token on every call (the cloud providers), as
     /// opposed to reading a stored credential.
     pub fn mints(&self) -> bool {
         matches!(self, Provider::Ecr(_) | Provider::Gcp(_) | Provider::Acr(_))
+    }
+
+    /// True when the source would use the operator's own cloud identity (AWS default
+    /// chain, GKE metadata server, Azure workload identity): a cloud source with neither a
+    /// credentials Secret nor a `serviceAccountRef`.
+    pub fn uses_ambient_identity(&self) -> bool {
+        match self {
+            Provider::Basic(_) | Provider::DockerConfig(_) => false,
+            Provider::Ecr(e) => e.credentials_secret_ref.is_none() && e.service_account_ref.is_none(),
+            Provider::Gcp(g) => g.service_account_key_secret_ref.is_none() && g.service_account_ref.is_none(),
+            Provider::Acr(a) => a.client_secret_ref.is_none() && a.service_account_ref.is_none(),
+        }
+    }
+
+    /// The spec fields that are set and redirect where credentials are sent (endpoint
+    /// overrides), as `spec.provider.<kind>.<field>` paths.
+    pub fn endpoint_overrides(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        let mut check = |present: bool, field: &'static str| {
+            if present {
+                set.push(field);
+            }
+        };
+        match self {
+            Provider::Basic(_) | Provider::DockerConfig(_) => {}
+            Provider::Ecr(e) => check(e.endpoint.is_some(), "spec.provider.ecr.endpoint"),
+            Provider::Gcp(g) => {
+                check(g.token_url.is_some(), "spec.provider.gcp.tokenUrl");
+                check(g.metadata_url.is_some(), "spec.provider.gcp.metadataUrl");
+            }
+            Provider::Acr(a) => {
+                check(a.authority_host.is_some(), "spec.provider.acr.authorityHost");
+                check(a.exchange_url.is_some(), "spec.provider.acr.exchangeUrl");
+            }
+        }
+        set
     }
 
     /// The spec field name of the chosen source, for messages and metric labels.
@@ -132,25 +188,49 @@ pub struct DockerConfigProvider<R> {
 
 /// AWS ECR authorization tokens.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", bound(deserialize = "R: Deserialize<'de>"))]
-pub struct EcrProvider<R> {
+#[serde(
+    rename_all = "camelCase",
+    bound(deserialize = "R: Deserialize<'de>, S: Deserialize<'de>")
+)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.serviceAccountRef) || has(self.roleArn)",
+     "message": "serviceAccountRef needs roleArn: the role the ServiceAccount's token is exchanged for"},
+    {"rule": "!(has(self.serviceAccountRef) && has(self.credentialsSecretRef))",
+     "message": "set serviceAccountRef or credentialsSecretRef, not both"},
+    {"rule": "!(has(self.serviceAccountRef) && has(self.externalId))",
+     "message": "externalId does not apply to serviceAccountRef: AssumeRoleWithWebIdentity takes none"},
+]))]
+pub struct EcrProvider<R, S> {
     /// AWS region of the registry. Default: parsed from the registry host
     /// (`<account>.dkr.ecr.<region>.amazonaws.com`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
     pub region: Option<String>,
-    /// IAM role to assume before asking for the token, for cross-account pulls.
+    /// IAM role to assume before asking for the token, for cross-account pulls. With
+    /// `serviceAccountRef` it is the role the ServiceAccount's token is exchanged for
+    /// (`AssumeRoleWithWebIdentity`). On a `RegistryCredential` it needs
+    /// `serviceAccountRef` or `credentialsSecretRef`: it is never assumed with the
+    /// operator's own identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/.+$"))]
     pub role_arn: Option<String>,
-    /// External ID to present when assuming `roleArn`.
+    /// External ID to present when assuming `roleArn` (not with `serviceAccountRef`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
     /// Secret with static AWS keys `access-key-id`, `secret-access-key` and optionally
-    /// `session-token`. Absent: the default AWS chain (IRSA, EKS Pod Identity, environment).
+    /// `session-token`. Without it and without `serviceAccountRef`: the operator's own
+    /// identity, the default AWS chain (IRSA, EKS Pod Identity, environment); a
+    /// `RegistryCredential` may use that only if the operator runs with
+    /// `--namespaced-ambient-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<R>,
-    /// ECR API endpoint override (a VPC endpoint, or a test server).
+    /// ServiceAccount whose token (audience `sts.amazonaws.com`) is exchanged for
+    /// `roleArn` with `AssumeRoleWithWebIdentity`, as IRSA does for pods. The role's trust
+    /// policy names the cluster's OIDC issuer and `system:serviceaccount:<namespace>:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<S>,
+    /// ECR API endpoint override (a VPC endpoint, or a test server). Not allowed on a
+    /// `RegistryCredential`: administrators set `AWS_ENDPOINT_URL` on the operator instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+$"))]
     pub endpoint: Option<String>,
@@ -158,18 +238,50 @@ pub struct EcrProvider<R> {
 
 /// Google Cloud OAuth2 access tokens.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", bound(deserialize = "K: Deserialize<'de>"))]
-pub struct GcpProvider<K> {
-    /// Secret key holding a service-account JSON key. Absent: the GKE metadata server
-    /// (Workload Identity).
+#[serde(
+    rename_all = "camelCase",
+    bound(deserialize = "K: Deserialize<'de>, S: Deserialize<'de>")
+)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.serviceAccountRef) || has(self.workloadIdentityProvider)",
+     "message": "serviceAccountRef needs workloadIdentityProvider"},
+    {"rule": "!(has(self.serviceAccountRef) && has(self.serviceAccountKeySecretRef))",
+     "message": "set serviceAccountRef or serviceAccountKeySecretRef, not both"},
+    {"rule": "has(self.serviceAccountRef) || (!has(self.workloadIdentityProvider) && !has(self.serviceAccountEmail))",
+     "message": "workloadIdentityProvider and serviceAccountEmail need serviceAccountRef"},
+]))]
+pub struct GcpProvider<K, S> {
+    /// Secret key holding a service-account JSON key. Without it and without
+    /// `serviceAccountRef`: the operator's own identity from the GKE metadata server
+    /// (Workload Identity); a `RegistryCredential` may use that only if the operator runs
+    /// with `--namespaced-ambient-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_key_secret_ref: Option<K>,
+    /// ServiceAccount whose token is exchanged at Google's Security Token Service through
+    /// `workloadIdentityProvider` (workload identity federation), with the audience
+    /// `//iam.googleapis.com/<workloadIdentityProvider>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<S>,
+    /// Workload identity pool provider that trusts the cluster's ServiceAccount tokens:
+    /// `projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^projects/[0-9]+/locations/global/workloadIdentityPools/[a-z0-9-]+/providers/[a-z0-9-]+$"
+    ))]
+    pub workload_identity_provider: Option<String>,
+    /// Google service account to impersonate with the federated token
+    /// (`iamcredentials` `generateAccessToken`). Absent: the federated identity's own token
+    /// is used (grant the principal access to the repository directly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[^@/]+@[a-z0-9.-]+$"))]
+    pub service_account_email: Option<String>,
     /// OAuth2 token endpoint override (default: the key's `token_uri`). For tests and
-    /// private endpoints.
+    /// private endpoints. Not allowed on a `RegistryCredential`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+$"))]
     pub token_url: Option<String>,
     /// Metadata server override (default `http://metadata.google.internal`). For tests.
+    /// Not allowed on a `RegistryCredential`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+$"))]
     pub metadata_url: Option<String>,
@@ -177,24 +289,43 @@ pub struct GcpProvider<K> {
 
 /// Azure Container Registry refresh tokens.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", bound(deserialize = "K: Deserialize<'de>"))]
-pub struct AcrProvider<K> {
+#[serde(
+    rename_all = "camelCase",
+    bound(deserialize = "K: Deserialize<'de>, S: Deserialize<'de>")
+)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.serviceAccountRef) || (has(self.tenantId) && has(self.clientId))",
+     "message": "serviceAccountRef needs tenantId and clientId: the app registration or managed identity that trusts the ServiceAccount"},
+    {"rule": "!(has(self.serviceAccountRef) && has(self.clientSecretRef))",
+     "message": "set serviceAccountRef or clientSecretRef, not both"},
+]))]
+pub struct AcrProvider<K, S> {
     /// Entra ID (Azure AD) tenant ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
     /// Client (application) ID of the service principal or managed identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    /// Secret key holding the client secret. Absent: the workload identity federation
-    /// token file (`AZURE_FEDERATED_TOKEN_FILE`).
+    /// Secret key holding the client secret. Without it and without `serviceAccountRef`:
+    /// the operator's own workload identity (`AZURE_FEDERATED_TOKEN_FILE`); a
+    /// `RegistryCredential` may use that only if the operator runs with
+    /// `--namespaced-ambient-credentials`, and only for an ACR registry host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_ref: Option<K>,
+    /// ServiceAccount whose token (audience `api://AzureADTokenExchange`) is the client
+    /// assertion for `clientId` in `tenantId`: a federated identity credential on the app
+    /// registration or managed identity names the cluster's OIDC issuer and
+    /// `system:serviceaccount:<namespace>:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<S>,
     /// Entra ID authority host (default `https://login.microsoftonline.com`; sovereign
-    /// clouds differ). Defaults to `AZURE_AUTHORITY_HOST` when set.
+    /// clouds differ). Defaults to `AZURE_AUTHORITY_HOST` when set. Not allowed on a
+    /// `RegistryCredential`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+$"))]
     pub authority_host: Option<String>,
-    /// Token exchange endpoint override (default `https://<registry>/oauth2/exchange`). For tests.
+    /// Token exchange endpoint override (default `https://<registry>/oauth2/exchange`). For
+    /// tests. Not allowed on a `RegistryCredential`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+$"))]
     pub exchange_url: Option<String>,

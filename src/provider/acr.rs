@@ -10,8 +10,8 @@ use kube::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{CloudFailure, Credential, CredentialProvider, ProviderError, oauth, source};
-use crate::crd::{AcrProvider, ClusterSecretKeyRef};
+use super::{CloudFailure, Credential, CredentialProvider, ProviderError, federation, oauth, source};
+use crate::crd::{AcrProvider, ClusterSecretKeyRef, ClusterServiceAccountRef};
 use crate::registry::RegistryHost;
 
 /// The username ACR expects with a refresh token.
@@ -19,6 +19,20 @@ pub const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 const SCOPE: &str = "https://management.azure.com/.default";
 const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// DNS suffixes of Azure Container Registry in the public and sovereign clouds.
+pub const ACR_SUFFIXES: [&str; 4] = [".azurecr.io", ".azurecr.cn", ".azurecr.us", ".azurecr.de"];
+
+/// True when `registry` is an Azure Container Registry host (`<name>.azurecr.io` and the
+/// sovereign clouds' equivalents, default port), the only place pullkeeper's own Azure
+/// token may be exchanged.
+pub fn is_acr_host(registry: &RegistryHost) -> bool {
+    let host = registry.host().to_ascii_lowercase();
+    registry.to_string().to_ascii_lowercase() == host
+        && ACR_SUFFIXES.iter().any(|suffix| {
+            host.strip_suffix(suffix)
+                .is_some_and(|name| !name.is_empty() && !name.contains('.'))
+        })
+}
 
 #[derive(Deserialize)]
 struct AadToken {
@@ -35,12 +49,16 @@ pub struct Acr {
     client: Client,
     http: reqwest::Client,
     registry: RegistryHost,
-    spec: AcrProvider<ClusterSecretKeyRef>,
+    spec: AcrProvider<ClusterSecretKeyRef, ClusterServiceAccountRef>,
 }
 
 impl Acr {
     /// For a resolved spec.
-    pub fn new(client: Client, registry: RegistryHost, spec: AcrProvider<ClusterSecretKeyRef>) -> Self {
+    pub fn new(
+        client: Client,
+        registry: RegistryHost,
+        spec: AcrProvider<ClusterSecretKeyRef, ClusterServiceAccountRef>,
+    ) -> Self {
         Self {
             client,
             http: oauth::http_client(),
@@ -59,17 +77,26 @@ impl Acr {
 
     async fn mint(&self) -> Result<Credential, ProviderError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        // With a ServiceAccount of the cluster, the app that trusts it is the spec's own:
+        // never fall back to the operator's AZURE_TENANT_ID/AZURE_CLIENT_ID.
+        let identity_env = |k: &str| {
+            if self.spec.service_account_ref.is_some() {
+                None
+            } else {
+                env(k)
+            }
+        };
         let tenant = self
             .spec
             .tenant_id
             .clone()
-            .or_else(|| env("AZURE_TENANT_ID"))
+            .or_else(|| identity_env("AZURE_TENANT_ID"))
             .ok_or_else(|| Self::invalid("set spec.provider.acr.tenantId (or AZURE_TENANT_ID)".into()))?;
         let client_id = self
             .spec
             .client_id
             .clone()
-            .or_else(|| env("AZURE_CLIENT_ID"))
+            .or_else(|| identity_env("AZURE_CLIENT_ID"))
             .ok_or_else(|| Self::invalid("set spec.provider.acr.clientId (or AZURE_CLIENT_ID)".into()))?;
         let authority = self
             .spec
@@ -84,13 +111,18 @@ impl Acr {
             ("scope", SCOPE.to_owned()),
         ];
         let secret_value: SecretString;
-        match &self.spec.client_secret_ref {
-            Some(r) => {
+        match (&self.spec.service_account_ref, &self.spec.client_secret_ref) {
+            (Some(sa), _) => {
+                let assertion = federation::service_account_token(&self.client, sa, federation::AZURE_AUDIENCE).await?;
+                form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.to_owned()));
+                form.push(("client_assertion", assertion.expose_secret().to_owned()));
+            }
+            (None, Some(r)) => {
                 let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
                 secret_value = SecretString::from(source::key_string(&secret, &r.namespace, &r.key)?);
                 form.push(("client_secret", secret_value.expose_secret().to_owned()));
             }
-            None => {
+            (None, None) => {
                 let path = env("AZURE_FEDERATED_TOKEN_FILE").ok_or_else(|| {
                     Self::invalid(
                         "no clientSecretRef and no AZURE_FEDERATED_TOKEN_FILE: set clientSecretRef, or enable Azure workload identity for pullkeeper's ServiceAccount"
@@ -162,5 +194,30 @@ mod tests {
         );
         assert_eq!(jwt_exp(&token), Timestamp::from_second(1_800_000_000).ok());
         assert_eq!(jwt_exp("not-a-jwt"), None);
+    }
+
+    #[test]
+    fn acr_hosts_are_recognised() {
+        let h = |s: &str| RegistryHost::parse(s).expect("host");
+        for ok in [
+            "contoso.azurecr.io",
+            "Contoso.AzureCR.io",
+            "x.azurecr.cn",
+            "x.azurecr.us",
+            "x.azurecr.de",
+        ] {
+            assert!(is_acr_host(&h(ok)), "{ok}");
+        }
+        for refused in [
+            "azurecr.io",
+            "a.b.azurecr.io",
+            "contoso.azurecr.io.evil.example",
+            "contoso.azurecr.io:8443",
+            "evilazurecr.io",
+            "ghcr.io",
+            "127.0.0.1:5000",
+        ] {
+            assert!(!is_acr_host(&h(refused)), "{refused}");
+        }
     }
 }

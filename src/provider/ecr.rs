@@ -11,10 +11,10 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
-use super::{CloudFailure, Credential, CredentialProvider, ProviderError, source};
-use crate::crd::{ClusterSecretRef, EcrProvider};
+use super::{CloudFailure, Credential, CredentialProvider, ProviderError, federation, source};
+use crate::crd::{ClusterSecretRef, ClusterServiceAccountRef, EcrProvider};
 use crate::registry::RegistryHost;
 
 /// Keys of `credentialsSecretRef`.
@@ -46,12 +46,16 @@ pub fn parse_host(host: &RegistryHost) -> Option<(String, String)> {
 pub struct Ecr {
     client: Client,
     registry: RegistryHost,
-    spec: EcrProvider<ClusterSecretRef>,
+    spec: EcrProvider<ClusterSecretRef, ClusterServiceAccountRef>,
 }
 
 impl Ecr {
     /// For a resolved spec.
-    pub fn new(client: Client, registry: RegistryHost, spec: EcrProvider<ClusterSecretRef>) -> Self {
+    pub fn new(
+        client: Client,
+        registry: RegistryHost,
+        spec: EcrProvider<ClusterSecretRef, ClusterServiceAccountRef>,
+    ) -> Self {
         Self { client, registry, spec }
     }
 
@@ -61,6 +65,54 @@ impl Ecr {
             failure: CloudFailure::InvalidConfig,
             message,
         }
+    }
+
+    fn loader(&self, region: &str) -> aws_config::ConfigLoader {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_owned()))
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(CALL_TIMEOUT)
+                    .connect_timeout(Duration::from_secs(5))
+                    .build(),
+            );
+        // Only the cluster kind may set it (the namespaced kind's CRD refuses it); the
+        // SDK reads the administrator's AWS_ENDPOINT_URL(_ECR, _STS) otherwise.
+        if let Some(endpoint) = &self.spec.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        loader
+    }
+
+    /// Exchanges a token of the referenced ServiceAccount for `roleArn`'s credentials,
+    /// with an STS client that holds no credentials of its own: the operator's identity
+    /// plays no part.
+    async fn web_identity(&self, region: &str, sa: &ClusterServiceAccountRef) -> Result<Credentials, ProviderError> {
+        let role = self.spec.role_arn.as_deref().ok_or_else(|| {
+            self.invalid("serviceAccountRef needs roleArn: the role the ServiceAccount's token is exchanged for".into())
+        })?;
+        let token = federation::service_account_token(&self.client, sa, federation::AWS_AUDIENCE).await?;
+        let config = self.loader(region).no_credentials().load().await;
+        let sts = aws_sdk_sts::Client::new(&config);
+        let out = sts
+            .assume_role_with_web_identity()
+            .role_arn(role)
+            .role_session_name(session_name(sa))
+            .web_identity_token(token.expose_secret())
+            .send()
+            .await
+            .map_err(|e| classify("sts:AssumeRoleWithWebIdentity", e))?;
+        let c = out
+            .credentials()
+            .ok_or_else(|| self.invalid("STS returned no credentials for the web identity".into()))?;
+        Ok(Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            Some(c.session_token().to_owned()),
+            None,
+            "pullkeeper-web-identity",
+        ))
     }
 
     async fn mint(&self) -> Result<Credential, ProviderError> {
@@ -75,45 +127,46 @@ impl Ecr {
                 )));
             }
         };
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.clone()))
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .operation_timeout(CALL_TIMEOUT)
-                    .connect_timeout(Duration::from_secs(5))
-                    .build(),
-            );
-        if let Some(endpoint) = &self.spec.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let Some(r) = &self.spec.credentials_secret_ref {
-            let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
-            let id = source::key_string(&secret, &r.namespace, ACCESS_KEY_ID)?;
-            let key = source::key_string(&secret, &r.namespace, SECRET_ACCESS_KEY)?;
-            let token = source::key_string(&secret, &r.namespace, SESSION_TOKEN).ok();
-            loader = loader.credentials_provider(Credentials::new(id, key, token, None, "pullkeeper-secret"));
-        }
-        let base = loader.load().await;
-        let config = match &self.spec.role_arn {
-            None => base,
-            Some(role) => {
-                let mut b = AssumeRoleProvider::builder(role)
-                    .session_name("pullkeeper")
-                    .region(aws_config::Region::new(region.clone()))
-                    .configure(&base);
-                if let Some(ext) = &self.spec.external_id {
-                    b = b.external_id(ext);
+        let config = match (&self.spec.service_account_ref, &self.spec.credentials_secret_ref) {
+            (Some(sa), _) => {
+                let credentials = self.web_identity(&region, sa).await?;
+                self.loader(&region).credentials_provider(credentials).load().await
+            }
+            (None, secret) => {
+                let mut loader = self.loader(&region);
+                if let Some(r) = secret {
+                    let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+                    let id = source::key_string(&secret, &r.namespace, ACCESS_KEY_ID)?;
+                    let key = source::key_string(&secret, &r.namespace, SECRET_ACCESS_KEY)?;
+                    let token = source::key_string(&secret, &r.namespace, SESSION_TOKEN).ok();
+                    loader = loader.credentials_provider(Credentials::new(id, key, token, None, "pullkeeper-secret"));
                 }
-                let provider = b.build().await;
-                base.into_builder()
-                    .credentials_provider(SharedCredentialsProvider::new(provider))
-                    .build()
+                let base = loader.load().await;
+                match &self.spec.role_arn {
+                    None => base,
+                    Some(role) => {
+                        let mut b = AssumeRoleProvider::builder(role)
+                            .session_name("pullkeeper")
+                            .region(aws_config::Region::new(region.clone()))
+                            .configure(&base);
+                        if let Some(ext) = &self.spec.external_id {
+                            b = b.external_id(ext);
+                        }
+                        let provider = b.build().await;
+                        base.into_builder()
+                            .credentials_provider(SharedCredentialsProvider::new(provider))
+                            .build()
+                    }
+                }
             }
         };
         let ecr = aws_sdk_ecr::Client::new(&config);
         // The token works for every registry the identity may pull from; no registry ID needed.
-        let out = ecr.get_authorization_token().send().await.map_err(classify)?;
+        let out = ecr
+            .get_authorization_token()
+            .send()
+            .await
+            .map_err(|e| classify("ecr:GetAuthorizationToken", e))?;
         let data = out
             .authorization_data()
             .first()
@@ -140,8 +193,17 @@ impl Ecr {
     }
 }
 
-/// Classifies an AWS SDK error; the message never carries credentials.
-fn classify<E>(err: SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> ProviderError
+/// An STS session name that says which ServiceAccount asked (in CloudTrail), within
+/// STS's 64 characters of `[\w+=,.@-]`.
+pub fn session_name(sa: &ClusterServiceAccountRef) -> String {
+    let mut name = format!("pullkeeper.{}.{}", sa.namespace, sa.name);
+    name.retain(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c));
+    name.truncate(64);
+    name
+}
+
+/// Classifies an AWS SDK error of the call `what`; the message never carries credentials.
+fn classify<E>(what: &str, err: SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -170,6 +232,8 @@ where
             let code = code.as_str();
             let failure = match code {
                 "UnrecognizedClientException"
+                | "InvalidIdentityToken"
+                | "IDPRejectedClaim"
                 | "InvalidClientTokenId"
                 | "InvalidSignatureException"
                 | "SignatureDoesNotMatch"
@@ -180,15 +244,21 @@ where
                 "InvalidParameterException" | "ValidationException" => CloudFailure::InvalidConfig,
                 _ => CloudFailure::Other,
             };
-            (failure, format!("{code}: {msg}"))
+            (failure, format!("{what}: {code}: {msg}"))
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => (
             CloudFailure::Unreachable,
-            format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+            format!(
+                "{what}: {}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ),
         ),
         _ => (
             CloudFailure::Other,
-            format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+            format!(
+                "{what}: {}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ),
         ),
     };
     ProviderError::Cloud {
@@ -225,5 +295,16 @@ mod tests {
         );
         assert_eq!(parse_host(&h("ghcr.io")), None);
         assert_eq!(parse_host(&h("12345.dkr.ecr.us-east-1.amazonaws.com")), None);
+    }
+
+    #[test]
+    fn session_names_fit_sts_rules() {
+        let sa = |ns: &str, name: &str| ClusterServiceAccountRef {
+            name: name.into(),
+            namespace: ns.into(),
+        };
+        assert_eq!(session_name(&sa("team-a", "puller")), "pullkeeper.team-a.puller");
+        let long = session_name(&sa(&"n".repeat(63), &"s".repeat(200)));
+        assert_eq!(long.len(), 64);
     }
 }

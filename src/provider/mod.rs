@@ -5,6 +5,7 @@ pub mod acr;
 mod basic;
 mod docker_config;
 pub mod ecr;
+pub mod federation;
 pub mod gcp;
 mod oauth;
 mod source;
@@ -18,11 +19,44 @@ use secrecy::SecretString;
 use kube::Client;
 
 use crate::crd::conditions::reasons;
-use crate::crd::{ClusterSecretKeyRef, ClusterSecretRef, Provider};
+use crate::crd::{ClusterSecretKeyRef, ClusterSecretRef, ClusterServiceAccountRef, Provider};
 use crate::registry::RegistryHost;
 
-/// A provider spec with every Secret reference resolved to a namespace.
-pub type ProviderSpec = Provider<ClusterSecretRef, ClusterSecretKeyRef>;
+/// A provider spec with every Secret and ServiceAccount reference resolved to a namespace.
+pub type ProviderSpec = Provider<ClusterSecretRef, ClusterSecretKeyRef, ClusterServiceAccountRef>;
+
+/// Cloud endpoints chosen by the administrator (operator flags), never by a spec of the
+/// namespaced kind. AWS endpoints come from the SDK's own `AWS_ENDPOINT_URL*` variables
+/// and the Entra ID authority from `AZURE_AUTHORITY_HOST`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Google OAuth2 token endpoint for service-account keys whose `token_uri` is not used.
+    pub gcp_token_url: String,
+    /// Google Security Token Service (workload identity federation).
+    pub gcp_sts_url: String,
+    /// Base URL of Google's IAM Credentials API (service account impersonation).
+    pub gcp_iam_credentials_url: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            gcp_token_url: gcp::DEFAULT_TOKEN_URL.to_owned(),
+            gcp_sts_url: gcp::DEFAULT_STS_URL.to_owned(),
+            gcp_iam_credentials_url: gcp::DEFAULT_IAM_CREDENTIALS_URL.to_owned(),
+        }
+    }
+}
+
+/// Who wrote the spec a provider serves: the namespaced kind is trusted less (see the
+/// API's Tenancy section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Author {
+    /// A `ClusterRegistryCredential`: a cluster administrator.
+    Cluster,
+    /// A `RegistryCredential`: a namespace's own team.
+    Namespace,
+}
 
 /// A registry credential as issued by a provider. The password never prints.
 #[derive(Clone, Debug)]
@@ -133,6 +167,37 @@ pub enum ProviderError {
         /// The provider's own words (never credentials).
         message: String,
     },
+    /// The ServiceAccount of a `serviceAccountRef` does not exist.
+    #[error("ServiceAccount {namespace}/{name} does not exist: create it, or fix serviceAccountRef")]
+    ServiceAccountNotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// pullkeeper may not request a token for the ServiceAccount.
+    #[error(
+        "pullkeeper may not request a token for ServiceAccount {namespace}/{name} with audience {audience}: grant its ServiceAccount create on serviceaccounts/token (and allow the audience)"
+    )]
+    TokenRequestForbidden {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Audience requested.
+        audience: String,
+    },
+    /// Requesting the ServiceAccount token failed for another reason (retried).
+    #[error("requesting a token for ServiceAccount {namespace}/{name} failed: {source}")]
+    TokenRequestFailed {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<kube::Error>,
+    },
     /// The docker config has no entry for the registry.
     #[error(
         "Secret {namespace}/{name} has no auths entry for {registry} (entries: {keys}): add one, or fix spec.registry"
@@ -164,6 +229,9 @@ impl ProviderError {
             }
             ProviderError::WrongSecretType { .. } => reasons::WRONG_SECRET_TYPE,
             ProviderError::NoRegistryEntry { .. } => reasons::NO_REGISTRY_ENTRY,
+            ProviderError::ServiceAccountNotFound { .. } => reasons::SERVICE_ACCOUNT_NOT_FOUND,
+            ProviderError::TokenRequestForbidden { .. } => reasons::TOKEN_REQUEST_FORBIDDEN,
+            ProviderError::TokenRequestFailed { .. } => reasons::TOKEN_REQUEST_FAILED,
             ProviderError::Cloud { failure, .. } => failure.reason(),
         }
     }
@@ -176,7 +244,11 @@ impl ProviderError {
     /// True when retrying cannot help until the spec or a referenced object changes.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ProviderError::SecretUnavailable { .. } => false,
+            // Nothing watches ServiceAccounts for this: retry with backoff so one created
+            // after the credential is picked up soon.
+            ProviderError::SecretUnavailable { .. }
+            | ProviderError::TokenRequestFailed { .. }
+            | ProviderError::ServiceAccountNotFound { .. } => false,
             ProviderError::Cloud { failure, .. } => matches!(failure, CloudFailure::InvalidConfig),
             _ => true,
         }
@@ -232,11 +304,14 @@ pub trait CredentialProvider: Send + Sync {
     fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>>;
 }
 
-/// Chooses the provider for a spec.
+/// Chooses the provider for a spec written by `author`. The tenancy rules
+/// (`controller::validate::tenancy`) have been applied before.
 pub fn from_spec(
     client: &Client,
     registry: &RegistryHost,
     spec: &ProviderSpec,
+    endpoints: &Endpoints,
+    author: Author,
 ) -> Result<Box<dyn CredentialProvider>, ProviderError> {
     match spec {
         Provider::Basic(b) => Ok(Box::new(basic::Basic::new(client.clone(), b.clone()))),
@@ -246,7 +321,12 @@ pub fn from_spec(
             d.clone(),
         ))),
         Provider::Ecr(e) => Ok(Box::new(ecr::Ecr::new(client.clone(), registry.clone(), e.clone()))),
-        Provider::Gcp(g) => Ok(Box::new(gcp::Gcp::new(client.clone(), g.clone()))),
+        Provider::Gcp(g) => Ok(Box::new(gcp::Gcp::new(
+            client.clone(),
+            g.clone(),
+            endpoints.clone(),
+            author,
+        ))),
         Provider::Acr(a) => Ok(Box::new(acr::Acr::new(client.clone(), registry.clone(), a.clone()))),
     }
 }

@@ -12,8 +12,8 @@ use kube::{Api, Client};
 use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredential};
 use serde_json::{Value, json};
 
-use crate::ha::{free_addr, start};
 use crate::support::{self, SHARD_LABEL, chart_policies, denied_by_policy, eventually};
+use crate::support::{free_addr, start};
 
 fn secret(value: Value) -> Secret {
     serde_json::from_value(value).expect("secret")

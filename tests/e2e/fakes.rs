@@ -1,9 +1,11 @@
 //! Small local servers that follow the real token protocols of Google (JWT-bearer grant,
-//! metadata server) and Azure (Entra ID client credentials, ACR `/oauth2/exchange`), with
-//! per-test behaviour under a path prefix so tests can run in parallel.
+//! metadata server, STS token exchange, IAM Credentials impersonation) and Azure (Entra ID
+//! client credentials and client assertions, ACR `/oauth2/exchange`), with per-test
+//! behaviour under a path prefix so tests can run in parallel.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -84,6 +86,14 @@ pub fn fakes() -> &'static Fakes {
                     .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
                     .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
                     .route("/token", get(issue_registry_token))
+                    .route("/count/{id}/{*rest}", axum::routing::any(count))
+                    .route("/sts/{id}/v1/token", post(google_sts))
+                    .route(
+                        "/iam/{id}/v1/projects/-/serviceAccounts/{target}",
+                        post(generate_access_token),
+                    )
+                    .route("/entra/{id}/{tenant}/oauth2/v2.0/token", post(entra_assertion))
+                    .route("/oauth2/exchange", post(acr_exchange_federated))
                     // A registry that rate-limits everything, like Docker Hub past its limit.
                     .route("/v2/{*rest}", get(rate_limited).head(rate_limited))
                     .route("/v2/", get(rate_limited))
@@ -181,7 +191,7 @@ async fn gcp_token(
     validation.set_audience(&[format!("{}/gcp/{id}/token", fakes_base())]);
     validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
     match jsonwebtoken::decode::<serde_json::Value>(&assertion, &key, &validation) {
-        Ok(data) if data.claims["scope"] == "https://www.googleapis.com/auth/cloud-platform" => {}
+        Ok(data) if data.claims["scope"] == pullkeeper::provider::gcp::SCOPE => {}
         _ => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -391,4 +401,282 @@ pub fn rsa_key_pair() -> (String, String) {
         std::fs::read_to_string(key).expect("key"),
         std::fs::read_to_string(pubkey).expect("pub"),
     )
+}
+
+/// Requests seen under `/count/{id}/...`, per id.
+static HITS: LazyLock<Mutex<HashMap<String, u32>>> = LazyLock::new(Mutex::default);
+
+/// A sink for endpoints that must never be contacted: counts the request, answers 503.
+async fn count(Path((id, _rest)): Path<(String, String)>) -> Response {
+    *HITS.lock().expect("lock").entry(id).or_default() += 1;
+    down()
+}
+
+/// Requests that reached `/count/{id}/...`.
+pub fn hits(id: &str) -> u32 {
+    HITS.lock().expect("lock").get(id).copied().unwrap_or(0)
+}
+
+/// What a federation fake expects of a test's exchange.
+#[derive(Clone, Debug)]
+pub struct Federation {
+    /// The apiserver's JWKS, to verify ServiceAccount tokens with.
+    pub jwks: serde_json::Value,
+    /// Expected `sub`: `system:serviceaccount:<namespace>:<name>`.
+    pub subject: String,
+    /// Expected `aud`.
+    pub audience: String,
+    /// Google: the service account to impersonate; Entra: the client ID.
+    pub principal: String,
+    /// Entra: the tenant; ACR: the registry (`service`).
+    pub tenant: String,
+    /// Expected registry (`service`) at the ACR exchange.
+    pub registry: String,
+    /// Subject tokens accepted so far.
+    pub exchanged: u32,
+}
+
+static FEDERATION: LazyLock<Mutex<HashMap<String, Federation>>> = LazyLock::new(Mutex::default);
+
+/// Registers a test's federation expectations under `id`.
+pub fn expect_federation(id: &str, f: Federation) {
+    FEDERATION.lock().expect("lock").insert(id.to_owned(), f);
+}
+
+/// Subject tokens accepted so far for `id`.
+pub fn exchanged(id: &str) -> u32 {
+    FEDERATION.lock().expect("lock").get(id).map_or(0, |f| f.exchanged)
+}
+
+fn federation(id: &str) -> Option<Federation> {
+    FEDERATION.lock().ok()?.get(id).cloned()
+}
+
+fn oauth_error(status: StatusCode, code: &str, description: String) -> Response {
+    (status, Json(json!({"error": code, "error_description": description}))).into_response()
+}
+
+/// Checks a ServiceAccount token the way a cloud does with the cluster's OIDC keys: an
+/// RS256 JWT signed by one of the apiserver's keys, from its issuer, for `audience`, for
+/// the expected ServiceAccount, unexpired. Counts it when good.
+fn verify_subject(id: &str, f: &Federation, token: &str) -> Result<(), String> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(f.jwks.clone()).map_err(|e| format!("JWKS: {e}"))?;
+    let jwk = header
+        .kid
+        .as_deref()
+        .and_then(|k| set.find(k))
+        .ok_or("signed with a key that is not in the apiserver's JWKS")?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| format!("JWK: {e}"))?;
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.set_audience(&[&f.audience]);
+    v.set_issuer(&["https://kubernetes.default.svc"]);
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| format!("rejected: {e}"))?;
+    if data.claims["sub"] != f.subject.as_str() {
+        return Err(format!("sub {} is not {}", data.claims["sub"], f.subject));
+    }
+    let lifetime = data.claims["exp"].as_i64().unwrap_or(0) - data.claims["iat"].as_i64().unwrap_or(0);
+    if lifetime > 3600 {
+        return Err(format!("a {lifetime} s token; short-lived tokens expected"));
+    }
+    if let Some(f) = FEDERATION.lock().expect("lock").get_mut(id) {
+        f.exchanged += 1;
+    }
+    Ok(())
+}
+
+/// Google STS `v1/token` (RFC 8693 token exchange for workload identity federation).
+async fn google_sts(Path(id): Path<String>, Form(form): Form<HashMap<String, String>>) -> Response {
+    let Some(f) = federation(&id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if field("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange"
+        || field("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token"
+        || field("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt"
+    {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "not a token exchange".into(),
+        );
+    }
+    if field("audience") != f.audience {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_target",
+            format!("unknown audience {}", field("audience")),
+        );
+    }
+    // A cloud-platform token can impersonate; the read-only one is what gets written.
+    let token = match field("scope") {
+        "https://www.googleapis.com/auth/cloud-platform" => format!("ya29.sts-{id}"),
+        s if s == pullkeeper::provider::gcp::SCOPE => format!("ya29.sts-ro-{id}"),
+        other => return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", other.to_owned()),
+    };
+    if let Err(e) = verify_subject(&id, &f, field("subject_token")) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", e);
+    }
+    Json(json!({
+        "access_token": token,
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer",
+        "expires_in": 3600
+    }))
+    .into_response()
+}
+
+/// IAM Credentials `generateAccessToken` for `<email>:generateAccessToken`.
+async fn generate_access_token(
+    Path((id, target)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let Some(f) = federation(&id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if bearer != Some(format!("Bearer ya29.sts-{id}").as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"code": 401, "message": "Request had invalid authentication credentials."}})),
+        )
+            .into_response();
+    }
+    if target != format!("{}:generateAccessToken", f.principal)
+        || body["scope"] != json!([pullkeeper::provider::gcp::SCOPE])
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": 400, "message": format!("unexpected {target} {body}")}})),
+        )
+            .into_response();
+    }
+    let expire = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3600);
+    Json(json!({"accessToken": format!("ya29.impersonated-{id}"), "expireTime": expire.to_string()})).into_response()
+}
+
+/// Entra ID token endpoint with a federated client assertion.
+async fn entra_assertion(
+    Path((id, tenant)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let Some(f) = federation(&id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if tenant != f.tenant || field("client_id") != f.principal || field("grant_type") != "client_credentials" {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "AADSTS900023: unexpected tenant {tenant} or client {}",
+                field("client_id")
+            ),
+        );
+    }
+    if field("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        || !field("client_secret").is_empty()
+    {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_client",
+            "a client assertion is expected".into(),
+        );
+    }
+    if let Err(e) = verify_subject(&id, &f, field("client_assertion")) {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", format!("AADSTS700211: {e}"));
+    }
+    Json(json!({"access_token": format!("aad-{id}"), "expires_in": 3600, "token_type": "Bearer"})).into_response()
+}
+
+/// ACR `/oauth2/exchange` at the registry's own address (reached through [`tls`]); the
+/// test is known by its Entra access token.
+async fn acr_exchange_federated(Form(form): Form<HashMap<String, String>>) -> Response {
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let id = field("access_token").strip_prefix("aad-").unwrap_or("").to_owned();
+    let Some(f) = federation(&id) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"errors": [{"code": "UNAUTHORIZED"}]})),
+        )
+            .into_response();
+    };
+    if field("grant_type") != "access_token" || field("service") != f.registry || field("tenant") != f.tenant {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"errors": [{"code": "BAD_REQUEST"}]})),
+        )
+            .into_response();
+    }
+    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let exp = k8s_openapi::jiff::Timestamp::now().as_second() + 3 * 3600;
+    let token = format!(
+        "{}.{}.acr-{id}",
+        b64(json!({"alg": "RS256", "typ": "JWT"})),
+        b64(json!({"exp": exp, "grant_type": "refresh_token", "service": f.registry}))
+    );
+    Json(json!({"refresh_token": token})).into_response()
+}
+
+/// An HTTPS front of the fakes on `127.0.0.1:PORT` with a certificate from a private CA:
+/// (`127.0.0.1:PORT`, path of the CA's PEM). Stands in for a registry's own host.
+pub fn tls() -> &'static (String, PathBuf) {
+    static TLS: OnceLock<(String, PathBuf)> = OnceLock::new();
+    TLS.get_or_init(|| {
+        pullkeeper::install_crypto_provider();
+        let backend = fakes().base.trim_start_matches("http://").to_owned();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fakes-tls");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let sh = format!(
+            "set -e; cd {d}; \
+             openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj '/CN=pullkeeper fakes CA' -keyout ca.key -out ca.crt; \
+             openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls.key -out tls.csr; \
+             printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext; \
+             openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -extfile san.ext -out tls.crt",
+            d = dir.display()
+        );
+        let ok = std::process::Command::new("bash")
+            .args(["-c", &sh])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl")
+            .success();
+        assert!(ok, "openssl could not make the fakes' certificate");
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("tls.crt"))
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("cert");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("tls.key")).expect("key");
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send");
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else { continue };
+                    let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut front) = acceptor.accept(tcp).await else { return };
+                        let Ok(mut back) = tokio::net::TcpStream::connect(&backend).await else { return };
+                        let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
+                    });
+                }
+            });
+        });
+        let addr = rx.recv().expect("TLS front started");
+        (addr.to_string(), dir.join("ca.crt"))
+    })
 }

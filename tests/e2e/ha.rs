@@ -2,8 +2,6 @@
 //! and least privilege (the operator running with only the Helm chart's RBAC and
 //! admission policies).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,54 +11,7 @@ use kube::{Api, Client};
 use pullkeeper::crd::ClusterRegistryCredential;
 use serde_json::{Value, json};
 
-use crate::support::{self, SHARD_LABEL, eventually};
-
-/// An operator process; killed when dropped.
-pub(crate) struct Operator {
-    child: Child,
-    pub(crate) addr: String,
-    pub(crate) log: PathBuf,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub(crate) fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-pub(crate) fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, name: &str) -> Operator {
-    let addr = free_addr();
-    let log = dir.join(format!("{name}.log"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullkeeper"));
-    cmd.arg("controller")
-        .env("KUBECONFIG", kubeconfig)
-        .env("PULLKEEPER_METRICS_ADDR", &addr)
-        .env("PULLKEEPER_LOG", "info,pullkeeper=debug")
-        .env("PULLKEEPER_CREDENTIAL_SELECTOR", format!("{SHARD_LABEL}={shard}"))
-        .env("POD_NAME", name)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // Logs go to stdout; keep them (and anything on stderr) in one file.
-    let file = std::fs::File::create(&log).expect("log file");
-    cmd.stdout(file.try_clone().expect("log file")).stderr(file);
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    Operator {
-        child: cmd.spawn().expect("operator process"),
-        addr,
-        log,
-    }
-}
+use crate::support::{self, SHARD_LABEL, eventually, start};
 
 async fn metric(addr: &str, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,6 +8,7 @@ mod confine;
 mod ecr;
 mod fakes;
 mod fanout;
+mod federation;
 mod ha;
 mod puller;
 mod skeleton;

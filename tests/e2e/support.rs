@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -73,6 +73,10 @@ pub fn env() -> &'static Env {
                         pod_admission: true,
                         source_secret_namespace: None,
                         deny_registry_cidrs: vec![],
+                        // The defaults: a RegistryCredential may not use the operator's
+                        // own cloud identity.
+                        namespaced_ambient_credentials: false,
+                        endpoints: pullkeeper::provider::Endpoints::default(),
                     };
                     // Runs for the life of the test binary.
                     let _ =
@@ -791,4 +795,169 @@ async fn wait_until_enforced(operator: &Client, release: &str, namespace: &str) 
         enforced.is_some(),
         "the chart's admission policies were not enforced within 30 s"
     );
+}
+
+/// An operator process started by a test; killed when dropped.
+pub struct Operator {
+    child: Child,
+    /// Address of its health and metrics endpoint.
+    pub addr: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback address for an operator's health and metrics endpoint.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts `pullkeeper controller` as its own process with the admin kubeconfig, reconciling
+/// only credentials labelled `SHARD_LABEL=shard`, with `extra` environment on top. Cloud
+/// credentials of whoever runs the tests are not passed on.
+pub fn start(kubeconfig: &Path, shard: &str, extra: &[(&str, &str)], dir: &Path, name: &str) -> Operator {
+    let addr = free_addr();
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).expect("log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullkeeper"));
+    cmd.arg("controller")
+        .env("KUBECONFIG", kubeconfig)
+        .env("PULLKEEPER_METRICS_ADDR", &addr)
+        .env("PULLKEEPER_LOG", "info,pullkeeper=debug")
+        .env("PULLKEEPER_CREDENTIAL_SELECTOR", format!("{SHARD_LABEL}={shard}"))
+        .env("POD_NAME", name)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        // Logs go to stdout; keep them with anything printed to stderr.
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file);
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Operator {
+        child: cmd.spawn().expect("operator process"),
+        addr,
+        log,
+    }
+}
+
+/// Server-side applies (forcing) a RegistryCredential in `namespace`.
+pub async fn apply_namespaced(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    spec: serde_json::Value,
+) -> Result<(), kube::Error> {
+    Api::<pullkeeper::crd::RegistryCredential>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-user").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "pullkeeper.io/v1alpha1", "kind": "RegistryCredential",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "spec": spec,
+            })),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The status of a RegistryCredential, if it exists and has one.
+pub async fn namespaced_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Option<pullkeeper::crd::RegistryCredentialStatus> {
+    Api::<pullkeeper::crd::RegistryCredential>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .ok()??
+        .status
+}
+
+/// Waits (30 s) until a RegistryCredential's Ready condition has this status and reason;
+/// panics with the last status seen (and `log`) otherwise.
+pub async fn wait_namespaced_ready(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+    log: impl Fn() -> String,
+) -> pullkeeper::crd::RegistryCredentialStatus {
+    let got = eventually(Duration::from_secs(30), || async {
+        let s = namespaced_status(client, namespace, name).await?;
+        let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (c.status == status && c.reason == reason).then_some(s.clone())
+    })
+    .await;
+    match got {
+        Some(s) => s,
+        None => panic!(
+            "{namespace}/{name} never reached Ready={status}/{reason}; last status: {:?}\nlog: {}",
+            namespaced_status(client, namespace, name).await,
+            log()
+        ),
+    }
+}
+
+/// The `auths` entry for `registry` in the pull Secret `namespace/secret`, once written.
+pub async fn written_entry(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+    registry: &str,
+) -> Option<serde_json::Value> {
+    let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+        .get_opt(secret)
+        .await
+        .ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&s.data?.get(".dockerconfigjson")?.0).ok()?;
+    let entry = v["auths"][registry].clone();
+    entry.is_object().then_some(entry)
+}
+
+/// The apiserver's ServiceAccount token signing keys (`/openid/v1/jwks`).
+pub async fn apiserver_jwks(client: &Client) -> serde_json::Value {
+    let req = http::Request::get("/openid/v1/jwks").body(Vec::new()).expect("request");
+    let text = client.request_text(req).await.expect("JWKS");
+    serde_json::from_str(&text).expect("JWKS is JSON")
+}
+
+/// Creates a ServiceAccount.
+pub async fn service_account(client: &Client, namespace: &str, name: &str) {
+    let mut sa = k8s_openapi::api::core::v1::ServiceAccount::default();
+    sa.metadata.name = Some(name.to_owned());
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("ServiceAccount created");
 }

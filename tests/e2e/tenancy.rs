@@ -10,7 +10,7 @@ use kube::{Api, Client, ResourceExt};
 use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredential};
 use serde_json::{Value, json};
 
-use crate::ha::start;
+use crate::support::start;
 use crate::support::{self, SHARD_LABEL, eventually};
 
 const REGISTRY: &str = "registry.example.com";
