@@ -60,7 +60,9 @@ EOF
   exit 2
 }
 
-# Print the last lines of the node's logs, then fail.
+STARTING=0
+
+# Print the last lines of the node's logs, undo a half-done start (the logs stay), and fail.
 fail() {
   local f
   log "error: $*"
@@ -70,6 +72,11 @@ fail() {
       tail -n 25 "${f}" | sed 's/^/  /' >&2
     fi
   done
+  if ((STARTING)); then
+    STARTING=0
+    log "removing what the failed start left (logs kept in ${DIR}/logs)"
+    stop_all || true
+  fi
   exit 1
 }
 
@@ -172,6 +179,7 @@ start_namespace() {
   # shellcheck disable=SC2016 # $$ is expanded by the inner shell
   setsid bash -c 'echo $$ >"$0"; exec unshare --mount --propagation private sleep infinity' "${DIR}/ns.pid" \
     </dev/null >/dev/null 2>&1 9>&- &
+  disown $!
   local i
   for ((i = 0; i < 50; i++)); do
     pid="$(pid_of ns)"
@@ -267,6 +275,7 @@ start_containerd() {
     nsenter -t "$(pid_of ns)" -m -- env TMPDIR="${DIR}/tmp" \
     containerd --config "${DIR}/containerd/config.toml" \
     </dev/null >"${DIR}/logs/containerd.log" 2>&1 9>&- &
+  disown $!
   local i
   for ((i = 0; i < 150; i++)); do
     ctr_ version >/dev/null 2>&1 && break
@@ -333,6 +342,7 @@ EOF
     --cert-dir="${DIR}/kubelet/pki" \
     --hostname-override="${NODE_NAME}" \
     --v=2 </dev/null >"${DIR}/logs/kubelet.log" 2>&1 9>&- &
+  disown $!
   local deadline=$((SECONDS + TIMEOUT))
   until node_ready; do
     sleep 0.5
@@ -372,6 +382,7 @@ cmd_start() {
     printf 'KUBECTL=%q\n' "${KUBECTL}"
   } >"${DIR}/state.env"
   local t0=${SECONDS}
+  STARTING=1
   build_images
   prepare_host_paths
   start_namespace
@@ -379,6 +390,7 @@ cmd_start() {
   write_containerd_config
   start_containerd
   start_kubelet
+  STARTING=0
   log "node ${NODE_NAME} Ready in $((SECONDS - t0))s (kubelet pid $(pid_of kubelet), logs in ${DIR}/logs)"
   printf '%s\n' "${NODE_NAME}"
 }

@@ -1,12 +1,14 @@
 //! Integration tests against a real kube-apiserver, etcd and kube-controller-manager
 //! started by `hack/control-plane.sh` (once, reused across runs), with the operator
-//! running in-process. Every test works in its own random namespaces and names.
+//! running in-process; the `node` tests add a real kubelet with containerd and runc
+//! (`hack/node.sh`, needs root). Every test works in its own random namespaces and names.
 
 mod check;
 mod ecr;
 mod fakes;
 mod fanout;
 mod ha;
+mod node;
 mod puller;
 mod skeleton;
 mod support;
