@@ -45,6 +45,9 @@ TIMEOUT="${PULLKEEPER_NODE_TIMEOUT:-120}"
 # says; each is covered by a tmpfs inside the node's mount namespace.
 readonly HOST_PATHS=(/run/containerd /run/netns /run/mount /var/lib/kubelet /var/lib/cni /var/log/containers)
 # The sysctls the kubelet's container manager sets at start, with the values it wants.
+# Machine-wide: the host directories nodes created, and the lock running nodes share.
+readonly SHARED="${PULLKEEPER_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME}/.cache}/pullkeeper}/node"
+readonly USERS_LOCK="${SHARED}/users.lock"
 readonly SYSCTLS=(vm/overcommit_memory=1 vm/panic_on_oom=0 kernel/panic=10 kernel/panic_on_oops=1
   kernel/keys/root_maxkeys=1000000 kernel/keys/root_maxbytes=25000000)
 
@@ -156,29 +159,52 @@ build_images() {
   ) >"${DIR}/logs/images.log" 2>&1 || { cat "${DIR}/logs/images.log" >&2; fail "building the pause image with umoci failed"; }
 }
 
-# The host directories that must exist to be covered by a tmpfs; the ones created here are
-# recorded, and `stop` removes them again.
+# The host directories that must exist to be covered by a tmpfs. Several nodes may run on
+# one machine (each in its own DIR), so the ones created here are recorded machine-wide,
+# every running node holds a shared lock on USERS_LOCK (its namespace's holder keeps it
+# open), and the last node to stop removes them.
 prepare_host_paths() {
   local p
-  : >>"${DIR}/host-dirs"
+  mkdir -p "${SHARED}"
+  # held until this node's holder has its shared lock (start_namespace)
+  exec 7>>"${SHARED}/host-dirs.lock"
+  flock 7
   for p in "${HOST_PATHS[@]}"; do
     if [[ ! -e "${p}" ]]; then
-      # the topmost missing ancestor first, so that stop removes the whole chain
+      # the topmost missing ancestor first, so that the whole chain is removed again
       local missing=() q="${p}"
       while [[ ! -e "${q}" ]]; do missing=("${q}" "${missing[@]}"); q="$(dirname "${q}")"; done
       mkdir -p "${p}"
-      printf '%s\n' "${missing[@]}" >>"${DIR}/host-dirs"
+      printf '%s\n' "${missing[@]}" >>"${SHARED}/host-dirs"
     fi
   done
+}
+
+# After this node's processes are gone: if no other node runs, remove the host
+# directories nodes created.
+remove_host_paths() {
+  local p
+  [[ -f "${SHARED}/host-dirs" ]] || return 0
+  exec 7>>"${SHARED}/host-dirs.lock"
+  flock 7
+  if flock -n -x "${USERS_LOCK}" true; then
+    # deepest first
+    sort -r -u "${SHARED}/host-dirs" | while read -r p; do
+      if [[ -n "${p}" ]]; then rmdir "${p}" 2>/dev/null || true; fi
+    done
+    rm -f "${SHARED}/host-dirs"
+  fi
+  exec 7>&-
 }
 
 start_namespace() {
   local pid
   pid="$(pid_of ns)"
-  if alive "${pid}"; then return 0; fi
+  if alive "${pid}"; then exec 7>&-; return 0; fi
+  # The holder keeps a shared lock on USERS_LOCK for as long as it lives.
   # shellcheck disable=SC2016 # $$ is expanded by the inner shell
-  setsid bash -c 'echo $$ >"$0"; exec unshare --mount --propagation private sleep infinity' "${DIR}/ns.pid" \
-    </dev/null >/dev/null 2>&1 9>&- &
+  setsid bash -c 'exec 8>>"$1" && flock -s 8 && echo $$ >"$0" && exec unshare --mount --propagation private sleep infinity' \
+    "${DIR}/ns.pid" "${USERS_LOCK}" </dev/null >/dev/null 2>&1 7>&- 9>&- &
   disown $!
   local i
   for ((i = 0; i < 50; i++)); do
@@ -201,6 +227,7 @@ start_namespace() {
     printf '%s\n' "${v}" >"${DIR}/sysctl/${k//\//.}"
     in_ns mount -n --bind "${DIR}/sysctl/${k//\//.}" "/proc/sys/${k}" || fail "bind-mounting over /proc/sys/${k} failed"
   done
+  exec 7>&-
 }
 
 # Create the kubelet's cgroup root in every v1 hierarchy (it must exist before the kubelet
@@ -471,13 +498,7 @@ stop_all() {
   if [[ -n "${BRIDGE:-}" ]] && ip link show "${BRIDGE}" >/dev/null 2>&1; then
     ip link del "${BRIDGE}" || log "warning: could not delete the bridge ${BRIDGE}"
   fi
-  if [[ -f "${DIR}/host-dirs" ]]; then
-    # deepest first
-    sort -r -u "${DIR}/host-dirs" | while read -r p; do
-      [[ -n "${p}" ]] && rmdir "${p}" 2>/dev/null || true
-    done
-    rm -f "${DIR}/host-dirs"
-  fi
+  remove_host_paths
   # The namespace is gone, and with it every mount; only then remove the state.
   if grep -qF " ${DIR}/" /proc/self/mountinfo; then
     log "warning: mounts under ${DIR} remain; keeping its state"

@@ -40,6 +40,8 @@ step "building kubelet and kubectl of the control plane's version (once; about 3
 hack/control-plane.sh kubectl >/dev/null
 
 step "the node harness: a pod runs, and stop leaves nothing on the host"
+# a node left by an interrupted run would share the node name
+hack/node.sh stop "$target_dir/tmp/node" >/dev/null
 hack/node-check.sh "$kubeconfig"
 
 step "preparing moto (AWS API server) and helm"

@@ -43,6 +43,17 @@ async fn targeted_namespace(client: &Client, label: &str, credential: &str) -> S
     ns
 }
 
+/// Deletes the credentials and namespaces of a test that passed: a node started later
+/// against the same control plane would otherwise run its Deployments again.
+async fn cleanup(client: &Client, credentials: &[&str], namespaces: &[&str]) {
+    for c in credentials {
+        support::delete_credential(client, c).await;
+    }
+    for ns in namespaces {
+        support::delete_namespace(client, ns).await;
+    }
+}
+
 fn assert_running(outcome: &PodOutcome, what: &str) {
     assert!(matches!(outcome, PodOutcome::Running { .. }), "{what}: {outcome:?}");
 }
@@ -72,7 +83,7 @@ async fn the_kubelet_pulls_through_the_default_service_account_only_where_target
     let reg = support::registry();
     let image = support::push_runnable_image(&reg.addr, &reg.user, &reg.password, "node/app:v1", None);
     let client = support::client().await;
-    let (_, name, label) = basic_credential(&client, &reg.addr, &reg.user, &reg.password, json!({})).await;
+    let (src, name, label) = basic_credential(&client, &reg.addr, &reg.user, &reg.password, json!({})).await;
     let targeted = targeted_namespace(&client, &label, &name).await;
     let untargeted = support::namespace(&client, "node-out", &[]).await;
 
@@ -94,7 +105,7 @@ async fn the_kubelet_pulls_through_the_default_service_account_only_where_target
             "no 401 in the pod's Events: {events:?}"
         );
     }
-    support::delete_credential(&client, &name).await;
+    cleanup(&client, &[&name], &[&src, &targeted, &untargeted]).await;
 }
 
 #[tokio::test]
@@ -102,21 +113,26 @@ async fn the_kubelet_pulls_from_a_private_ca_registry_and_a_token_registry() {
     let (reg, ca) = support::tls_registry();
     let image = support::push_runnable_image(&reg.addr, &reg.user, &reg.password, "node/app:v1", Some(ca));
     let client = support::client().await;
-    let (_, tls_name, tls_label) = basic_credential(&client, &reg.addr, &reg.user, &reg.password, json!({})).await;
+    let (tls_src, tls_name, tls_label) =
+        basic_credential(&client, &reg.addr, &reg.user, &reg.password, json!({})).await;
     let tls_ns = targeted_namespace(&client, &tls_label, &tls_name).await;
     support::deploy(&client, &tls_ns, "app", &image, "Always").await;
 
     // Bearer tokens: the kubelet's runtime logs in at the issuer with the written Secret.
     let token = support::token_registry();
     let token_image = support::push_runnable_image(token, "admin", "admin-pw", "demo:app", None);
-    let (_, token_name, token_label) = basic_credential(&client, token, "puller", "puller-pw", json!({})).await;
+    let (token_src, token_name, token_label) = basic_credential(&client, token, "puller", "puller-pw", json!({})).await;
     let token_ns = targeted_namespace(&client, &token_label, &token_name).await;
     support::deploy(&client, &token_ns, "app", &token_image, "Always").await;
 
     assert_running(&support::wait_pod(&client, &tls_ns, "app").await, "TLS registry");
     assert_running(&support::wait_pod(&client, &token_ns, "app").await, "token registry");
-    support::delete_credential(&client, &tls_name).await;
-    support::delete_credential(&client, &token_name).await;
+    cleanup(
+        &client,
+        &[&tls_name, &token_name],
+        &[&tls_src, &tls_ns, &token_src, &token_ns],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -161,7 +177,7 @@ async fn a_rotation_updates_the_secret_in_place_and_new_pods_start_from_the_cach
             "the pod did not start from the cached image: {events:?}"
         );
     }
-    support::delete_credential(&client, &name).await;
+    cleanup(&client, &[&name], &[&src, &ns]).await;
 }
 
 #[tokio::test]
@@ -221,5 +237,5 @@ async fn a_wrong_password_fails_new_pods_and_the_credential_says_which() {
     .expect("no ImageNotPullable Event on the credential");
     assert!(warned.contains(&image) && warned.contains("Unauthorized"), "{warned}");
     assert!(!warned.contains("not-the-password"), "a password reached an Event");
-    support::delete_credential(&client, &name).await;
+    cleanup(&client, &[&name], &[&src, &ns]).await;
 }
