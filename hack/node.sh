@@ -93,13 +93,25 @@ ensure_packages() {
     pkgs+=(containernetworking-plugins)
   busybox_static || pkgs+=(busybox-static)
   ((${#pkgs[@]} == 0)) && return 0
-  [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 ||
-    { log "error: missing packages: ${pkgs[*]} (install them, or run as root on Debian)"; exit 1; }
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "error: missing packages: ${pkgs[*]} (install them, or run as root on Debian)"
+    exit 1
+  fi
   mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
   log "installing ${pkgs[*]} with apt-get"
   apt-get update -q >&2 || { log "error: apt-get update failed"; exit 1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 ||
-    { log "error: apt-get install ${pkgs[*]} failed"; exit 1; }
+  # The node runs its own containerd: keep the package from starting the system's one
+  # (policy-rc.d is what invoke-rc.d and deb-systemd-invoke ask).
+  local policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"${policy}"
+    chmod 755 "${policy}"
+  fi
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" >&2 || rc=$?
+  if [[ -n "${policy}" ]]; then rm -f "${policy}"; fi
+  ((rc == 0)) || { log "error: apt-get install ${pkgs[*]} failed"; exit 1; }
   busybox_static || { log "error: /bin/busybox is not a static binary after installing busybox-static"; exit 1; }
 }
 
@@ -113,6 +125,18 @@ free_port() {
 
 alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 pid_of() { [[ -f "${DIR}/$1.pid" ]] && tr -dc '0-9' <"${DIR}/$1.pid"; return 0; }
+# The PID in NAME.pid only while it still is one of the node's processes (in its mount
+# namespace, since this boot): a stale file never makes stop signal an unrelated process.
+our_pid() {
+  local p
+  p="$(pid_of "$1")"
+  if [[ -n "${p}" ]] && this_boot && [[ "$(readlink "/proc/${p}/ns/mnt" 2>/dev/null)" == "${MNT_NS}" ]]; then
+    printf '%s\n' "${p}"
+  fi
+  return 0
+}
+# Was the state recorded since the last boot? (Namespace inode numbers are reused.)
+this_boot() { [[ -n "${MNT_NS:-}" && "${BOOT_ID:-}" == "$(cat /proc/sys/kernel/random/boot_id)" ]]; }
 in_ns() { nsenter -t "$(pid_of ns)" -m -- "$@"; }
 ctr_() { ctr --address "${DIR}/containerd/containerd.sock" "$@"; }
 kc() { "${KUBECTL}" --kubeconfig "${DIR}/kubeconfig" --request-timeout=10s "$@"; }
@@ -216,7 +240,9 @@ start_namespace() {
     sleep 0.1
   done
   [[ "$(cat "/proc/${pid}/comm" 2>/dev/null)" == sleep ]] || fail "could not create a private mount namespace (unshare)"
-  printf 'MNT_NS=%q\n' "$(readlink "/proc/${pid}/ns/mnt")" >>"${DIR}/state.env"
+  MNT_NS="$(readlink "/proc/${pid}/ns/mnt")"
+  BOOT_ID="$(cat /proc/sys/kernel/random/boot_id)"
+  printf 'MNT_NS=%q\nBOOT_ID=%q\n' "${MNT_NS}" "${BOOT_ID}" >>"${DIR}/state.env"
   local p kv k v
   for p in "${HOST_PATHS[@]}"; do
     in_ns mount -n -t tmpfs -o mode=0755,size=64m pullkeeper-node "${p}" || fail "mount tmpfs on ${p} in the node's namespace failed"
@@ -380,7 +406,7 @@ EOF
 
 healthy() {
   load_state || return 1
-  alive "$(pid_of ns)" && alive "$(pid_of containerd)" && alive "$(pid_of kubelet)" &&
+  alive "$(our_pid ns)" && alive "$(our_pid containerd)" && alive "$(our_pid kubelet)" &&
     [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:${KUBELET_HEALTHZ_PORT:-0}/healthz" 2>/dev/null)" == ok ]] &&
     node_ready
 }
@@ -427,7 +453,7 @@ cmd_start() {
 
 # PIDs of the processes whose mount namespace is the node's.
 ns_pids() {
-  [[ -n "${MNT_NS:-}" ]] || return 0
+  this_boot || return 0
   local p
   for p in /proc/[0-9]*; do
     [[ "$(readlink "${p}/ns/mnt" 2>/dev/null)" == "${MNT_NS}" ]] && printf '%s\n' "${p#/proc/}"
@@ -480,12 +506,12 @@ remove_cgroups() {
 stop_all() {
   load_state || true
   KUBECTL="${KUBECTL:-$(bash "${HERE}/control-plane.sh" kubectl 2>/dev/null | tail -n1 || true)}"
-  stop_pid "$(pid_of kubelet)"
+  stop_pid "$(our_pid kubelet)"
   # Containers first (they are not in the namespace: runc gives each its own), then
   # containerd and its shims, then the namespace's holder.
   local p
   for p in $(cgroup_pids); do kill -KILL "${p}" 2>/dev/null || true; done
-  stop_pid "$(pid_of containerd)"
+  stop_pid "$(our_pid containerd)"
   kill_all
   rm -f "${DIR}/kubelet.pid" "${DIR}/containerd.pid" "${DIR}/ns.pid"
   remove_cgroups
@@ -507,7 +533,7 @@ stop_all() {
       "${DIR}/sysctl" "${DIR}/tmp" "${DIR}/kubelet.yaml"
   fi
   rm -f "${DIR}/state.env"
-  MNT_NS="" CGROUP_NAME="" BRIDGE=""
+  MNT_NS="" BOOT_ID="" CGROUP_NAME="" BRIDGE=""
 }
 
 cmd_stop() {
@@ -526,7 +552,7 @@ cmd_status() {
   fi
   local name
   for name in ns containerd kubelet; do
-    if alive "$(pid_of "${name}")"; then echo "${name}: pid $(pid_of "${name}")"; else echo "${name}: not running"; fi
+    if alive "$(our_pid "${name}")"; then echo "${name}: pid $(our_pid "${name}")"; else echo "${name}: not running"; fi
   done
   if healthy; then
     echo "node ${NODE_NAME}: Ready"
@@ -547,8 +573,8 @@ cmd_trust() {
     ca_line="  ca = \"${d}/ca.crt\""
   fi
   printf 'server = "%s://%s"\n\n[host."%s://%s"]\n  capabilities = ["pull", "resolve"]\n%s\n' \
-    "${scheme}" "${host}" "${scheme}" "${host}" "${ca_line}" >"${d}/hosts.toml.tmp"
-  mv -f "${d}/hosts.toml.tmp" "${d}/hosts.toml"
+    "${scheme}" "${host}" "${scheme}" "${host}" "${ca_line}" >"${d}/hosts.toml.$$"
+  mv -f "${d}/hosts.toml.$$" "${d}/hosts.toml"
 }
 
 main() {
