@@ -46,7 +46,7 @@ snapshot() {
 
 before="$(snapshot)"
 hack/node.sh start "$dir/node" "$kubeconfig" >/dev/null
-kc() { "$kubectl" --kubeconfig "$kubeconfig" "$@"; }
+kc() { "$kubectl" --kubeconfig "$kubeconfig" --cache-dir "$dir/kubectl-cache" "$@"; }
 ns="node-check-$RANDOM$RANDOM"
 kc create namespace "$ns" >/dev/null
 cat <<EOF | kc apply -f - >/dev/null

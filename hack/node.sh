@@ -139,7 +139,7 @@ our_pid() {
 this_boot() { [[ -n "${MNT_NS:-}" && "${BOOT_ID:-}" == "$(cat /proc/sys/kernel/random/boot_id)" ]]; }
 in_ns() { nsenter -t "$(pid_of ns)" -m -- "$@"; }
 ctr_() { ctr --address "${DIR}/containerd/containerd.sock" "$@"; }
-kc() { "${KUBECTL}" --kubeconfig "${DIR}/kubeconfig" --request-timeout=10s "$@"; }
+kc() { "${KUBECTL}" --kubeconfig "${DIR}/kubeconfig" --cache-dir "${DIR}/kubectl-cache" --request-timeout=10s "$@"; }
 
 load_state() {
   [[ -f "${DIR}/state.env" ]] || return 1
@@ -179,7 +179,9 @@ build_images() {
       --config.cmd sleep --config.cmd 2147483647
     umoci config --image oci:base --tag app --config.entrypoint /bin/busybox \
       --config.cmd sleep --config.cmd 3600
-    skopeo copy -q oci:oci:pause docker-archive:pause.tar:localhost/pullkeeper/pause:1
+    mkdir -p tmp
+    TMPDIR="${d}/tmp" skopeo copy -q oci:oci:pause docker-archive:pause.tar:localhost/pullkeeper/pause:1
+    rm -rf tmp
   ) >"${DIR}/logs/images.log" 2>&1 || { cat "${DIR}/logs/images.log" >&2; fail "building the pause image with umoci failed"; }
 }
 
@@ -530,7 +532,7 @@ stop_all() {
     log "warning: mounts under ${DIR} remain; keeping its state"
   else
     rm -rf "${DIR}/containerd" "${DIR}/kubelet" "${DIR}/pod-logs" "${DIR}/runc" "${DIR}/cni" \
-      "${DIR}/sysctl" "${DIR}/tmp" "${DIR}/kubelet.yaml"
+      "${DIR}/sysctl" "${DIR}/tmp" "${DIR}/kubelet.yaml" "${DIR}/kubectl-cache"
   fi
   rm -f "${DIR}/state.env"
   MNT_NS="" BOOT_ID="" CGROUP_NAME="" BRIDGE=""

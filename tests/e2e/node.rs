@@ -181,7 +181,7 @@ async fn a_rotation_updates_the_secret_in_place_and_new_pods_start_from_the_cach
 }
 
 #[tokio::test]
-async fn a_wrong_password_fails_new_pods_and_the_credential_says_which() {
+async fn a_wrong_password_fails_new_pods_the_credential_says_which_and_the_fix_heals_them() {
     let reg = support::registry();
     let image = support::push_runnable_image(&reg.addr, &reg.user, &reg.password, "node/wrong:v1", None);
     let client = support::client().await;
@@ -237,5 +237,17 @@ async fn a_wrong_password_fails_new_pods_and_the_credential_says_which() {
     .expect("no ImageNotPullable Event on the credential");
     assert!(warned.contains(&image) && warned.contains("Unauthorized"), "{warned}");
     assert!(!warned.contains("not-the-password"), "a password reached an Event");
+
+    // Fixing the source heals the failing pod in place: the kubelet reads the Secret
+    // again at its next attempt.
+    support::put_secret(
+        &client,
+        &src,
+        "login",
+        json!({"username": reg.user, "password": reg.password}),
+    )
+    .await;
+    support::wait_running(&client, &ns, "bad", Duration::from_secs(120)).await;
+    support::wait_ready(&client, &name, "True", "Synced").await;
     cleanup(&client, &[&name], &[&src, &ns]).await;
 }

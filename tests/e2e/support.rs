@@ -788,37 +788,63 @@ pub enum PodOutcome {
 /// Waits (90 s) until a pod labelled `app=<app>` runs or fails to pull; panics otherwise,
 /// with the pods' states.
 pub async fn wait_pod(client: &Client, namespace: &str, app: &str) -> PodOutcome {
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace);
-    let lp = kube::api::ListParams::default().labels(&format!("app={app}"));
-    let got = eventually(Duration::from_secs(90), || async {
-        let list = pods.list(&lp).await.ok()?;
-        list.items.iter().find_map(|p| {
-            let pod = p.metadata.name.clone()?;
-            let state = p
-                .status
-                .as_ref()?
-                .container_statuses
-                .as_ref()?
-                .first()?
-                .state
-                .as_ref()?;
-            if state.running.is_some() {
-                return Some(PodOutcome::Running { pod });
-            }
-            let waiting = state.waiting.as_ref()?;
-            let reason = waiting.reason.clone()?;
-            matches!(reason.as_str(), "ErrImagePull" | "ImagePullBackOff").then(|| PodOutcome::PullFailed {
-                pod,
-                reason,
-                message: waiting.message.clone().unwrap_or_default(),
-            })
+    wait_pod_until(client, namespace, app, Duration::from_secs(90), |_| true).await
+}
+
+/// Waits (up to `timeout`) until a pod labelled `app=<app>` runs, through any number of
+/// pull failures (the kubelet retries with back-off); panics with the last state otherwise.
+/// Returns the pod's name.
+pub async fn wait_running(client: &Client, namespace: &str, app: &str, timeout: Duration) -> String {
+    match wait_pod_until(client, namespace, app, timeout, |o| {
+        matches!(o, PodOutcome::Running { .. })
+    })
+    .await
+    {
+        PodOutcome::Running { pod } => pod,
+        other => panic!("{namespace}/{app}: {other:?}"),
+    }
+}
+
+async fn pod_outcome(pods: &Api<k8s_openapi::api::core::v1::Pod>, lp: &kube::api::ListParams) -> Option<PodOutcome> {
+    let list = pods.list(lp).await.ok()?;
+    list.items.iter().find_map(|p| {
+        let pod = p.metadata.name.clone()?;
+        let state = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .first()?
+            .state
+            .as_ref()?;
+        if state.running.is_some() {
+            return Some(PodOutcome::Running { pod });
+        }
+        let waiting = state.waiting.as_ref()?;
+        let reason = waiting.reason.clone()?;
+        matches!(reason.as_str(), "ErrImagePull" | "ImagePullBackOff").then(|| PodOutcome::PullFailed {
+            pod,
+            reason,
+            message: waiting.message.clone().unwrap_or_default(),
         })
     })
-    .await;
+}
+
+async fn wait_pod_until(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    timeout: Duration,
+    done: impl Fn(&PodOutcome) -> bool,
+) -> PodOutcome {
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace);
+    let lp = kube::api::ListParams::default().labels(&format!("app={app}"));
+    let got = eventually(timeout, || async { pod_outcome(&pods, &lp).await.filter(|o| done(o)) }).await;
     match got {
         Some(o) => o,
         None => panic!(
-            "no pod of {namespace}/{app} ran or failed to pull in 90 s; pods: {:?}",
+            "no pod of {namespace}/{app} reached the awaited state in {timeout:?}; last: {:?}; pods: {:?}",
+            pod_outcome(&pods, &lp).await,
             pods.list(&lp)
                 .await
                 .map(|l| l.items.into_iter().map(|p| p.status).collect::<Vec<_>>())
