@@ -8,7 +8,8 @@
 #                                      kube-controller-manager and etcd (and, for the
 #                                      Go-module build, kubelet and kubectl)
 #   hack/control-plane.sh kubectl      ensure kubelet and kubectl of the server's version
-#   hack/control-plane.sh kubelet      exist; the last line of stdout is the path of one
+#   hack/control-plane.sh kubelet      exist (built once, see Binaries); the last line of
+#                                      stdout is the path of the one asked for
 #   hack/control-plane.sh start DIR    start (or reuse) a control plane whose state lives
 #                                      in DIR; the last line of stdout is DIR/kubeconfig
 #   hack/control-plane.sh stop DIR     stop it and remove its data (idempotent)
