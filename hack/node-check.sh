@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 kubeconfig="$(realpath -- "$1")"
 kubectl="$(hack/control-plane.sh kubectl | tail -n1)"
 dir="$(mktemp -d "${TMPDIR:-/tmp}/pullkeeper-node-check.XXXXXX")"
-trap 'hack/node.sh stop "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+trap 'hack/node.sh stop "$dir/node" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 
 # What a node could leave on the host, filtered to what is its own, so that other
 # activity on the machine does not show up.

@@ -505,8 +505,26 @@ remove_cgroups() {
   log "warning: could not remove the cgroups $(find /sys/fs/cgroup -maxdepth 2 -type d -name "${CGROUP_NAME}" | tr '\n' ' ')"
 }
 
+# Without state.env (removed by hand while the node ran), find the node's mount namespace
+# through its containerd or kubelet, whose command lines name DIR.
+recover_state() {
+  local p args
+  [[ -n "${CGROUP_NAME:-}" ]] || derive_names
+  [[ -n "${MNT_NS:-}" ]] && return 0
+  for p in /proc/[0-9]*; do
+    args="$(tr '\0' ' ' <"${p}/cmdline" 2>/dev/null)" || continue
+    if [[ "${args}" == *"--config ${DIR}/containerd/config.toml"* || "${args}" == *"--root-dir=${DIR}/kubelet "* ]] &&
+      [[ "$(readlink "${p}/ns/mnt" 2>/dev/null)" != "$(readlink /proc/self/ns/mnt)" ]]; then
+      MNT_NS="$(readlink "${p}/ns/mnt")"
+      BOOT_ID="$(cat /proc/sys/kernel/random/boot_id)"
+      return 0
+    fi
+  done
+}
+
 stop_all() {
   load_state || true
+  recover_state
   KUBECTL="${KUBECTL:-$(bash "${HERE}/control-plane.sh" kubectl 2>/dev/null | tail -n1 || true)}"
   stop_pid "$(our_pid kubelet)"
   # Containers first (they are not in the namespace: runc gives each its own), then
