@@ -406,6 +406,23 @@ EOF
   done
 }
 
+# Fail if another kubelet (another DIR) serves a node of this name for this control plane.
+# The control plane listens on loopback only, so such a kubelet runs on this machine.
+another_kubelet() {
+  local server p args other
+  server="$(awk '$1 == "server:" {print $2; exit}' "$1")"
+  for p in /proc/[0-9]*; do
+    args="$(tr '\0' '\n' 2>/dev/null <"${p}/cmdline")" || continue
+    grep -qx -- "--hostname-override=${NODE_NAME}" <<<"${args}" || continue
+    other="$(sed -n 's/^--kubeconfig=//p' <<<"${args}" | head -n1)"
+    [[ -n "${other}" && "${other}" != "${DIR}/kubeconfig" && -r "${other}" ]] || continue
+    if [[ "$(awk '$1 == "server:" {print $2; exit}' "${other}")" == "${server}" ]]; then
+      log "error: another kubelet (pid ${p#/proc/}, ${other}) serves node ${NODE_NAME} for ${server}; stop it first (hack/node.sh stop $(dirname "${other}"))"
+      exit 1
+    fi
+  done
+}
+
 healthy() {
   load_state || return 1
   alive "$(our_pid ns)" && alive "$(our_pid containerd)" && alive "$(our_pid kubelet)" &&
@@ -429,6 +446,7 @@ cmd_start() {
   fi
   # Leftovers of a dead or half-started node, or one registered with another control plane.
   stop_all
+  another_kubelet "${kubeconfig}"
   derive_names
   cp "${kubeconfig}" "${DIR}/kubeconfig"
   chmod 600 "${DIR}/kubeconfig"
@@ -512,7 +530,7 @@ recover_state() {
   [[ -n "${CGROUP_NAME:-}" ]] || derive_names
   [[ -n "${MNT_NS:-}" ]] && return 0
   for p in /proc/[0-9]*; do
-    args="$(tr '\0' ' ' <"${p}/cmdline" 2>/dev/null)" || continue
+    args="$(tr '\0' ' ' 2>/dev/null <"${p}/cmdline")" || continue
     if [[ "${args}" == *"--config ${DIR}/containerd/config.toml"* || "${args}" == *"--root-dir=${DIR}/kubelet "* ]] &&
       [[ "$(readlink "${p}/ns/mnt" 2>/dev/null)" != "$(readlink /proc/self/ns/mnt)" ]]; then
       MNT_NS="$(readlink "${p}/ns/mnt")"
@@ -537,7 +555,7 @@ stop_all() {
   remove_cgroups
   # The pods bound to this node would otherwise stay Terminating, or be started again by the
   # next node of this name.
-  if [[ -x "${KUBECTL:-}" && -f "${DIR}/kubeconfig" ]] && kc get node "${NODE_NAME}" >/dev/null 2>&1; then
+  if [[ -n "${MNT_NS:-}" && -x "${KUBECTL:-}" && -f "${DIR}/kubeconfig" ]] && kc get node "${NODE_NAME}" >/dev/null 2>&1; then
     kc delete pods -A --field-selector "spec.nodeName=${NODE_NAME}" --force --grace-period=0 >/dev/null 2>&1 || true
     kc delete node "${NODE_NAME}" --wait=false >/dev/null 2>&1 || true
   fi
