@@ -6,7 +6,11 @@
 #   hack/node.sh start DIR KUBECONFIG   start (or reuse) a node whose state lives in DIR;
 #                                       waits until the node is Ready; last line of stdout:
 #                                       the node name
-#   hack/node.sh stop DIR               stop it and remove every trace of it (idempotent)
+#   hack/node.sh stop DIR [OWNER]       stop it and remove every trace of it (idempotent);
+#                                       with OWNER, only if the last start was made with
+#                                       PULLKEEPER_NODE_OWNER=OWNER (a test process that
+#                                       stops "its" node when it exits, unless another
+#                                       process has taken the node over meanwhile)
 #   hack/node.sh status DIR             print what runs; exit 0 only if the node is up
 #   hack/node.sh trust DIR HOST:PORT [CA_FILE]
 #                                       let containerd pull from a registry: plain HTTP, or
@@ -30,7 +34,8 @@
 #
 # Files in DIR: images/oci (OCI layout: tag "pause", the sandbox image, and tag "app", a
 # busybox image whose entrypoint sleeps; tests push it to their registries), logs/
-# (containerd.log, kubelet.log), state.env, kubeconfig, containerd/, kubelet/, pod-logs/.
+# (containerd.log, kubelet.log; kept after stop), state.env, owner, kubeconfig,
+# containerd/ (certs.d/HOST:PORT/hosts.toml), kubelet/, pod-logs/.
 #
 # Environment knobs:
 #   PULLKEEPER_NODE_TIMEOUT   seconds to wait for the node to be Ready (default 120)
@@ -56,7 +61,7 @@ log() { printf '%s: %s\n' "${PROG}" "$*" >&2; }
 usage() {
   cat >&2 <<EOF
 usage: ${PROG} start DIR KUBECONFIG
-       ${PROG} stop DIR
+       ${PROG} stop DIR [OWNER]
        ${PROG} status DIR
        ${PROG} trust DIR HOST:PORT [CA_FILE]
 EOF
@@ -439,6 +444,7 @@ cmd_start() {
   exec 9>"${DIR}/.lock"
   flock 9
   KUBECTL="$(bash "${HERE}/control-plane.sh" kubectl | tail -n1)" || { log "error: no kubectl"; exit 1; }
+  printf '%s\n' "${PULLKEEPER_NODE_OWNER:-}" >"${DIR}/owner"
   if cmp -s "${kubeconfig}" "${DIR}/kubeconfig" && healthy; then
     log "node ${NODE_NAME} in ${DIR} is already running"
     printf '%s\n' "${NODE_NAME}"
@@ -575,10 +581,16 @@ stop_all() {
 }
 
 cmd_stop() {
+  local owner="${1:-}"
   [[ -d "${DIR}" ]] || return 0
   exec 9>"${DIR}/.lock"
   flock 9
+  if [[ -n "${owner}" && "$(cat "${DIR}/owner" 2>/dev/null)" != "${owner}" ]]; then
+    log "node in ${DIR} belongs to another process now; left running"
+    return 0
+  fi
   stop_all
+  rm -f "${DIR}/owner"
   log "node in ${DIR} stopped"
 }
 
@@ -621,7 +633,7 @@ main() {
   DIR="$(realpath -m -- "$2")"
   case "${cmd}" in
     start) (($# == 3)) || usage; cmd_start "$(realpath -m -- "$3")" ;;
-    stop) (($# == 2)) || usage; cmd_stop ;;
+    stop) (($# == 2 || $# == 3)) || usage; cmd_stop "${3:-}" ;;
     status) (($# == 2)) || usage; cmd_status ;;
     trust) (($# == 3 || $# == 4)) || usage; cmd_trust "$3" "${4:-}" ;;
     *) usage ;;

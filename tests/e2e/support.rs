@@ -667,11 +667,13 @@ pub fn node() -> &'static Node {
         let kubeconfig = env().kubeconfig.clone();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node");
         let script = repo_root().join("hack/node.sh");
+        let owner = std::process::id().to_string();
         let out = Command::new("bash")
             .arg(&script)
             .arg("start")
             .arg(&dir)
             .arg(&kubeconfig)
+            .env("PULLKEEPER_NODE_OWNER", &owner)
             .stderr(std::process::Stdio::inherit())
             .output()
             .expect("running hack/node.sh");
@@ -687,15 +689,15 @@ pub fn node() -> &'static Node {
             .trim()
             .to_owned();
         // The test harness runs no destructors for statics; a detached shell waits for this
-        // process to end and then stops the node.
+        // process to end and then stops the node, unless a later test process took it over.
         let _ = Command::new("setsid")
             .args([
                 "bash",
                 "-c",
-                r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec bash "$2" stop "$3""#,
+                r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec bash "$2" stop "$3" "$1""#,
                 "node-watch",
             ])
-            .arg(std::process::id().to_string())
+            .arg(&owner)
             .arg(&script)
             .arg(&dir)
             .stdin(std::process::Stdio::null())
