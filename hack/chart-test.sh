@@ -17,7 +17,8 @@
 #   hack/chart-test.sh "$kubeconfig"
 #   hack/control-plane.sh stop /tmp/chart-cp
 #
-# helm and kubectl come from hack/tools.sh. The last line of output is
+# helm comes from hack/tools.sh, kubectl (the server's version) from
+# `hack/control-plane.sh kubectl`. The last line of output is
 # "N passed, M failed"; the exit status is non-zero if any check failed. The script removes
 # what it installed, and the CRDs too if they were not there before it ran.
 set -euo pipefail
@@ -32,7 +33,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 tools="$(hack/tools.sh | tail -1)"
 helm="$tools/helm"
-kubectl="$tools/kubectl"
+kubectl="$(hack/control-plane.sh kubectl | tail -n1)"
 
 readonly chart=charts/pullkeeper
 readonly crds=(clusterregistrycredentials.pullkeeper.io registrycredentials.pullkeeper.io)

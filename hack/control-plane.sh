@@ -5,7 +5,11 @@
 # Usage:
 #   hack/control-plane.sh install      ensure the binaries exist; the last line of
 #                                      stdout is the directory holding kube-apiserver,
-#                                      kube-controller-manager and etcd
+#                                      kube-controller-manager and etcd (and, for the
+#                                      Go-module build, kubelet and kubectl)
+#   hack/control-plane.sh kubectl      ensure kubelet and kubectl of the server's version
+#   hack/control-plane.sh kubelet      exist (built once, see Binaries); the last line of
+#                                      stdout is the path of the one asked for
 #   hack/control-plane.sh start DIR    start (or reuse) a control plane whose state lives
 #                                      in DIR; the last line of stdout is DIR/kubeconfig
 #   hack/control-plane.sh stop DIR     stop it and remove its data (idempotent)
@@ -15,7 +19,10 @@
 #   * KUBEBUILDER_ASSETS, if set and holding all three binaries, is used as is.
 #   * Otherwise Kubernetes (default v1.36.3) and etcd (default v3.6.14) are built from
 #     Go modules with a wrapper module and cached in
-#     ~/.cache/pullkeeper/k8s-<version>/bin.
+#     ~/.cache/pullkeeper/k8s-<version>/bin, together with kubelet and kubectl of the same
+#     version. A cache from before kubelet and kubectl were part of it gets just those two
+#     built, in the same cached wrapper module. With KUBEBUILDER_ASSETS lacking them, they
+#     come from that cache.
 #   * If that fails, Kubernetes 1.20.2 is built from Debian's source package (with a
 #     fixed reflect2) and Debian's etcd is used, cached in ~/.cache/pullkeeper/k8s-v1.20.2/bin.
 #     This needs root for apt-get.
@@ -65,6 +72,7 @@ die() { printf '%s: error: %s\n' "${PROG}" "$*" >&2; exit 1; }
 usage() {
   cat >&2 <<EOF
 usage: ${PROG} install
+       ${PROG} kubectl|kubelet
        ${PROG} start DIR
        ${PROG} stop DIR
        ${PROG} env DIR
@@ -186,14 +194,138 @@ json_field() {
   grep -o "\"${field}\"[[:space:]]*:[[:space:]]*\"[^\"]*\"" | head -n1 | sed 's/.*:[[:space:]]*"\(.*\)"$/\1/'
 }
 
+# The commands built from the Kubernetes wrapper module.
+readonly K8S_COMMANDS=(
+  k8s.io/kubernetes/cmd/kube-apiserver
+  k8s.io/kubernetes/cmd/kube-controller-manager
+  k8s.io/kubernetes/cmd/kubelet
+  k8s.io/kubernetes/cmd/kubectl
+)
+
+# Write a fresh wrapper module for k8s.io/kubernetes@${K8S_VERSION} into WORK, requiring
+# every command of K8S_COMMANDS, and tidy it (downloads the dependencies).
+prepare_k8s_module() {
+  local work="$1"
+  local staging_version="v0.${K8S_VERSION#v1.}"
+  rm -rf "${work}"
+  mkdir -p "${work}"
+  cd "${work}"
+  log "step A2: downloading k8s.io/kubernetes@${K8S_VERSION} metadata"
+  local dl gomod info go_directive build_date gover
+  gover="$(gocmd env GOVERSION 2>>"${BUILD_LOG}")" || { log "'${GO_BIN} env GOVERSION' failed"; return 1; }
+  if ! dl="$(gocmd mod download -json "k8s.io/kubernetes@${K8S_VERSION}" 2>>"${BUILD_LOG}")"; then
+    printf '%s\n' "${dl}" >>"${BUILD_LOG}"
+    log "go mod download k8s.io/kubernetes@${K8S_VERSION} failed"
+    tail_log "${BUILD_LOG}" 20
+    exit 1
+  fi
+  gomod="$(json_field GoMod <<<"${dl}" || true)"
+  info="$(json_field Info <<<"${dl}" || true)"
+  [[ -f "${gomod}" ]] || { log "could not find go.mod of k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
+  cp "${gomod}" upstream.go.mod
+
+  go_directive="$(sed -n 's/^go[[:space:]]\+\([0-9.]*\)[[:space:]]*$/\1/p' upstream.go.mod | head -n1)"
+  if [[ -n "${go_directive}" ]] && ! version_ge "${gover}" "${go_directive}"; then
+    log "k8s.io/kubernetes@${K8S_VERSION} needs Go ${go_directive}, have ${gover}"
+    exit 1
+  fi
+  build_date="$(json_field Time <"${info}" 2>/dev/null || true)"
+  [[ -n "${build_date}" ]] || build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  # Read back by k8s_ldflags, also when only kubelet and kubectl are built later.
+  printf '%s\n' "${build_date}" >build-date
+
+  run_logged gocmd mod init pullkeeper.invalid/k8s-build
+  if [[ -n "${go_directive}" ]]; then run_logged gocmd mod edit "-go=${go_directive}"; fi
+  run_logged gocmd mod edit "-require=k8s.io/kubernetes@${K8S_VERSION}"
+
+  # godebug lines (single-line and block form) only apply in the main module.
+  local kv
+  while IFS= read -r kv; do
+    if [[ -n "${kv}" ]]; then run_logged gocmd mod edit "-godebug=${kv}"; fi
+  done < <(awk '
+    /^godebug[[:space:]]*\(/ { inblock = 1; next }
+    inblock && /^\)/ { inblock = 0; next }
+    inblock { sub(/\/\/.*/, ""); gsub(/[[:space:]]/, ""); if ($0 != "") print; next }
+    /^godebug[[:space:]]+/ { sub(/^godebug[[:space:]]+/, ""); sub(/\/\/.*/, ""); gsub(/[[:space:]]/, ""); print }
+  ' upstream.go.mod)
+
+  # Staging modules: k8s.io/X => ./staging/src/k8s.io/X becomes k8s.io/X => k8s.io/X@v0.N.P.
+  local staged required mod n=0
+  staged="$(sed -E -n 's#^[[:space:]]*(replace[[:space:]]+)?([^[:space:]]+)([[:space:]]+v[^[:space:]]+)?[[:space:]]+=>[[:space:]]+\./staging/.*#\2#p' upstream.go.mod)"
+  required="$(awk '/^require[[:space:]]*\(/ {r=1; next} r && /^\)/ {r=0; next} r {print $1} /^require[[:space:]]+[^(]/ {print $2}' upstream.go.mod)"
+  log "step A3: resolving $(wc -w <<<"${staged}") staging modules at ${staging_version}"
+  for mod in ${staged}; do
+    if gocmd mod download "${mod}@${staging_version}" >>"${BUILD_LOG}" 2>&1; then
+      run_logged gocmd mod edit "-replace=${mod}=${mod}@${staging_version}"
+      n=$((n + 1))
+    elif grep -qxF "${mod}" <<<"${required}"; then
+      log "staging module ${mod}@${staging_version} is required but not downloadable"
+      tail_log "${BUILD_LOG}" 10
+      exit 1
+    else
+      printf 'note: skipping unused, unavailable staging module %s@%s\n' "${mod}" "${staging_version}" >>"${BUILD_LOG}"
+    fi
+  done
+  log "  ${n} replace directives added"
+  write_tools_go
+  log "step A4: go mod tidy (downloads dependencies; log: ${BUILD_LOG})"
+  run_logged gocmd mod tidy
+}
+
+write_tools_go() {
+  local c
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for c in "${K8S_COMMANDS[@]}"; do printf '\t_ "%s"\n' "${c}"; done
+    printf ')\n'
+  } >tools.go
+}
+
+# -ldflags stamping the version into the binaries built in the wrapper module WORK.
+k8s_ldflags() {
+  local work="$1" minor_patch="${K8S_VERSION#v1.}" build_date pkg ldflags="-s -w"
+  build_date="$(cat "${work}/build-date" 2>/dev/null || true)"
+  [[ -n "${build_date}" ]] || build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor_patch%%.*}"
+    ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=${build_date}"
+  done
+  printf '%s\n' "${ldflags}"
+}
+
+# Build only kubelet and kubectl into $1, in the cached wrapper module when it is still
+# there (its packages are then mostly compiled already), else in a fresh one.
+build_node_tools() {
+  local out="$1"
+  local work="${CACHE_ROOT}/build/gomod-k8s-${K8S_VERSION}"
+  GO_BIN="$(find_go)" || { log "no Go toolchain found (set GO=/path/to/go)"; return 1; }
+  if [[ -f "${work}/go.mod" ]] && grep -q "k8s.io/kubernetes ${K8S_VERSION}" "${work}/go.mod"; then
+    cd "${work}"
+    log "step N1: adding kubelet and kubectl to the cached wrapper module ${work}"
+    if [[ ! -s build-date ]]; then
+      json_field Time <"${CACHE_ROOT}/go/mod/cache/download/k8s.io/kubernetes/@v/${K8S_VERSION}.info" \
+        >build-date 2>/dev/null || true
+    fi
+    write_tools_go
+    run_logged gocmd mod tidy
+  else
+    prepare_k8s_module "${work}"
+  fi
+  log "step N2: go build kubelet kubectl"
+  run_logged gocmd build -trimpath -ldflags "$(k8s_ldflags "${work}")" -o "${out}/" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl
+  local v
+  v="$("${out}/kubelet" --version 2>&1)" || { log "kubelet --version failed: ${v}"; return 1; }
+  [[ "${v}" == "Kubernetes ${K8S_VERSION}" ]] || { log "unexpected kubelet version: '${v}'"; return 1; }
+  v="$("${out}/kubectl" version --client 2>&1)" || { log "kubectl version --client failed: ${v}"; return 1; }
+  [[ "${v}" == *"Client Version: ${K8S_VERSION}"* ]] || { log "unexpected kubectl version: '${v}'"; return 1; }
+}
+
 # Build Kubernetes ${K8S_VERSION} and etcd ${ETCD_VERSION} into $1 (a bin directory).
 build_gomod() {
   local out="$1"
   local work="${CACHE_ROOT}/build/gomod-k8s-${K8S_VERSION}"
   local etcd_work="${CACHE_ROOT}/build/gomod-etcd-${ETCD_VERSION}"
-  local minor_patch="${K8S_VERSION#v1.}"
-  local staging_version="v0.${minor_patch}"
-  local major=1 minor="${minor_patch%%.*}"
 
   GO_BIN="$(find_go)" || { log "no Go toolchain found (set GO=/path/to/go)"; return 1; }
   if [[ ! -s /etc/ssl/certs/ca-certificates.crt && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -206,87 +338,10 @@ build_gomod() {
   log "step A1: using ${GO_BIN} (${gover}); module cache ${CACHE_ROOT}/go"
 
   # --- Kubernetes wrapper module -------------------------------------------
-  rm -rf "${work}"
-  mkdir -p "${work}"
+  prepare_k8s_module "${work}"
   cd "${work}"
-  {
-    log "step A2: downloading k8s.io/kubernetes@${K8S_VERSION} metadata"
-    local dl gomod info go_directive build_date
-    if ! dl="$(gocmd mod download -json "k8s.io/kubernetes@${K8S_VERSION}" 2>>"${BUILD_LOG}")"; then
-      printf '%s\n' "${dl}" >>"${BUILD_LOG}"
-      log "go mod download k8s.io/kubernetes@${K8S_VERSION} failed"
-      tail_log "${BUILD_LOG}" 20
-      exit 1
-    fi
-    gomod="$(json_field GoMod <<<"${dl}" || true)"
-    info="$(json_field Info <<<"${dl}" || true)"
-    [[ -f "${gomod}" ]] || { log "could not find go.mod of k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
-    cp "${gomod}" upstream.go.mod
-
-    go_directive="$(sed -n 's/^go[[:space:]]\+\([0-9.]*\)[[:space:]]*$/\1/p' upstream.go.mod | head -n1)"
-    if [[ -n "${go_directive}" ]] && ! version_ge "${gover}" "${go_directive}"; then
-      log "k8s.io/kubernetes@${K8S_VERSION} needs Go ${go_directive}, have ${gover}"
-      exit 1
-    fi
-    build_date="$(json_field Time <"${info}" 2>/dev/null || true)"
-    [[ -n "${build_date}" ]] || build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-
-    run_logged gocmd mod init pullkeeper.invalid/k8s-build
-    if [[ -n "${go_directive}" ]]; then run_logged gocmd mod edit "-go=${go_directive}"; fi
-    run_logged gocmd mod edit "-require=k8s.io/kubernetes@${K8S_VERSION}"
-
-    # godebug lines (single-line and block form) only apply in the main module.
-    local kv
-    while IFS= read -r kv; do
-      if [[ -n "${kv}" ]]; then run_logged gocmd mod edit "-godebug=${kv}"; fi
-    done < <(awk '
-      /^godebug[[:space:]]*\(/ { inblock = 1; next }
-      inblock && /^\)/ { inblock = 0; next }
-      inblock { sub(/\/\/.*/, ""); gsub(/[[:space:]]/, ""); if ($0 != "") print; next }
-      /^godebug[[:space:]]+/ { sub(/^godebug[[:space:]]+/, ""); sub(/\/\/.*/, ""); gsub(/[[:space:]]/, ""); print }
-    ' upstream.go.mod)
-
-    # Staging modules: k8s.io/X => ./staging/src/k8s.io/X becomes k8s.io/X => k8s.io/X@v0.N.P.
-    local staged required mod n=0
-    staged="$(sed -E -n 's#^[[:space:]]*(replace[[:space:]]+)?([^[:space:]]+)([[:space:]]+v[^[:space:]]+)?[[:space:]]+=>[[:space:]]+\./staging/.*#\2#p' upstream.go.mod)"
-    required="$(awk '/^require[[:space:]]*\(/ {r=1; next} r && /^\)/ {r=0; next} r {print $1} /^require[[:space:]]+[^(]/ {print $2}' upstream.go.mod)"
-    log "step A3: resolving $(wc -w <<<"${staged}") staging modules at ${staging_version}"
-    for mod in ${staged}; do
-      if gocmd mod download "${mod}@${staging_version}" >>"${BUILD_LOG}" 2>&1; then
-        run_logged gocmd mod edit "-replace=${mod}=${mod}@${staging_version}"
-        n=$((n + 1))
-      elif grep -qxF "${mod}" <<<"${required}"; then
-        log "staging module ${mod}@${staging_version} is required but not downloadable"
-        tail_log "${BUILD_LOG}" 10
-        exit 1
-      else
-        printf 'note: skipping unused, unavailable staging module %s@%s\n' "${mod}" "${staging_version}" >>"${BUILD_LOG}"
-      fi
-    done
-    log "  ${n} replace directives added"
-
-    cat >tools.go <<'EOF'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-)
-EOF
-    log "step A4: go mod tidy (downloads dependencies; log: ${BUILD_LOG})"
-    run_logged gocmd mod tidy
-
-    local ldflags="-s -w" pkg
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${major} -X ${pkg}.gitMinor=${minor}"
-      ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=${build_date}"
-    done
-    log "step A5: go build kube-apiserver kube-controller-manager (the slow part)"
-    run_logged gocmd build -trimpath -ldflags "${ldflags}" -o "${out}/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-  }
+  log "step A5: go build kube-apiserver kube-controller-manager kubelet kubectl (the slow part)"
+  run_logged gocmd build -trimpath -ldflags "$(k8s_ldflags "${work}")" -o "${out}/" "${K8S_COMMANDS[@]}"
 
   # --- etcd wrapper module -------------------------------------------------
   rm -rf "${etcd_work}"
@@ -316,6 +371,9 @@ EOF
   [[ "${v}" == "Kubernetes ${K8S_VERSION}" ]] || { log "unexpected kube-apiserver version: '${v}'"; return 1; }
   "${out}/kube-controller-manager" --version >>"${BUILD_LOG}" 2>&1 || { log "kube-controller-manager --version failed"; return 1; }
   "${out}/etcd" --version >>"${BUILD_LOG}" 2>&1 || { log "etcd --version failed"; return 1; }
+  v="$("${out}/kubelet" --version 2>&1)" || { log "kubelet --version failed: ${v}"; return 1; }
+  [[ "${v}" == "Kubernetes ${K8S_VERSION}" ]] || { log "unexpected kubelet version: '${v}'"; return 1; }
+  "${out}/kubectl" version --client >>"${BUILD_LOG}" 2>&1 || { log "kubectl version --client failed"; return 1; }
   printf '%s\n' "${K8S_VERSION}" >"${out}/../VERSION"
 }
 
@@ -462,10 +520,66 @@ ensure_binaries() {
   release_lock "${FD_INSTALL}"
 }
 
+has_node_tools() {
+  [[ -n "$1" && -x "$1/kubelet" && -x "$1/kubectl" ]]
+}
+
+# Make sure kubelet and kubectl exist next to the control plane's binaries (or, when
+# those come from KUBEBUILDER_ASSETS without them, in the Go-module cache); sets NODE_BIN_DIR.
+# A cache built before they were part of it gets just these two built, into the same bin
+# directory, without touching the others.
+NODE_BIN_DIR=""
+ensure_node_tools() {
+  ensure_binaries
+  if has_node_tools "${BIN_DIR}"; then
+    NODE_BIN_DIR="${BIN_DIR}"; return 0
+  fi
+  local final="${CACHE_ROOT}/k8s-${K8S_VERSION}"
+  if [[ "${BIN_DIR}" == "${CACHE_ROOT}/k8s-${FALLBACK_K8S_VERSION}/bin" ]]; then
+    die "kubelet and kubectl are only built for the Go-module route (Kubernetes ${K8S_VERSION}); this machine uses the ${FALLBACK_K8S_VERSION} fallback"
+  fi
+  if has_node_tools "${final}/bin"; then
+    NODE_BIN_DIR="${final}/bin"; return 0
+  fi
+  take_lock "${FD_INSTALL}" "${CACHE_ROOT}/install.lock" "install"
+  if ! has_node_tools "${final}/bin"; then
+    local tmp t0=${SECONDS}
+    mkdir -p "${CACHE_ROOT}/logs"
+    tmp="$(mktemp -d "${CACHE_ROOT}/.k8s-${K8S_VERSION}.tmp.XXXXXX")"
+    BUILD_LOG="${CACHE_ROOT}/logs/build-node-${K8S_VERSION}-$(date +%Y%m%d-%H%M%S).log"
+    : >"${BUILD_LOG}"
+    log "building kubelet and kubectl ${K8S_VERSION} into ${final}/bin (log: ${BUILD_LOG})"
+    if ! PULLKEEPER_BUILD_LOG="${BUILD_LOG}" bash "${SELF}" __build build_node_tools "${tmp}" </dev/null >&2 ||
+      ! has_node_tools "${tmp}"; then
+      rm -rf "${tmp}"
+      die "building kubelet and kubectl ${K8S_VERSION} failed after $((SECONDS - t0))s (log: ${BUILD_LOG})"
+    fi
+    mkdir -p "${final}/bin"
+    # kubectl last: has_node_tools looks for both.
+    mv -f "${tmp}/kubelet" "${final}/bin/kubelet"
+    mv -f "${tmp}/kubectl" "${final}/bin/kubectl"
+    rm -rf "${tmp}"
+    log "built kubelet and kubectl ${K8S_VERSION} in $((SECONDS - t0))s: ${final}/bin"
+  fi
+  release_lock "${FD_INSTALL}"
+  NODE_BIN_DIR="${final}/bin"
+}
+
 cmd_install() {
   ensure_tools flock:util-linux realpath:coreutils
   ensure_binaries
+  # The Go-module route builds kubelet and kubectl with the others; a cache that predates
+  # them gets them now. KUBEBUILDER_ASSETS and the fallback route are printed as they are.
+  if [[ "${BIN_DIR}" == "${CACHE_ROOT}/k8s-${K8S_VERSION}/bin" ]]; then
+    ensure_node_tools
+  fi
   printf '%s\n' "${BIN_DIR}"
+}
+
+cmd_node_tool() {
+  ensure_tools flock:util-linux realpath:coreutils
+  ensure_node_tools
+  printf '%s\n' "${NODE_BIN_DIR}/$1"
 }
 
 # ---------------------------------------------------------------------------
@@ -871,6 +985,7 @@ main() {
   shift
   case "${cmd}" in
     install) (($# == 0)) || usage; cmd_install ;;
+    kubectl|kubelet) (($# == 0)) || usage; cmd_node_tool "${cmd}" ;;
     start) (($# == 1)) || usage; cmd_start "$1" ;;
     stop) (($# == 1)) || usage; cmd_stop "$1" ;;
     env) (($# == 1)) || usage; cmd_env "$1" ;;
@@ -879,7 +994,7 @@ main() {
       BUILD_LOG="${PULLKEEPER_BUILD_LOG:?}"
       set -E
       trap 'log "build step failed (line ${LINENO}: ${BASH_COMMAND}); see ${BUILD_LOG}"' ERR
-      case "$1" in build_gomod|build_debian) "$1" "$2" ;; *) usage ;; esac ;;
+      case "$1" in build_gomod|build_debian|build_node_tools) "$1" "$2" ;; *) usage ;; esac ;;
     -h|--help|help) usage ;;
     *) usage ;;
   esac

@@ -19,12 +19,12 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 say "installing prerequisites"
 hack/prereqs.sh
-tools="$(hack/tools.sh | tail -n1)"
-kubectl="$tools/kubectl"
 
 say "starting a local control plane (the first run builds Kubernetes: 15-25 minutes)"
 export KUBECONFIG
 KUBECONFIG="$(hack/control-plane.sh start "$cp_dir" | tail -n1)"
+# kubectl of the server's version, built and cached with the control plane
+kubectl="$(hack/control-plane.sh kubectl | tail -n1)"
 "$kubectl" version 2>/dev/null | sed 's/^/    /'
 
 say "building pullkeeper"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on this machine: formatting, lints, the CRD drift check, unit
 # tests, and the integration tests against a real local control plane (etcd,
-# kube-apiserver, kube-controller-manager) that this script builds once and caches under
-# ~/.cache/pullkeeper. Run from anywhere; needs root for apt-get on a fresh machine.
+# kube-apiserver, kube-controller-manager) and a real node (kubelet, containerd, runc;
+# hack/node.sh) that this script builds once and caches under ~/.cache/pullkeeper. Run
+# from anywhere; needs root (apt-get on a fresh machine, and the node).
 #
 #   PULLKEEPER_KEEP_CONTROL_PLANE=1   leave the control plane running afterwards (faster reruns)
 set -euo pipefail
@@ -23,6 +24,7 @@ step "preparing the local control plane (first run builds Kubernetes: 5-25 minut
 cp_dir="$target_dir/tmp/control-plane"
 kubeconfig="$(hack/control-plane.sh start "$cp_dir" | tail -n1)"
 cleanup() {
+  hack/node.sh stop "$target_dir/tmp/node" >/dev/null 2>&1 || true
   hack/moto.sh stop "$target_dir/tmp/moto" >/dev/null 2>&1 || true
   hack/moto.sh stop "$target_dir/tmp/moto-auth" >/dev/null 2>&1 || true
   hack/registry.sh stop "$target_dir/tmp/registry" >/dev/null 2>&1 || true
@@ -34,7 +36,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "preparing moto (AWS API server), helm and kubectl"
+step "building kubelet and kubectl of the control plane's version (once; about 3 minutes)"
+hack/control-plane.sh kubectl >/dev/null
+
+step "the node harness: a pod runs, and stop leaves nothing on the host"
+# a node left by an interrupted run would share the node name
+hack/node.sh stop "$target_dir/tmp/node" >/dev/null
+hack/node-check.sh "$kubeconfig"
+
+step "preparing moto (AWS API server) and helm"
 hack/moto.sh install
 hack/tools.sh >/dev/null
 

@@ -1,6 +1,7 @@
 //! Integration tests against a real kube-apiserver, etcd and kube-controller-manager
 //! started by `hack/control-plane.sh` (once, reused across runs), with the operator
-//! running in-process. Every test works in its own random namespaces and names.
+//! running in-process; the `node` tests add a real kubelet with containerd and runc
+//! (`hack/node.sh`, needs root). Every test works in its own random namespaces and names.
 
 mod admission;
 mod check;
@@ -10,6 +11,7 @@ mod fakes;
 mod fanout;
 mod federation;
 mod ha;
+mod node;
 mod puller;
 mod skeleton;
 mod support;

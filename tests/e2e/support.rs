@@ -929,6 +929,212 @@ pub async fn wait_namespaced_ready(
     }
 }
 
+/// The real node of this test binary: a kubelet with containerd and runc registered against
+/// the test control plane (`hack/node.sh`), started once, stopped when the binary exits.
+pub struct Node {
+    /// The node's state directory (`hack/node.sh start DIR`).
+    pub dir: PathBuf,
+    /// The node's name (`localhost`): pods set `spec.nodeName` to it, as the control plane
+    /// has no scheduler.
+    pub name: String,
+}
+
+static NODE: OnceLock<Node> = OnceLock::new();
+
+/// Starts the node once (needs root); panics with the harness's output, never skips, when
+/// it cannot start. A watcher stops it (`hack/node.sh stop`) once this process is gone.
+pub fn node() -> &'static Node {
+    NODE.get_or_init(|| {
+        let kubeconfig = env().kubeconfig.clone();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node");
+        let script = repo_root().join("hack/node.sh");
+        let owner = std::process::id().to_string();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(&kubeconfig)
+            .env("PULLKEEPER_NODE_OWNER", &owner)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running hack/node.sh");
+        assert!(
+            out.status.success(),
+            "hack/node.sh start failed (see its output above): the node tests need root, \
+             cgroups and overlayfs"
+        );
+        let name = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("node name")
+            .trim()
+            .to_owned();
+        // The test harness runs no destructors for statics; a detached shell waits for this
+        // process to end and then stops the node, unless a later test process took it over.
+        let _ = Command::new("setsid")
+            .args([
+                "bash",
+                "-c",
+                r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec bash "$2" stop "$3" "$1""#,
+                "node-watch",
+            ])
+            .arg(&owner)
+            .arg(&script)
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        Node { dir, name }
+    })
+}
+
+/// Tells the node's containerd how to reach a registry: plain HTTP, or HTTPS verified with
+/// the CA in `ca`.
+pub fn trust_registry(addr: &str, ca: Option<&Path>) {
+    let node = node();
+    let st = Command::new("bash")
+        .arg(repo_root().join("hack/node.sh"))
+        .arg("trust")
+        .arg(&node.dir)
+        .arg(addr)
+        .args(ca)
+        .status()
+        .expect("hack/node.sh trust");
+    assert!(st.success(), "hack/node.sh trust {addr} failed");
+}
+
+/// Pushes the node's runnable image (busybox whose entrypoint sleeps) to `addr/repo`
+/// (`repo` may carry a `:tag`) and lets the node pull from `addr`; returns the reference.
+pub fn push_runnable_image(addr: &str, user: &str, password: &str, repo: &str, ca: Option<&Path>) -> String {
+    let node = node();
+    let image = format!("{addr}/{repo}");
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(format!("oci:{}:app", node.dir.join("images/oci").display()))
+        .arg(format!("docker://{image}"))
+        .status()
+        .expect("skopeo");
+    assert!(st.success(), "pushing the runnable image to {image} failed");
+    trust_registry(addr, ca);
+    image
+}
+
+/// Creates a one-replica Deployment `name` of `image` on the node, as a user would write it:
+/// no `imagePullSecrets`, the namespace's `default` ServiceAccount. Its pods carry the label
+/// `app=<name>`.
+pub async fn deploy(client: &Client, namespace: &str, name: &str, image: &str, pull_policy: &str) {
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "nodeName": node().name,
+                    "terminationGracePeriodSeconds": 0,
+                    "automountServiceAccountToken": false,
+                    "containers": [{"name": "app", "image": image, "imagePullPolicy": pull_policy}]
+                }
+            }
+        }
+    }))
+    .expect("deployment");
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("deployment created");
+}
+
+/// How a pod's image pull ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// The container runs.
+    Running {
+        /// The pod.
+        pod: String,
+    },
+    /// The kubelet could not pull: `ErrImagePull`/`ImagePullBackOff`, with the kubelet's
+    /// message (it names the registry's answer, e.g. `401 Unauthorized`).
+    PullFailed {
+        /// The pod.
+        pod: String,
+        /// The waiting reason.
+        reason: String,
+        /// The kubelet's message.
+        message: String,
+    },
+}
+
+/// Waits (90 s) until a pod labelled `app=<app>` runs or fails to pull; panics otherwise,
+/// with the pods' states.
+pub async fn wait_pod(client: &Client, namespace: &str, app: &str) -> PodOutcome {
+    wait_pod_until(client, namespace, app, Duration::from_secs(90), |_| true).await
+}
+
+/// Waits (up to `timeout`) until a pod labelled `app=<app>` runs, through any number of
+/// pull failures (the kubelet retries with back-off); panics with the last state otherwise.
+/// Returns the pod's name.
+pub async fn wait_running(client: &Client, namespace: &str, app: &str, timeout: Duration) -> String {
+    match wait_pod_until(client, namespace, app, timeout, |o| {
+        matches!(o, PodOutcome::Running { .. })
+    })
+    .await
+    {
+        PodOutcome::Running { pod } => pod,
+        other => panic!("{namespace}/{app}: {other:?}"),
+    }
+}
+
+async fn pod_outcome(pods: &Api<k8s_openapi::api::core::v1::Pod>, lp: &kube::api::ListParams) -> Option<PodOutcome> {
+    let list = pods.list(lp).await.ok()?;
+    list.items.iter().find_map(|p| {
+        let pod = p.metadata.name.clone()?;
+        let state = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .first()?
+            .state
+            .as_ref()?;
+        if state.running.is_some() {
+            return Some(PodOutcome::Running { pod });
+        }
+        let waiting = state.waiting.as_ref()?;
+        let reason = waiting.reason.clone()?;
+        matches!(reason.as_str(), "ErrImagePull" | "ImagePullBackOff").then(|| PodOutcome::PullFailed {
+            pod,
+            reason,
+            message: waiting.message.clone().unwrap_or_default(),
+        })
+    })
+}
+
+async fn wait_pod_until(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    timeout: Duration,
+    done: impl Fn(&PodOutcome) -> bool,
+) -> PodOutcome {
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace);
+    let lp = kube::api::ListParams::default().labels(&format!("app={app}"));
+    let got = eventually(timeout, || async { pod_outcome(&pods, &lp).await.filter(|o| done(o)) }).await;
+    match got {
+        Some(o) => o,
+        None => panic!(
+            "no pod of {namespace}/{app} reached the awaited state in {timeout:?}; last: {:?}; pods: {:?}",
+            pod_outcome(&pods, &lp).await,
+            pods.list(&lp)
+                .await
+                .map(|l| l.items.into_iter().map(|p| p.status).collect::<Vec<_>>())
+        ),
+    }
+}
+
 /// The `auths` entry for `registry` in the pull Secret `namespace/secret`, once written.
 pub async fn written_entry(
     client: &Client,
@@ -960,4 +1166,33 @@ pub async fn service_account(client: &Client, namespace: &str, name: &str) {
         .create(&PostParams::default(), &sa)
         .await
         .expect("ServiceAccount created");
+}
+
+/// The Events about a pod, as `reason: message` lines.
+pub async fn pod_events(client: &Client, namespace: &str, pod: &str) -> Vec<String> {
+    Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), namespace)
+        .list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={pod}")))
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (30 s) until the `default` ServiceAccount of `namespace` lists `secret` in its
+/// `imagePullSecrets`: pods created from then on get it at admission.
+pub async fn wait_service_account_has(client: &Client, namespace: &str, secret: &str) {
+    let sas = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), namespace);
+    let ok = eventually(Duration::from_secs(30), || async {
+        let sa = sas.get_opt("default").await.ok()??;
+        sa.image_pull_secrets?.iter().any(|r| r.name == secret).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "{namespace}/default never listed {secret} in imagePullSecrets"
+    );
 }
