@@ -13,6 +13,7 @@ mod federation;
 mod ha;
 mod node;
 mod puller;
+mod race;
 mod skeleton;
 mod support;
 mod tenancy;

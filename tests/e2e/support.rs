@@ -1088,6 +1088,12 @@ pub async fn wait_running(client: &Client, namespace: &str, app: &str, timeout: 
     }
 }
 
+/// The outcome of the first pod of `app` that has one yet (running, or failing to pull).
+pub async fn current_outcome(client: &Client, namespace: &str, app: &str) -> Option<PodOutcome> {
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), namespace);
+    pod_outcome(&pods, &kube::api::ListParams::default().labels(&format!("app={app}"))).await
+}
+
 async fn pod_outcome(pods: &Api<k8s_openapi::api::core::v1::Pod>, lp: &kube::api::ListParams) -> Option<PodOutcome> {
     let list = pods.list(lp).await.ok()?;
     list.items.iter().find_map(|p| {
