@@ -460,6 +460,11 @@ check "kubectl apply --dry-run=server accepts the policies and every option" dry
 "$kubectl" delete namespace "$ns" --wait=true --timeout=60s >/dev/null
 
 echo "--- install"
+# The pod admission policies are cluster-scoped with fixed names; an operator that ran
+# with more rights than the chart's (the integration tests' own) may have created them,
+# and Helm adopts nothing it did not create.
+"$kubectl" delete mutatingadmissionpolicy pullkeeper.io-cluster-credentials \
+  pullkeeper.io-namespaced-credentials --ignore-not-found >/dev/null 2>&1 || true
 check "helm install into a fresh namespace" \
   helm_q install "$release" "$chart" -n "$ns" --create-namespace
 installed=true
@@ -467,6 +472,8 @@ for crd in "${crds[@]}"; do
   check "CRD $crd is Established" crd_established "$crd"
 done
 check "Deployment exists" exists -n "$ns" deployment "$fullname"
+check "the pod admission policies exist" \
+  exists mutatingadmissionpolicy pullkeeper.io-cluster-credentials pullkeeper.io-namespaced-credentials
 check "ServiceAccount exists" exists -n "$ns" serviceaccount "$fullname"
 check "ClusterRole and ClusterRoleBinding exist" exists clusterrole,clusterrolebinding "$fullname"
 check "Role and RoleBinding exist" exists -n "$ns" role,rolebinding "$fullname-leader-election"

@@ -23,6 +23,9 @@ enum Command {
     Controller(ControllerArgs),
     /// Check that images would pull: resolve their manifests with a credential.
     Check(CheckArgs),
+    /// Print the MutatingAdmissionPolicies that keep new Pods race-free (the Helm chart
+    /// ships the same, from `charts/pullkeeper/files/`).
+    AdmissionPolicies,
     /// Print the CRDs as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing.
@@ -147,6 +150,10 @@ fn main() -> anyhow::Result<()> {
     pullkeeper::install_crypto_provider();
     match cli.command {
         Some(Command::Crds { dir }) => crds(dir),
+        Some(Command::AdmissionPolicies) => {
+            print!("{}", pullkeeper::controller::admission::policies_yaml()?);
+            Ok(())
+        }
         Some(Command::Check(args)) => check(args),
         Some(Command::Controller(args)) => controller(args),
         None => controller(ControllerArgs::parse_from(["pullkeeper"])),

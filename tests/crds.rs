@@ -156,3 +156,14 @@ fn federation_fields_need_their_companions_on_both_kinds() {
         }
     }
 }
+
+#[test]
+fn the_charts_admission_policies_match_the_operators() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/pullkeeper/files/mutatingadmissionpolicies.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = pullkeeper::controller::admission::policies_yaml().expect("policies serialise");
+    assert!(
+        committed == generated,
+        "charts/pullkeeper/files/mutatingadmissionpolicies.yaml is out of date: regenerate it with `cargo run -- admission-policies > charts/pullkeeper/files/mutatingadmissionpolicies.yaml`"
+    );
+}

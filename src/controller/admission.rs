@@ -57,6 +57,14 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A policy is neither installed nor installable with pullkeeper's permissions.
+    #[error(
+        "MutatingAdmissionPolicy {name} is not installed and pullkeeper may not create it: install the chart with podAdmission.enabled, or apply `pullkeeper admission-policies`"
+    )]
+    Missing {
+        /// Name.
+        name: String,
+    },
     /// Deleting a binding failed.
     #[error("deleting MutatingAdmissionPolicyBinding {name}: {source}")]
     Delete {
@@ -258,7 +266,28 @@ async fn apply(client: &Client, kind: &'static str, body: &Value) -> Result<(), 
         .map_err(|source| Error::Apply { kind, name, source })
 }
 
-/// Decides the route at start-up and, for [`Route::Policy`], installs both policies.
+/// Both policies, as the chart installs them (`pullkeeper admission-policies`).
+pub fn policies() -> [Value; 2] {
+    [
+        policy(CLUSTER_POLICY, "ClusterRegistryCredential"),
+        policy(NAMESPACED_POLICY, "RegistryCredential"),
+    ]
+}
+
+/// Both policies as a multi-document YAML stream.
+pub fn policies_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for p in policies() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&p)?);
+    }
+    Ok(out)
+}
+
+/// Decides the route at start-up. For [`Route::Policy`] the policies must be in place:
+/// pullkeeper writes them when it may; installed by the Helm chart, the operator's
+/// ServiceAccount may only read them (a leaked token then cannot rewrite a policy that
+/// mutates every new Pod), and they are used as they are.
 pub async fn start(client: &Client, enabled: bool) -> Result<Route, Error> {
     if !enabled {
         return Ok(Route::Disabled);
@@ -266,18 +295,30 @@ pub async fn start(client: &Client, enabled: bool) -> Result<Route, Error> {
     if !served(client).await? {
         return Ok(Route::NotServed);
     }
-    apply(
-        client,
-        "MutatingAdmissionPolicy",
-        &policy(CLUSTER_POLICY, "ClusterRegistryCredential"),
-    )
-    .await?;
-    apply(
-        client,
-        "MutatingAdmissionPolicy",
-        &policy(NAMESPACED_POLICY, "RegistryCredential"),
-    )
-    .await?;
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("MutatingAdmissionPolicy"));
+    for p in policies() {
+        match apply(client, "MutatingAdmissionPolicy", &p).await {
+            Ok(()) => {}
+            Err(Error::Apply {
+                source: kube::Error::Api(e),
+                name,
+                ..
+            }) if e.code == 403 => match api.get_opt(&name).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(policy = %name, "the policy is installed by the chart; using it as it is");
+                }
+                Ok(None) => return Err(Error::Missing { name }),
+                Err(source) => {
+                    return Err(Error::Apply {
+                        kind: "MutatingAdmissionPolicy",
+                        name,
+                        source,
+                    });
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
     Ok(Route::Policy)
 }
 

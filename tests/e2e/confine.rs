@@ -143,6 +143,29 @@ async fn a_leaked_operator_token_cannot_escalate() {
         .await;
     assert!(forbidden_by_rbac(&r), "{r:?}");
 
+    // The pod admission policies: the chart installs them and the operator may not write
+    // one (a policy that rewrites every new Pod).
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let gvk = |kind: &str| ApiResource::from_gvk(&GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind));
+    let policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": support::unique("pullkeeper.io-evil")},
+        "spec": {
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]},
+            "failurePolicy": "Ignore",
+            "reinvocationPolicy": "Never",
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": "[]"}}]
+        }
+    }))
+    .expect("policy");
+    let r = Api::<DynamicObject>::all_with(op.clone(), &gvk("MutatingAdmissionPolicy"))
+        .create(&pp, &policy)
+        .await;
+    assert!(forbidden_by_rbac(&r), "{r:?}");
+    // Admission policies do not apply to admission objects, so the bindings the operator
+    // writes (one per credential) cannot be confined this way: see the README's
+    // security model.
+
     // What the operator does is still allowed: its own pull secret, imagePullSecrets,
     // a token for a cloud, deleting its own Secret.
     let own = json!({
