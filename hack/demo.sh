@@ -29,7 +29,7 @@ kubectl="$(hack/control-plane.sh kubectl | tail -n1)"
 
 say "building pullkeeper"
 cargo build --locked --quiet
-bin="$root/target/debug/pullkeeper"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/pullkeeper"
 
 say "installing the CRDs (pullkeeper crds | kubectl apply --server-side -f -)"
 "$bin" crds | "$kubectl" apply --server-side -f -

@@ -107,9 +107,12 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         .await;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    // The operator runs as the chart's ServiceAccount, with its RBAC and admission policies.
+    let home = support::namespace(&admin, "tenancy-home", &[]).await;
+    let kubeconfig = support::chart_identity(&env.kubeconfig, &shard, &home, dir.path(), &[]).await;
     let mut uids = None;
     for round in 0..5 {
-        let op = start(&env.kubeconfig, &shard, &[], dir.path(), &format!("round-{round}"));
+        let op = start(&kubeconfig, &shard, &[], dir.path(), &format!("round-{round}"));
         let log = || std::fs::read_to_string(&op.log).unwrap_or_default();
         let both = eventually(Duration::from_secs(30), || async {
             let wa = written(&admin, &a, &secret, REGISTRY).await?;
@@ -159,7 +162,7 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         assert_eq!(Some(refs[0].uid.clone()), cred.uid());
     }
     // Deleting one leaves the other's Secret and ServiceAccount entry alone.
-    let op = start(&env.kubeconfig, &shard, &[], dir.path(), "delete");
+    let op = start(&kubeconfig, &shard, &[], dir.path(), "delete");
     Api::<RegistryCredential>::namespaced(admin.clone(), &a)
         .delete(name, &DeleteParams::default())
         .await
@@ -210,7 +213,9 @@ async fn a_tenants_edit_of_its_copy_spreads_nowhere_after_a_restart() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let first = start(&env.kubeconfig, &shard, &[], dir.path(), "first");
+    let home = support::namespace(&admin, "edit-home", &[]).await;
+    let kubeconfig = support::chart_identity(&env.kubeconfig, &shard, &home, dir.path(), &[]).await;
+    let first = start(&kubeconfig, &shard, &[], dir.path(), "first");
     let token = eventually(Duration::from_secs(30), || async {
         let (t1, _) = written(&admin, &mallory, &secret, registry).await?;
         let (t2, _) = written(&admin, &other, &secret, registry).await?;
@@ -258,7 +263,7 @@ async fn a_tenants_edit_of_its_copy_spreads_nowhere_after_a_restart() {
         .await
         .expect("delete the other copy");
 
-    let second = start(&env.kubeconfig, &shard, &[], dir.path(), "second");
+    let second = start(&kubeconfig, &shard, &[], dir.path(), "second");
     let late = support::namespace(&admin, "late", &[("e2e-target", &shard)]).await;
     let settled = eventually(Duration::from_secs(30), || async {
         let (a, _) = written(&admin, &mallory, &secret, registry).await?;
