@@ -219,6 +219,54 @@ fn reconciled_conditions(
     }
 }
 
+/// The largest status pullkeeper writes, whatever the input: etcd and every watcher of
+/// the credential pay for each byte on every change.
+pub const MAX_STATUS_BYTES: usize = 16 * 1024;
+/// Longest condition message.
+const MAX_CONDITION_MESSAGE: usize = 1024;
+/// Longest message of one namespace failure or image.
+const MAX_ITEM_MESSAGE: usize = 300;
+/// Longest image reference shown.
+const MAX_IMAGE: usize = 256;
+
+/// `text` cut to at most `max` characters, with `…` where it was cut.
+fn truncate(text: &mut String, max: usize) {
+    if let Some((at, _)) = text.char_indices().nth(max.saturating_sub(1))
+        && text.chars().count() > max
+    {
+        text.truncate(at);
+        text.push('…');
+    }
+}
+
+/// Keeps a status under [`MAX_STATUS_BYTES`]: long messages are cut, and while it is still
+/// too large, listed images (those that resolve first) and namespace failures are
+/// dropped from the end. The counts in `namespaces` and the conditions' messages still
+/// say how many there are.
+pub fn bounded(mut status: RegistryCredentialStatus) -> RegistryCredentialStatus {
+    for c in &mut status.conditions {
+        truncate(&mut c.message, MAX_CONDITION_MESSAGE);
+    }
+    for f in &mut status.failures {
+        truncate(&mut f.message, MAX_ITEM_MESSAGE);
+    }
+    for i in &mut status.images {
+        truncate(&mut i.message, MAX_ITEM_MESSAGE);
+        truncate(&mut i.image, MAX_IMAGE);
+    }
+    let size = |s: &RegistryCredentialStatus| serde_json::to_vec(s).map_or(0, |v| v.len());
+    while size(&status) > MAX_STATUS_BYTES {
+        if let Some(pos) = status.images.iter().rposition(|i| i.pullable) {
+            status.images.remove(pos);
+        } else if status.images.len() > status.failures.len() {
+            status.images.pop();
+        } else if status.failures.pop().is_none() {
+            break;
+        }
+    }
+    status
+}
+
 /// Computes the new status from the previous one. Fields this outcome says nothing
 /// about are carried over, so a failed refresh does not erase what is known (for
 /// example when the secret in place expires).
@@ -263,7 +311,7 @@ pub fn build(
             Err(f) => status.next_refresh_time = Some(Time(whole_seconds(f.retry_at))),
         }
     }
-    status
+    bounded(status)
 }
 
 /// An Event worth emitting.
@@ -461,6 +509,48 @@ mod tests {
         let second = build(Some(&first), &outcome, Some(1), now());
         assert!(events(Some(&first), &second).is_empty());
         assert_eq!(first, second, "a repeat reconcile writes an identical status");
+    }
+
+    #[test]
+    fn no_status_is_over_16_kib_whatever_the_input() {
+        let huge = "x".repeat(300_000);
+        let mut failure = unreachable("gcp");
+        failure.message = huge.clone();
+        let failures: Vec<NamespaceFailure> = (0..20)
+            .map(|i| NamespaceFailure {
+                namespace: format!("ns-{i}"),
+                reason: "SyncFailed".into(),
+                message: huge.clone(),
+            })
+            .collect();
+        let images: Vec<ImageStatus> = (0..300)
+            .map(|i| ImageStatus {
+                image: format!("registry.example.com/{}{i}", "a".repeat(1000)),
+                pullable: i % 3 != 0,
+                digest: Some(format!("sha256:{}", "0".repeat(64))),
+                platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
+                reason: "NotFound".into(),
+                message: huge.clone(),
+                checked_at: Some(Time(now())),
+            })
+            .collect();
+        let outcome = Outcome::Reconciled {
+            credential: Err(failure),
+            sync: SyncReport {
+                targeted: 5000,
+                synced: 4980,
+                failures,
+            },
+            images: Some(images),
+            admission: Some(Desired::new("PodAdmission", Status::True, "PolicyBound", huge.clone())),
+        };
+        let s = build(None, &outcome, Some(1), now());
+        let size = serde_json::to_vec(&s).expect("json").len();
+        assert!(size <= MAX_STATUS_BYTES, "{size} bytes");
+        // What is kept first: the images that would not pull.
+        assert!(s.images.iter().all(|i| !i.pullable), "{:?}", s.images.len());
+        assert_eq!(s.namespaces.map(|n| n.targeted), Some(5000));
+        assert!(s.conditions.iter().all(|c| c.message.chars().count() <= 1024));
     }
 
     #[test]

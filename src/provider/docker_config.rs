@@ -116,7 +116,7 @@ pub fn entry_for(json: &[u8], registry: &RegistryHost) -> Result<Credential, Ent
         .iter()
         .find(|(key, _)| normalise_key(key).is_some_and(|k| k.same_registry(registry)))
         .map(|(_, v)| v)
-        .ok_or_else(|| EntryError::NoEntry(config.auths.keys().cloned().collect::<Vec<_>>().join(", ")))?;
+        .ok_or_else(|| EntryError::NoEntry(super::list_names(config.auths.keys())))?;
     let (username, password) = match (&entry.username, &entry.password) {
         (Some(u), Some(p)) if !u.is_empty() => (u.clone(), p.clone()),
         _ => {

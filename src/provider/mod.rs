@@ -298,6 +298,31 @@ impl CloudFailure {
     }
 }
 
+/// At most this many names are listed in a message (a docker config can hold thousands).
+pub const MAX_LISTED_NAMES: usize = 10;
+
+/// `a, b, c`, or the first [`MAX_LISTED_NAMES`] and `and N more`, so a message about a
+/// Secret with thousands of keys stays short.
+pub fn list_names<I, S>(names: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut shown = Vec::new();
+    let mut more = 0usize;
+    for n in names {
+        if shown.len() < MAX_LISTED_NAMES {
+            shown.push(crate::registry::untrusted::bounded(n.as_ref(), 100));
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        shown.push(format!("and {more} more"));
+    }
+    shown.join(", ")
+}
+
 /// A source of registry credentials.
 pub trait CredentialProvider: Send + Sync {
     /// Obtains a credential: reads a Secret or mints a token.
@@ -334,6 +359,15 @@ pub fn from_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_key_lists_are_cut_with_a_count() {
+        assert_eq!(list_names(["a", "b"]), "a, b");
+        let many: Vec<String> = (0..5000).map(|i| format!("registry-{i}.example.com")).collect();
+        let text = list_names(&many);
+        assert!(text.ends_with("and 4990 more"), "{text}");
+        assert!(text.len() < 400, "{}", text.len());
+    }
 
     #[test]
     fn credential_debug_hides_the_password() {

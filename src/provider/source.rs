@@ -40,7 +40,7 @@ pub fn key_string(secret: &Secret, namespace: &str, key: &str) -> Result<String,
             present: secret
                 .data
                 .as_ref()
-                .map(|d| d.keys().cloned().collect::<Vec<_>>().join(", "))
+                .map(|d| super::list_names(d.keys()))
                 .unwrap_or_default(),
         })?;
     let s = String::from_utf8(bytes.0.clone()).map_err(|_| ProviderError::SecretKeyNotText {
