@@ -201,8 +201,39 @@ async fn gcp_token(
         }
     }
     let n = bump(&state, &id);
-    Json(json!({"access_token": format!("ya29.gcp-{id}-{n}"), "expires_in": b.lifetime, "token_type": "Bearer"}))
-        .into_response()
+    let token = format!("ya29.gcp-{id}-{n}");
+    let exp = k8s_openapi::jiff::Timestamp::now().as_second() + b.lifetime;
+    if let Ok(mut t) = CLOUD_TOKENS.lock() {
+        t.insert(token.clone(), exp);
+    }
+    Json(json!({"access_token": token, "expires_in": b.lifetime, "token_type": "Bearer"})).into_response()
+}
+
+/// GCP access tokens issued by the fake, with their expiry (seconds): the Bearer-auth test
+/// registry accepts them as the password of `oauth2accesstoken` until they expire, as
+/// Google's registries do.
+static CLOUD_TOKENS: std::sync::LazyLock<Mutex<HashMap<String, i64>>> = std::sync::LazyLock::new(Default::default);
+
+/// How many times an expired GCP token was presented to the test registry.
+static EXPIRED_CLOUD_TOKENS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// How many times a client presented an expired GCP token to the test registry.
+pub fn expired_cloud_tokens() -> u32 {
+    EXPIRED_CLOUD_TOKENS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// `(user, password, repositories)` for a GCP token still valid, or `None`; counts
+/// presentations of expired ones.
+fn cloud_user(user: &str, password: &str) -> Option<(String, String, Vec<String>)> {
+    if user != "oauth2accesstoken" {
+        return None;
+    }
+    let exp = *CLOUD_TOKENS.lock().ok()?.get(password)?;
+    if exp <= k8s_openapi::jiff::Timestamp::now().as_second() {
+        EXPIRED_CLOUD_TOKENS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        return None;
+    }
+    Some((user.to_owned(), password.to_owned(), vec!["*".to_owned()]))
 }
 
 /// The token issuer of the Bearer-auth test registry: users, what they may pull, and the
@@ -239,7 +270,13 @@ async fn issue_registry_token(
                 .and_then(|b| String::from_utf8(b).ok())
                 .unwrap_or_default();
             let (u, p) = decoded.split_once(':').unwrap_or(("", ""));
-            match issuer.users.iter().find(|(name, pw, _)| name == u && pw == p) {
+            match issuer
+                .users
+                .iter()
+                .find(|(name, pw, _)| name == u && pw == p)
+                .cloned()
+                .or_else(|| cloud_user(u, p))
+            {
                 Some(found) => Some(found),
                 None => {
                     return (
@@ -263,7 +300,7 @@ async fn issue_registry_token(
         let mut parts = scope.splitn(3, ':');
         let (kind, name, actions) = (parts.next(), parts.next(), parts.next());
         if let (Some("repository"), Some(name), Some(actions)) = (kind, name, actions)
-            && let Some((_, _, repos)) = user
+            && let Some((_, _, repos)) = &user
             && repos.iter().any(|r| r == "*" || r == name)
         {
             access.push(json!({"type": "repository", "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
@@ -272,7 +309,7 @@ async fn issue_registry_token(
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     let claims = json!({
         "iss": "pullkeeper-test-issuer",
-        "sub": user.map(|u| u.0.clone()).unwrap_or_default(),
+        "sub": user.as_ref().map(|u| u.0.clone()).unwrap_or_default(),
         "aud": q.get("service").cloned().unwrap_or_default(),
         "exp": now + 300, "nbf": now - 10, "iat": now,
         "jti": format!("{now}-{}", access.len()),

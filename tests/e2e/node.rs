@@ -251,3 +251,79 @@ async fn a_wrong_password_fails_new_pods_the_credential_says_which_and_the_fix_h
     support::wait_ready(&client, &name, "True", "Synced").await;
     cleanup(&client, &[&name], &[&src, &ns]).await;
 }
+
+#[tokio::test]
+async fn a_gcp_token_renewed_twice_keeps_every_new_pod_pulling() {
+    use crate::fakes::{self, Behaviour, Mode};
+    let f = fakes::fakes();
+    let client = support::client().await;
+    let registry = support::token_registry();
+    let image = support::push_runnable_image(registry, "admin", "admin-pw", "demo:renewal", None);
+    // 24-second tokens from the GCP flow (a service-account key, the JWT-bearer grant);
+    // the test registry accepts them as Google's registries do, until they expire.
+    let id = support::unique("renew");
+    let (private, public) = fakes::rsa_key_pair();
+    f.set(
+        &id,
+        Behaviour {
+            mode: Mode::Ok,
+            lifetime: 24,
+            issued: 0,
+            client_secret: String::new(),
+            public_key: public,
+        },
+    );
+    let token_url = format!("{}/gcp/{id}/token", f.base);
+    let src = support::namespace(&client, "renew-src", &[]).await;
+    let key = json!({
+        "type": "service_account",
+        "client_email": format!("puller@{id}.iam.gserviceaccount.com"),
+        "private_key_id": "k1",
+        "private_key": private,
+        "token_uri": token_url,
+    });
+    support::put_secret(&client, &src, "cloud", json!({"key.json": key.to_string()})).await;
+    let label = support::unique("renew");
+    let name = support::unique("renew");
+    support::apply_credential(
+        &client,
+        &name,
+        json!({}),
+        json!({
+            "registry": registry,
+            "provider": {"gcp": {
+                "serviceAccountKeySecretRef": {"name": "cloud", "namespace": src, "key": "key.json"},
+                "tokenUrl": token_url,
+            }},
+            "target": {"namespaceSelector": {"matchLabels": {"e2e-node": label}}}
+        }),
+    )
+    .await;
+    let ns = targeted_namespace(&client, &label, &name).await;
+    let expired_before = fakes::expired_cloud_tokens();
+    // A new pod every 4 s for 45 s, pulling each time: the token renews at about 18 s
+    // and 36 s, in place, and every pull uses the Secret as it is then.
+    let started = std::time::Instant::now();
+    let mut apps = Vec::new();
+    while started.elapsed() < Duration::from_secs(45) {
+        let app = format!("renew-{}", apps.len());
+        support::deploy(&client, &ns, &app, &image, "Always").await;
+        apps.push(app);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    for app in &apps {
+        support::wait_running(&client, &ns, app, Duration::from_secs(60)).await;
+    }
+    let issued = f.issued(&id);
+    assert!(
+        issued >= 3,
+        "the token was renewed {} times, expected at least twice",
+        issued.saturating_sub(1)
+    );
+    assert_eq!(
+        fakes::expired_cloud_tokens(),
+        expired_before,
+        "a pull presented an expired token"
+    );
+    cleanup(&client, &[&name], &[&ns, &src]).await;
+}
