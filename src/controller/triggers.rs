@@ -30,8 +30,15 @@ pub const SCOPE_NAMESPACE: &str = "namespace";
 /// Something changed that may concern some credentials.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Trigger {
-    /// A namespace, or a ServiceAccount in it, changed.
+    /// A namespace changed (created, relabelled, annotated, deleted).
     Namespace(String),
+    /// A ServiceAccount changed: only credentials that target it care.
+    ServiceAccount {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
     /// A ClusterRegistryCredential must look again.
     Cluster(String),
     /// A RegistryCredential must look again.
@@ -105,7 +112,14 @@ pub fn start(client: &Client, tx: mpsc::UnboundedSender<Trigger>, shutdown: &Can
         })
         .reflect(sa_writer)
         .touched_objects()
-        .map(|r| r.map(|sa| vec![Trigger::Namespace(sa.namespace().unwrap_or_default())]));
+        .map(|r| {
+            r.map(|sa| {
+                vec![Trigger::ServiceAccount {
+                    namespace: sa.namespace().unwrap_or_default(),
+                    name: sa.name_any(),
+                }]
+            })
+        });
     spawn_forwarder("service accounts", sas, tx, shutdown.clone());
 
     Caches {
@@ -163,6 +177,16 @@ where
     });
 }
 
+/// Whether a credential whose `target.serviceAccounts` is `listed` (absent: `[default]`)
+/// patches the ServiceAccount `name`: a ServiceAccount event concerns only those
+/// credentials, so churn of other ServiceAccounts costs no reconcile.
+pub fn targets_service_account(listed: Option<&[String]>, name: &str) -> bool {
+    match listed {
+        None => name == "default",
+        Some(list) => list.iter().any(|s| s == name),
+    }
+}
+
 /// Routes triggers to the controllers of both kinds.
 pub fn spawn_dispatcher(
     mut rx: mpsc::UnboundedReceiver<Trigger>,
@@ -183,6 +207,21 @@ pub fn spawn_dispatcher(
                         .iter()
                         .filter(|r| r.namespace().as_deref() == Some(&ns))
                     {
+                        let _ = namespaced_tx.send(ObjectRef::from(r.as_ref()));
+                    }
+                }
+                Trigger::ServiceAccount { namespace, name } => {
+                    for c in clusters
+                        .state()
+                        .iter()
+                        .filter(|c| targets_service_account(c.spec.target.service_accounts.as_deref(), &name))
+                    {
+                        let _ = cluster_tx.send(ObjectRef::from(c.as_ref()));
+                    }
+                    for r in namespaced.state().iter().filter(|r| {
+                        r.namespace().as_deref() == Some(&namespace)
+                            && targets_service_account(r.spec.target.service_accounts.as_deref(), &name)
+                    }) {
                         let _ = namespaced_tx.send(ObjectRef::from(r.as_ref()));
                     }
                 }
@@ -285,5 +324,20 @@ impl SourceWatches {
             }
         });
         Watch { referrers, stop }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_account_event_concerns_only_credentials_that_target_it() {
+        assert!(targets_service_account(None, "default"));
+        assert!(!targets_service_account(None, "builder"));
+        let listed = ["default".to_owned(), "builder".to_owned()];
+        assert!(targets_service_account(Some(&listed), "builder"));
+        assert!(!targets_service_account(Some(&listed), "runner"));
+        assert!(!targets_service_account(Some(&[]), "default"), "[] patches none");
     }
 }
