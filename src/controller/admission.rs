@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::crd::conditions::{Desired, Status};
 
-use super::secret::{Owner, shorten};
+use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, Owner, shorten};
 use super::validate::{SECRET_NAME_PREFIX, Scope, ValidSpec};
 
 /// Field manager for the policies and bindings.
@@ -33,8 +33,6 @@ pub const API_VERSION: &str = "admissionregistration.k8s.io/v1";
 pub const CLUSTER_POLICY: &str = "pullkeeper.io-cluster-credentials";
 /// Policy for RegistryCredentials.
 pub const NAMESPACED_POLICY: &str = "pullkeeper.io-namespaced-credentials";
-/// Label on every binding pullkeeper writes.
-pub const BINDING_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Condition type telling which admission route a credential has.
 pub const CONDITION: &str = "PodAdmission";
 /// Namespace label every namespace carries (since Kubernetes 1.21).
@@ -171,7 +169,7 @@ pub fn policy(name: &str, param_kind: &str) -> Value {
     json!({
         "apiVersion": API_VERSION,
         "kind": "MutatingAdmissionPolicy",
-        "metadata": {"name": name, "labels": {BINDING_LABEL: "pullkeeper"}},
+        "metadata": {"name": name, "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
         "spec": {
             "paramKind": {"apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION), "kind": param_kind},
             "matchConstraints": {
@@ -239,7 +237,7 @@ pub fn binding(owner: &Owner, spec: &ValidSpec) -> Option<Value> {
     Some(json!({
         "apiVersion": API_VERSION,
         "kind": "MutatingAdmissionPolicyBinding",
-        "metadata": {"name": binding_name(owner), "labels": {BINDING_LABEL: "pullkeeper"}},
+        "metadata": {"name": binding_name(owner), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
         "spec": {
             "policyName": policy,
             "paramRef": param_ref,
@@ -276,12 +274,7 @@ pub fn policies() -> [Value; 2] {
 
 /// Both policies as a multi-document YAML stream.
 pub fn policies_yaml() -> Result<String, serde_yaml::Error> {
-    let mut out = String::new();
-    for p in policies() {
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&p)?);
-    }
-    Ok(out)
+    crate::crd::yaml_stream(policies())
 }
 
 /// Decides the route at start-up. For [`Route::Policy`] the policies must be in place:
@@ -463,6 +456,22 @@ mod tests {
         assert!(binding_name(&owner(None, &long)).len() <= 253);
         let short = validate::cluster("ghcr", &spec).expect("valid");
         assert!(binding(&owner(None, "ghcr"), &short).is_some());
+    }
+
+    #[test]
+    fn the_condition_names_the_route() {
+        let o = owner(None, "ghcr");
+        let reason = |route, bound: Result<bool, Error>| condition(route, &o, &bound).reason;
+        assert_eq!(reason(Route::Policy, Ok(true)), "PolicyBound");
+        assert_eq!(reason(Route::Policy, Ok(false)), "NameTooLong");
+        assert_eq!(reason(Route::Disabled, Ok(false)), "Disabled");
+        assert_eq!(reason(Route::NotServed, Ok(false)), "NotServed");
+        assert_eq!(reason(Route::Failed, Ok(false)), "PolicyNotInstalled");
+        let failed = Error::Missing { name: "p".into() };
+        assert_eq!(reason(Route::Policy, Err(failed)), "BindingFailed");
+        let bound = condition(Route::Policy, &o, &Ok(true));
+        assert_eq!(bound.status, Status::True);
+        assert!(bound.message.contains(&binding_name(&o)), "{}", bound.message);
     }
 
     #[test]

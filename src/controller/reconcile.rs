@@ -88,23 +88,21 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action,
         .map(|c| secret::content(&owner, &spec.registry, &c.credential));
     let (sync, retryable) = fan_out::<K>(&owner, ctx, &spec, content.as_ref()).await;
     let now = Timestamp::now();
-    let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
     let sync_key = backoff_key::<K>(obj, Step::Sync);
-    let until = |at: Timestamp| {
-        Duration::try_from(at.duration_since(now))
-            .unwrap_or_default()
-            .max(Duration::from_secs(1))
+    let quick_retry = if retryable {
+        let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+        Some(schedule::retry_delay(ctx.backoffs.next(&sync_key), current_expiry, now))
+    } else {
+        if issued.is_ok() {
+            ctx.backoffs.reset(&sync_key);
+        }
+        None
     };
-    let mut delay = match &issued {
-        Ok(c) => until(c.refresh_at),
-        Err(f) => until(f.retry_at),
+    let wake_at = match &issued {
+        Ok(c) => c.refresh_at,
+        Err(f) => f.retry_at,
     };
-    if retryable {
-        let quick = schedule::retry_delay(ctx.backoffs.next(&sync_key), current_expiry, now);
-        delay = delay.min(quick);
-    } else if issued.is_ok() {
-        ctx.backoffs.reset(&sync_key);
-    }
+    let delay = schedule::requeue_delay(wake_at, quick_retry, now);
     let (images, delay) = match &issued {
         Ok(c) => match verify::images(
             &ctx.verified,
@@ -315,26 +313,24 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
         return None;
     }
     let owner = obj.owner();
-    let copies: Vec<_> = ctx
+    // Up to three copies whose digest annotation matches (the cache holds metadata only);
+    // the data of each is then checked against the digest before it is trusted.
+    let candidates: Vec<String> = ctx
         .caches
         .secrets
         .state()
-        .into_iter()
-        .filter(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))
-        .collect();
-    // Prefer copies whose annotation already matches; the data is checked either way.
-    let mut candidates: Vec<_> = copies
         .iter()
-        .filter_map(|m| {
-            let hash = m.metadata.annotations.as_ref()?.get(secret::HASH_ANNOTATION)?;
-            (hash == expected_hash).then(|| m.metadata.namespace.clone()).flatten()
+        .filter(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))
+        .filter(|s| {
+            s.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(secret::HASH_ANNOTATION))
+                .is_some_and(|h| h == expected_hash)
         })
+        .filter_map(|s| s.metadata.namespace.clone())
         .take(3)
         .collect();
-    if candidates.is_empty() {
-        return None;
-    }
-    candidates.dedup();
     for ns in candidates {
         let Ok(found) = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
             .get(&spec.secret_name)

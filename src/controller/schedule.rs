@@ -101,6 +101,16 @@ pub fn refresh_delay(spec: &ValidSpec, expires_at: Option<Timestamp>, now: Times
     }
 }
 
+/// When to look at a credential again: at `wake_at` (its refresh time, or the retry time
+/// of a failed provider call), sooner if `quick_retry` (failed writes) asks for it, and
+/// never in less than a second.
+pub fn requeue_delay(wake_at: Timestamp, quick_retry: Option<Duration>, now: Timestamp) -> Duration {
+    let until = Duration::try_from(wake_at.duration_since(now))
+        .unwrap_or_default()
+        .max(Duration::from_secs(1));
+    quick_retry.map_or(until, |q| until.min(q))
+}
+
 /// Retry delay after a failure: the backoff, but never past half the remaining life of the
 /// secret already in place, so a retry always happens before it expires.
 pub fn retry_delay(backoff: Duration, current_expiry: Option<Timestamp>, now: Timestamp) -> Duration {
@@ -200,6 +210,16 @@ pub(crate) mod tests {
             retry_delay(Duration::from_secs(300), Some(t(-5)), t(0)),
             Duration::from_secs(300)
         );
+    }
+
+    #[test]
+    fn requeue_at_the_wake_time_sooner_for_failed_writes_never_under_a_second() {
+        assert_eq!(requeue_delay(t(600), None, t(0)), Duration::from_secs(600));
+        assert_eq!(
+            requeue_delay(t(600), Some(Duration::from_secs(4)), t(0)),
+            Duration::from_secs(4)
+        );
+        assert_eq!(requeue_delay(t(-5), None, t(0)), Duration::from_secs(1));
     }
 
     #[test]

@@ -154,10 +154,15 @@ pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensi
 
 /// All CRDs as one multi-document YAML stream, exactly as committed under `crds/`.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    yaml_stream(crds())
+}
+
+/// Objects as one multi-document YAML stream, each document starting with `---`.
+pub fn yaml_stream<T: Serialize>(objects: impl IntoIterator<Item = T>) -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in crds() {
+    for o in objects {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&serde_yaml::to_string(&o)?);
     }
     Ok(out)
 }

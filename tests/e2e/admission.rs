@@ -154,13 +154,30 @@ async fn new_pods_of_targeted_service_accounts_get_the_secret_appended() {
         .expect("annotate");
     admitted_eventually(&client, &targeted, None, &["x"], &["x".to_owned()]).await;
 
-    // Deleted: the binding goes with it, new Pods are left alone.
+    // A namespace created later is supplied too.
     let ns2 = support::namespace(&client, "adm", &[("e2e-target", &label)]).await;
     admitted_eventually(&client, &ns2, None, &["x"], &["x".to_owned(), secret.clone()]).await;
-    Api::<ClusterRegistryCredential>::all(client.clone())
+    // Suspended: new Pods are left alone; resumed: supplied again.
+    let credentials = Api::<ClusterRegistryCredential>::all(client.clone());
+    for (suspend, expected) in [
+        (true, vec!["x".to_owned()]),
+        (false, vec!["x".to_owned(), secret.clone()]),
+    ] {
+        credentials
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"suspend": suspend}})),
+            )
+            .await
+            .expect("suspend");
+        admitted_eventually(&client, &ns2, None, &["x"], &expected).await;
+    }
+    credentials
         .delete(&name, &DeleteParams::default())
         .await
         .expect("delete");
+    // Deleted: the binding goes with it, new Pods are left alone.
     eventually(Duration::from_secs(30), || async {
         support::credential_status(&client, &name).await.is_none().then_some(())
     })

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::support::{self, PodOutcome, eventually};
@@ -65,17 +64,6 @@ fn assert_unauthorized(outcome: &PodOutcome, what: &str) {
         }
         other => panic!("{what}: expected a 401 pull failure, got {other:?}"),
     }
-}
-
-/// The password in the `.dockerconfigjson` of `ns/name` for `registry`, and the Secret's UID.
-async fn written(client: &Client, ns: &str, name: &str, registry: &str) -> Option<(String, String)> {
-    let s = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-        .ok()??;
-    let v: Value = serde_json::from_slice(&s.data.as_ref()?.get(".dockerconfigjson")?.0).ok()?;
-    let password = v["auths"][registry]["password"].as_str()?.to_owned();
-    Some((password, s.uid()?))
 }
 
 #[tokio::test]
@@ -144,7 +132,9 @@ async fn a_rotation_updates_the_secret_in_place_and_new_pods_start_from_the_cach
     let (src, name, label) = basic_credential(&client, token, "puller", "puller-pw", json!({})).await;
     let ns = targeted_namespace(&client, &label, &name).await;
     let secret = format!("pullkeeper-{name}");
-    let (_, uid) = written(&client, &ns, &secret, token).await.expect("secret written");
+    let (_, uid) = support::written(&client, &ns, &secret, token)
+        .await
+        .expect("secret written");
 
     support::deploy(&client, &ns, "before", &image, "IfNotPresent").await;
     assert_running(&support::wait_pod(&client, &ns, "before").await, "before the rotation");
@@ -158,7 +148,7 @@ async fn a_rotation_updates_the_secret_in_place_and_new_pods_start_from_the_cach
     )
     .await;
     let rotated = eventually(Duration::from_secs(30), || async {
-        let (password, uid) = written(&client, &ns, &secret, token).await?;
+        let (password, uid) = support::written(&client, &ns, &secret, token).await?;
         (password == "admin-pw").then_some(uid)
     })
     .await
@@ -209,7 +199,7 @@ async fn a_wrong_password_fails_new_pods_the_credential_says_which_and_the_fix_h
     .await;
     let secret = format!("pullkeeper-{name}");
     eventually(Duration::from_secs(30), || async {
-        let (password, _) = written(&client, &ns, &secret, &reg.addr).await?;
+        let (password, _) = support::written(&client, &ns, &secret, &reg.addr).await?;
         (password == "not-the-password").then_some(())
     })
     .await

@@ -634,8 +634,24 @@ pub async fn wait_ready(
     status: &str,
     reason: &str,
 ) -> pullkeeper::crd::RegistryCredentialStatus {
+    wait_for_ready(name, || credential_status(client, name), status, reason, String::new).await
+}
+
+/// Waits (30 s) until `fetch` gives a status whose Ready condition has this status and
+/// reason; panics naming `what`, with the last status seen and `log()`, otherwise.
+async fn wait_for_ready<F, Fut>(
+    what: &str,
+    fetch: F,
+    status: &str,
+    reason: &str,
+    log: impl Fn() -> String,
+) -> pullkeeper::crd::RegistryCredentialStatus
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<pullkeeper::crd::RegistryCredentialStatus>>,
+{
     let got = eventually(Duration::from_secs(30), || async {
-        let s = credential_status(client, name).await?;
+        let s = fetch().await?;
         let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
         (c.status == status && c.reason == reason).then_some(s.clone())
     })
@@ -643,8 +659,9 @@ pub async fn wait_ready(
     match got {
         Some(s) => s,
         None => panic!(
-            "{name} never reached Ready={status}/{reason}; last status: {:?}",
-            credential_status(client, name).await
+            "{what} never reached Ready={status}/{reason}; last status: {:?}\nlog: {}",
+            fetch().await,
+            log()
         ),
     }
 }
@@ -913,20 +930,15 @@ pub async fn wait_namespaced_ready(
     reason: &str,
     log: impl Fn() -> String,
 ) -> pullkeeper::crd::RegistryCredentialStatus {
-    let got = eventually(Duration::from_secs(30), || async {
-        let s = namespaced_status(client, namespace, name).await?;
-        let c = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-        (c.status == status && c.reason == reason).then_some(s.clone())
-    })
-    .await;
-    match got {
-        Some(s) => s,
-        None => panic!(
-            "{namespace}/{name} never reached Ready={status}/{reason}; last status: {:?}\nlog: {}",
-            namespaced_status(client, namespace, name).await,
-            log()
-        ),
-    }
+    let what = format!("{namespace}/{name}");
+    wait_for_ready(
+        &what,
+        || namespaced_status(client, namespace, name),
+        status,
+        reason,
+        log,
+    )
+    .await
 }
 
 /// The real node of this test binary: a kubelet with containerd and runc registered against
@@ -1148,13 +1160,23 @@ pub async fn written_entry(
     secret: &str,
     registry: &str,
 ) -> Option<serde_json::Value> {
+    Some(entry_and_uid(client, namespace, secret, registry).await?.0)
+}
+
+/// The `auths` entry for `registry` in the pull Secret `namespace/secret`, and its UID.
+async fn entry_and_uid(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+    registry: &str,
+) -> Option<(serde_json::Value, String)> {
     let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
         .get_opt(secret)
         .await
         .ok()??;
     let v: serde_json::Value = serde_json::from_slice(&s.data?.get(".dockerconfigjson")?.0).ok()?;
     let entry = v["auths"][registry].clone();
-    entry.is_object().then_some(entry)
+    entry.is_object().then_some((entry, s.metadata.uid?))
 }
 
 /// The apiserver's ServiceAccount token signing keys (`/openid/v1/jwks`).
@@ -1201,4 +1223,10 @@ pub async fn wait_service_account_has(client: &Client, namespace: &str, secret: 
         ok.is_some(),
         "{namespace}/default never listed {secret} in imagePullSecrets"
     );
+}
+
+/// The password for `registry` in the pull Secret `namespace/name`, and the Secret's UID.
+pub async fn written(client: &Client, namespace: &str, name: &str, registry: &str) -> Option<(String, String)> {
+    let (entry, uid) = entry_and_uid(client, namespace, name, registry).await?;
+    Some((entry["password"].as_str()?.to_owned(), uid))
 }

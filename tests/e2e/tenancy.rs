@@ -64,17 +64,6 @@ async fn apply_namespaced(client: &Client, ns: &str, name: &str, labels: Value, 
         .expect("RegistryCredential applied by the tenant");
 }
 
-/// Password and UID of the pull Secret `name` in `ns`.
-async fn written(client: &Client, ns: &str, name: &str, registry: &str) -> Option<(String, String)> {
-    let s = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-        .ok()??;
-    let v: Value = serde_json::from_slice(&s.data.as_ref()?.get(".dockerconfigjson")?.0).ok()?;
-    let password = v["auths"][registry]["password"].as_str()?.to_owned();
-    Some((password, s.uid()?))
-}
-
 async fn sa_has(client: &Client, ns: &str, secret: &str) -> bool {
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .get_opt("default")
@@ -115,8 +104,8 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         let op = start(&kubeconfig, &shard, &[], dir.path(), &format!("round-{round}"));
         let log = || std::fs::read_to_string(&op.log).unwrap_or_default();
         let both = eventually(Duration::from_secs(30), || async {
-            let wa = written(&admin, &a, &secret, REGISTRY).await?;
-            let wb = written(&admin, &b, &secret, REGISTRY).await?;
+            let wa = support::written(&admin, &a, &secret, REGISTRY).await?;
+            let wb = support::written(&admin, &b, &secret, REGISTRY).await?;
             let ok = wa.0 == "password-of-a"
                 && wb.0 == "password-of-b"
                 && sa_has(&admin, &a, &secret).await
@@ -133,8 +122,8 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         // Let the operator settle, then check nothing was deleted and recreated meanwhile.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let again = (
-            written(&admin, &a, &secret, REGISTRY).await.map(|w| w.1),
-            written(&admin, &b, &secret, REGISTRY).await.map(|w| w.1),
+            support::written(&admin, &a, &secret, REGISTRY).await.map(|w| w.1),
+            support::written(&admin, &b, &secret, REGISTRY).await.map(|w| w.1),
         );
         assert_eq!(
             again,
@@ -168,7 +157,10 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         .await
         .expect("delete");
     let gone = eventually(Duration::from_secs(30), || async {
-        written(&admin, &a, &secret, REGISTRY).await.is_none().then_some(())
+        support::written(&admin, &a, &secret, REGISTRY)
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(
@@ -177,7 +169,10 @@ async fn same_named_credentials_in_two_namespaces_keep_their_own_secrets_across_
         std::fs::read_to_string(&op.log).unwrap_or_default()
     );
     assert_eq!(
-        written(&admin, &b, &secret, REGISTRY).await.map(|w| w.0).as_deref(),
+        support::written(&admin, &b, &secret, REGISTRY)
+            .await
+            .map(|w| w.0)
+            .as_deref(),
         Some("password-of-b")
     );
     assert!(sa_has(&admin, &b, &secret).await && !sa_has(&admin, &a, &secret).await);
@@ -217,8 +212,8 @@ async fn a_tenants_edit_of_its_copy_spreads_nowhere_after_a_restart() {
     let kubeconfig = support::chart_identity(&env.kubeconfig, &shard, &home, dir.path(), &[]).await;
     let first = start(&kubeconfig, &shard, &[], dir.path(), "first");
     let token = eventually(Duration::from_secs(30), || async {
-        let (t1, _) = written(&admin, &mallory, &secret, registry).await?;
-        let (t2, _) = written(&admin, &other, &secret, registry).await?;
+        let (t1, _) = support::written(&admin, &mallory, &secret, registry).await?;
+        let (t2, _) = support::written(&admin, &other, &secret, registry).await?;
         (t1 == t2).then_some(t1)
     })
     .await
@@ -266,9 +261,9 @@ async fn a_tenants_edit_of_its_copy_spreads_nowhere_after_a_restart() {
     let second = start(&kubeconfig, &shard, &[], dir.path(), "second");
     let late = support::namespace(&admin, "late", &[("e2e-target", &shard)]).await;
     let settled = eventually(Duration::from_secs(30), || async {
-        let (a, _) = written(&admin, &mallory, &secret, registry).await?;
-        let (b, _) = written(&admin, &other, &secret, registry).await?;
-        let (c, _) = written(&admin, &late, &secret, registry).await?;
+        let (a, _) = support::written(&admin, &mallory, &secret, registry).await?;
+        let (b, _) = support::written(&admin, &other, &secret, registry).await?;
+        let (c, _) = support::written(&admin, &late, &secret, registry).await?;
         (a == b && b == c && a != "forged-by-mallory").then_some(a)
     })
     .await;
@@ -380,19 +375,7 @@ async fn names_of_64_to_253_characters_sync_and_delete() {
     )
     .await;
     let api = Api::<RegistryCredential>::namespaced(tenant.clone(), &team);
-    let ready = eventually(Duration::from_secs(30), || async {
-        let s = api.get(&name).await.ok()?.status?;
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-    assert!(
-        ready.is_some(),
-        "{:?}",
-        api.get(&name).await.ok().and_then(|c| c.status)
-    );
+    support::wait_namespaced_ready(&tenant, &team, &name, "True", "Synced", String::new).await;
     api.delete(&name, &DeleteParams::default()).await.expect("delete");
     let gone = eventually(Duration::from_secs(30), || async {
         let none = api.get_opt(&name).await.ok()?.is_none();
