@@ -11,8 +11,159 @@ use crate::crd::NamespaceFailure;
 use crate::crd::conditions::reasons;
 
 use super::OBJECT_MANAGER;
+use super::identity::CredentialRef;
 use super::plan::{Delete, Plan, SaPatch, Write};
 use super::secret::{self, Content, Owner};
+
+/// Why one write failed, per namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Secret of that name is there and someone else holds it.
+    #[error("{}", conflict_message(namespace, name, holder.as_ref()))]
+    Conflict {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// The pullkeeper credential holding it; `None` when pullkeeper did not write it.
+        holder: Option<CredentialRef>,
+    },
+    /// Creating or applying the Secret failed.
+    #[error("writing Secret {namespace}/{name}: {source}")]
+    Write {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading a Secret that a create found in the way failed.
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    Read {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The Secret in the way of a create was gone when read.
+    #[error("Secret {namespace}/{name} vanished during create; retrying")]
+    Vanished {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+    },
+    /// The namespace went away.
+    #[error("namespace {namespace} no longer exists")]
+    NamespaceGone {
+        /// Namespace.
+        namespace: String,
+    },
+    /// Patching a ServiceAccount's `imagePullSecrets` failed.
+    #[error("patching imagePullSecrets of ServiceAccount {namespace}/{name}: {source}")]
+    PatchServiceAccount {
+        /// Namespace.
+        namespace: String,
+        /// ServiceAccount name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting one of our Secrets failed.
+    #[error("deleting Secret {namespace}/{name}: {source}")]
+    Delete {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// A request body could not be built (a bug).
+    #[error("building the request for {namespace}: {source}")]
+    Body {
+        /// Namespace.
+        namespace: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// CamelCase reason for status and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Conflict { .. } => reasons::CONFLICT,
+            Error::Write { source, .. } if status_code(source) == Some(403) => "Forbidden",
+            Error::Write { .. } | Error::Read { .. } | Error::Vanished { .. } => "WriteFailed",
+            Error::NamespaceGone { .. } => "NamespaceGone",
+            Error::PatchServiceAccount { .. } => "ServiceAccountPatchFailed",
+            Error::Delete { .. } => "DeleteFailed",
+            Error::Body { .. } => "InternalError",
+        }
+    }
+
+    /// Whether a quick retry may help: not for a conflict, a refusal (403), an invalid
+    /// object (422), a namespace that is gone, or a bug.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Conflict { .. } | Error::NamespaceGone { .. } | Error::Body { .. } => false,
+            Error::Write { source, .. } => !matches!(status_code(source), Some(403 | 422)),
+            Error::Read { .. } | Error::Vanished { .. } | Error::PatchServiceAccount { .. } | Error::Delete { .. } => {
+                true
+            }
+        }
+    }
+
+    /// The namespace it happened in.
+    pub fn namespace(&self) -> &str {
+        match self {
+            Error::Conflict { namespace, .. }
+            | Error::Write { namespace, .. }
+            | Error::Read { namespace, .. }
+            | Error::Vanished { namespace, .. }
+            | Error::NamespaceGone { namespace }
+            | Error::PatchServiceAccount { namespace, .. }
+            | Error::Delete { namespace, .. }
+            | Error::Body { namespace, .. } => namespace,
+        }
+    }
+
+    /// As reported in status.
+    pub fn to_failure(&self) -> NamespaceFailure {
+        NamespaceFailure {
+            namespace: self.namespace().to_owned(),
+            reason: self.reason().to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(ae) => Some(ae.code),
+        _ => None,
+    }
+}
+
+fn conflict_message(namespace: &str, name: &str, holder: Option<&CredentialRef>) -> String {
+    match holder {
+        Some(holder) => format!(
+            "Secret {namespace}/{name} is held by {holder}, which wrote it first (or is older); pullkeeper leaves it to that credential. Give one of them another spec.target.secretName"
+        ),
+        None => format!(
+            "Secret {namespace}/{name} exists and is not managed by this pullkeeper credential; pullkeeper leaves it alone. Rename or delete it, or set spec.target.secretName"
+        ),
+    }
+}
 
 /// What happened to a plan.
 #[derive(Debug, Default)]
@@ -44,8 +195,13 @@ pub async fn execute(
     concurrency: usize,
 ) -> Outcome {
     let mut out = Outcome::default();
-    for (ns, reason, message) in plan.conflicts.iter().map(|ns| conflict(ns, secret_name)) {
-        out.failures.push(failure(&ns, reason, message));
+    for c in &plan.conflicts {
+        let conflict = Error::Conflict {
+            namespace: c.namespace.clone(),
+            name: secret_name.to_owned(),
+            holder: c.holder.clone(),
+        };
+        out.failures.push(conflict.to_failure());
     }
     let mut failed_ns = std::collections::BTreeSet::new();
     for phase in 0..3 {
@@ -65,15 +221,15 @@ pub async fn execute(
             .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
-        for (ns, result, requests) in results {
+        for (result, requests) in results {
             out.requests += requests;
             match result {
                 Ok(Some(written)) => out.written.push(written),
                 Ok(None) => {}
-                Err((reason, message, retryable)) => {
-                    out.retryable |= retryable;
-                    failed_ns.insert(ns.clone());
-                    out.failures.push(failure(&ns, reason, message));
+                Err(e) => {
+                    out.retryable |= e.retryable();
+                    failed_ns.insert(e.namespace().to_owned());
+                    out.failures.push(e.to_failure());
                 }
             }
         }
@@ -82,7 +238,8 @@ pub async fn execute(
     out
 }
 
-type StepResult = (String, Result<Option<String>, (&'static str, String, bool)>, usize);
+/// The namespace written (if any), or why not; and the requests made.
+type StepResult = (Result<Option<String>, Error>, usize);
 
 async fn run(client: &Client, owner: &Owner, name: &str, content: Option<&Content>, step: Step) -> StepResult {
     match step {
@@ -92,16 +249,24 @@ async fn run(client: &Client, owner: &Owner, name: &str, content: Option<&Conten
                 Write::Apply(ns) => (ns, false),
             };
             let Some(content) = content else {
-                return (ns.clone(), Ok(None), 0);
+                return (Ok(None), 0);
             };
             let (res, n) = write_secret(client, owner, name, ns, content, create).await;
-            (ns.clone(), res.map(|()| Some(ns.clone())), n)
+            (res.map(|()| Some(ns.clone())), n)
         }
         Step::Sa(p) => {
             let api = Api::<ServiceAccount>::namespaced(client.clone(), &p.namespace);
             let patch: json_patch::Patch = match serde_json::from_value(p.patch.clone()) {
                 Ok(p) => p,
-                Err(e) => return (p.namespace.clone(), Err(("InternalError", e.to_string(), false)), 0),
+                Err(source) => {
+                    return (
+                        Err(Error::Body {
+                            namespace: p.namespace.clone(),
+                            source,
+                        }),
+                        0,
+                    );
+                }
             };
             let res = api
                 .patch(&p.name, &PatchParams::default(), &Patch::<Value>::Json(patch))
@@ -109,17 +274,14 @@ async fn run(client: &Client, owner: &Owner, name: &str, content: Option<&Conten
             let r = match res {
                 Ok(_) => Ok(None),
                 // Gone meanwhile: nothing to do.
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
-                Err(e) => Err((
-                    "ServiceAccountPatchFailed",
-                    format!(
-                        "patching imagePullSecrets of ServiceAccount {}/{}: {e}",
-                        p.namespace, p.name
-                    ),
-                    true,
-                )),
+                Err(e) if status_code(&e) == Some(404) => Ok(None),
+                Err(source) => Err(Error::PatchServiceAccount {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    source,
+                }),
             };
-            (p.namespace.clone(), r, 1)
+            (r, 1)
         }
         Step::Delete(d) => {
             let api = Api::<Secret>::namespaced(client.clone(), &d.namespace);
@@ -132,19 +294,17 @@ async fn run(client: &Client, owner: &Owner, name: &str, content: Option<&Conten
             };
             let r = match api.delete(&d.name, &dp).await {
                 Ok(_) => Ok(None),
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(None),
-                Err(e) => Err((
-                    "DeleteFailed",
-                    format!("deleting Secret {}/{}: {e}", d.namespace, d.name),
-                    true,
-                )),
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => Ok(None),
+                Err(source) => Err(Error::Delete {
+                    namespace: d.namespace.clone(),
+                    name: d.name.clone(),
+                    source,
+                }),
             };
-            (d.namespace.clone(), r, 1)
+            (r, 1)
         }
     }
 }
-
-type WriteResult = (Result<(), (&'static str, String, bool)>, usize);
 
 async fn write_secret(
     client: &Client,
@@ -153,14 +313,23 @@ async fn write_secret(
     ns: &str,
     content: &Content,
     create: bool,
-) -> WriteResult {
+) -> (Result<(), Error>, usize) {
     let api = Api::<Secret>::namespaced(client.clone(), ns);
     let body = secret::apply_body(owner, name, ns, content);
+    let at = || (ns.to_owned(), name.to_owned());
     let mut requests = 0;
     if create {
         let object: Secret = match serde_json::from_value(body.clone()) {
             Ok(s) => s,
-            Err(e) => return (Err(("InternalError", e.to_string(), false)), requests),
+            Err(source) => {
+                return (
+                    Err(Error::Body {
+                        namespace: ns.to_owned(),
+                        source,
+                    }),
+                    requests,
+                );
+            }
         };
         requests += 1;
         let pp = PostParams {
@@ -169,40 +338,47 @@ async fn write_secret(
         };
         match api.create(&pp, &object).await {
             Ok(_) => return (Ok(()), requests),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
+            Err(e) if status_code(&e) == Some(409) => {
                 // Something is there that the cache has not shown us: ours, or not?
                 requests += 1;
-                match api.get_metadata_opt(name).await {
-                    Ok(Some(meta)) if owner.owns(&meta.metadata) => {}
-                    Ok(Some(_)) => {
-                        let (_, reason, message) = conflict(ns, name);
-                        return (Err((reason, message, false)), requests);
-                    }
-                    Ok(None) => {
-                        return (
-                            Err((
-                                "WriteFailed",
-                                format!("Secret {ns}/{name} vanished during create; retrying"),
-                                true,
-                            )),
-                            requests,
-                        );
-                    }
-                    Err(e) => {
-                        return (
-                            Err(("WriteFailed", format!("reading Secret {ns}/{name}: {e}"), true)),
-                            requests,
-                        );
-                    }
+                let (namespace, name) = at();
+                let r = match api.get_metadata_opt(&name).await {
+                    Ok(Some(meta)) if owner.owns(&meta.metadata) => None,
+                    Ok(Some(meta)) => Some(Error::Conflict {
+                        holder: CredentialRef::holder_of(&meta.metadata),
+                        namespace,
+                        name,
+                    }),
+                    Ok(None) => Some(Error::Vanished { namespace, name }),
+                    Err(source) => Some(Error::Read {
+                        namespace,
+                        name,
+                        source,
+                    }),
+                };
+                if let Some(e) = r {
+                    return (Err(e), requests);
                 }
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {
+            Err(e) if status_code(&e) == Some(404) => {
                 return (
-                    Err(("NamespaceGone", format!("namespace {ns} no longer exists"), false)),
+                    Err(Error::NamespaceGone {
+                        namespace: ns.to_owned(),
+                    }),
                     requests,
                 );
             }
-            Err(e) => return (Err(write_error(ns, name, &e)), requests),
+            Err(source) => {
+                let (namespace, name) = at();
+                return (
+                    Err(Error::Write {
+                        namespace,
+                        name,
+                        source,
+                    }),
+                    requests,
+                );
+            }
         }
     }
     requests += 1;
@@ -211,33 +387,16 @@ async fn write_secret(
         .await
     {
         Ok(_) => (Ok(()), requests),
-        Err(e) => (Err(write_error(ns, name, &e)), requests),
-    }
-}
-
-fn write_error(ns: &str, name: &str, e: &kube::Error) -> (&'static str, String, bool) {
-    let retryable = !matches!(e, kube::Error::Api(ae) if ae.code == 403 || ae.code == 422);
-    let reason = match e {
-        kube::Error::Api(ae) if ae.code == 403 => "Forbidden",
-        _ => "WriteFailed",
-    };
-    (reason, format!("writing Secret {ns}/{name}: {e}"), retryable)
-}
-
-fn conflict(ns: &str, name: &str) -> (String, &'static str, String) {
-    (
-        ns.to_owned(),
-        reasons::CONFLICT,
-        format!(
-            "Secret {ns}/{name} exists and is not managed by this pullkeeper credential; pullkeeper leaves it alone. Rename or delete it, or set spec.target.secretName"
-        ),
-    )
-}
-
-fn failure(ns: &str, reason: &str, message: String) -> NamespaceFailure {
-    NamespaceFailure {
-        namespace: ns.to_owned(),
-        reason: reason.to_owned(),
-        message,
+        Err(source) => {
+            let (namespace, name) = at();
+            (
+                Err(Error::Write {
+                    namespace,
+                    name,
+                    source,
+                }),
+                requests,
+            )
+        }
     }
 }

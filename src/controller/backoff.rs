@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::identity::CredentialRef;
+
 /// First retry delay.
 pub const BASE: Duration = Duration::from_secs(1);
 /// Longest retry delay.
@@ -18,30 +20,47 @@ pub fn delay(attempt: u32, jitter: f64) -> Duration {
     capped.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
 }
 
-/// Failure counts by object key.
+/// The steps of a reconcile that back off separately, each reset only by its own
+/// success: a failure reported in status is an `Ok` reconcile too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Asking the provider for a credential.
+    Provider,
+    /// Writing Secrets and ServiceAccount entries.
+    Sync,
+    /// The reconcile as a whole failing with an error (API I/O).
+    Reconcile,
+}
+
+/// Failure counts by credential and step.
 #[derive(Default)]
 pub struct Backoffs {
-    attempts: Mutex<HashMap<String, u32>>,
+    attempts: Mutex<HashMap<(CredentialRef, Step), u32>>,
 }
 
 impl Backoffs {
     /// Records a failure and returns how many failures came before it in a row.
-    pub fn record(&self, key: &str) -> u32 {
+    pub fn record(&self, who: &CredentialRef, step: Step) -> u32 {
         let mut map = crate::lock(&self.attempts);
-        let n = map.entry(key.to_owned()).or_insert(0);
+        let n = map.entry((who.clone(), step)).or_insert(0);
         let attempt = *n;
         *n = n.saturating_add(1);
         attempt
     }
 
     /// Records a failure and returns the delay before the next try.
-    pub fn next(&self, key: &str) -> Duration {
-        delay(self.record(key), rand::random::<f64>())
+    pub fn next(&self, who: &CredentialRef, step: Step) -> Duration {
+        delay(self.record(who, step), rand::random::<f64>())
     }
 
-    /// Forgets failures after a success.
-    pub fn reset(&self, key: &str) {
-        crate::lock(&self.attempts).remove(key);
+    /// Forgets a step's failures after its success.
+    pub fn reset(&self, who: &CredentialRef, step: Step) {
+        crate::lock(&self.attempts).remove(&(who.clone(), step));
+    }
+
+    /// Forgets everything about a deleted credential.
+    pub fn forget(&self, who: &CredentialRef) {
+        crate::lock(&self.attempts).retain(|(w, _), _| w != who);
     }
 }
 
@@ -66,13 +85,24 @@ mod tests {
     }
 
     #[test]
-    fn success_resets_the_count() {
+    fn success_of_the_same_step_resets_the_count() {
         let b = Backoffs::default();
+        let a = CredentialRef::cluster("a");
         for _ in 0..5 {
-            b.next("a");
+            b.next(&a, Step::Provider);
         }
-        assert!(b.next("a") >= Duration::from_secs(16));
-        b.reset("a");
-        assert!(b.next("a") <= BASE);
+        assert!(b.next(&a, Step::Provider) >= Duration::from_secs(16));
+        b.reset(&a, Step::Sync);
+        assert_eq!(
+            b.record(&a, Step::Provider),
+            6,
+            "another step's success changes nothing"
+        );
+        assert_eq!(b.record(&CredentialRef::namespaced("ns", "a"), Step::Provider), 0);
+        b.reset(&a, Step::Provider);
+        assert!(b.next(&a, Step::Provider) <= BASE);
+        b.record(&a, Step::Sync);
+        b.forget(&a);
+        assert_eq!(b.record(&a, Step::Sync), 0);
     }
 }

@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::provider::Credential;
 
-use super::triggers::Trigger;
+use super::identity::CredentialRef;
 
 #[derive(Clone)]
 struct Entry {
@@ -53,13 +53,18 @@ pub struct Cached {
 /// Credentials by the credential object they belong to.
 #[derive(Default)]
 pub struct CredentialCache {
-    entries: Mutex<HashMap<Trigger, Entry>>,
+    entries: Mutex<HashMap<CredentialRef, Entry>>,
 }
 
 impl CredentialCache {
     /// The cached credential, if still fresh for this generation, or the last failure if
     /// its retry time has not come; `None` when the provider should be asked.
-    pub fn lookup(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Result<Cached, Failure>> {
+    pub fn lookup(
+        &self,
+        key: &CredentialRef,
+        generation: Option<i64>,
+        now: Timestamp,
+    ) -> Option<Result<Cached, Failure>> {
         let entries = crate::lock(&self.entries);
         let e = entries.get(key).filter(|e| e.generation == generation)?;
         match &e.state {
@@ -69,12 +74,12 @@ impl CredentialCache {
     }
 
     /// The cached credential, if still fresh for this generation.
-    pub fn get(&self, key: &Trigger, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
+    pub fn get(&self, key: &CredentialRef, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
         self.lookup(key, generation, now)?.ok()
     }
 
     /// Remembers a credential until its `refresh_at`.
-    pub fn put(&self, key: Trigger, generation: Option<i64>, cached: Cached) {
+    pub fn put(&self, key: CredentialRef, generation: Option<i64>, cached: Cached) {
         crate::lock(&self.entries).insert(
             key,
             Entry {
@@ -85,7 +90,7 @@ impl CredentialCache {
     }
 
     /// Remembers a failed call until its `retry_at`.
-    pub fn put_failure(&self, key: Trigger, generation: Option<i64>, failure: Failure) {
+    pub fn put_failure(&self, key: CredentialRef, generation: Option<i64>, failure: Failure) {
         crate::lock(&self.entries).insert(
             key,
             Entry {
@@ -96,7 +101,7 @@ impl CredentialCache {
     }
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
-    pub fn invalidate(&self, key: &Trigger) {
+    pub fn invalidate(&self, key: &CredentialRef) {
         crate::lock(&self.entries).remove(key);
     }
 }
@@ -117,7 +122,7 @@ mod tests {
     #[test]
     fn fresh_until_refresh_time_and_same_generation() {
         let c = CredentialCache::default();
-        let key = Trigger::Cluster("a".into());
+        let key = CredentialRef::cluster("a");
         let t0 = Timestamp::from_second(1_800_000_000).expect("t");
         let later = Timestamp::from_second(1_800_000_100).expect("t");
         c.put(
@@ -139,7 +144,7 @@ mod tests {
     #[test]
     fn a_failure_holds_until_its_retry_time_or_a_change() {
         let c = CredentialCache::default();
-        let key = Trigger::Cluster("a".into());
+        let key = CredentialRef::cluster("a");
         let t0 = Timestamp::from_second(1_800_000_000).expect("t");
         let retry_at = Timestamp::from_second(1_800_000_030).expect("t");
         let failure = Failure {

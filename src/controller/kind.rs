@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential, RegistryCredentialStatus};
 
+use super::identity::{CredentialRef, SCOPE_CLUSTER, SCOPE_NAMESPACE};
 use super::secret::Owner;
-use super::triggers::{SCOPE_CLUSTER, SCOPE_NAMESPACE, Trigger};
 use super::validate::{self, SpecError, ValidSpec};
 
 /// A pullkeeper credential kind.
@@ -29,8 +29,17 @@ pub trait CredentialKind:
     /// Identity stamped on the Secrets this object writes.
     fn owner(&self) -> Owner;
 
-    /// The trigger that reconciles this object.
-    fn trigger(&self) -> Trigger;
+    /// Its identity: the key of every per-credential map.
+    fn reference(&self) -> CredentialRef;
+
+    /// Labels of its metric series.
+    fn metric_labels(&self) -> crate::metrics::CredentialLabels {
+        crate::metrics::CredentialLabels {
+            kind: Self::KIND,
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+        }
+    }
 
     /// `namespace/name` or `name`.
     fn key(&self) -> String {
@@ -65,8 +74,8 @@ impl CredentialKind for ClusterRegistryCredential {
         }
     }
 
-    fn trigger(&self) -> Trigger {
-        Trigger::Cluster(self.name_any())
+    fn reference(&self) -> CredentialRef {
+        CredentialRef::cluster(self.name_any())
     }
 }
 
@@ -94,10 +103,7 @@ impl CredentialKind for RegistryCredential {
         }
     }
 
-    fn trigger(&self) -> Trigger {
-        Trigger::Namespaced {
-            namespace: self.namespace().unwrap_or_default(),
-            name: self.name_any(),
-        }
+    fn reference(&self) -> CredentialRef {
+        CredentialRef::namespaced(self.namespace().unwrap_or_default(), self.name_any())
     }
 }

@@ -7,17 +7,22 @@ pub mod admission;
 pub mod apply;
 pub mod backoff;
 pub mod cache;
+pub mod credential;
+pub mod identity;
 pub mod kind;
+pub mod mappers;
 pub mod plan;
 pub mod reconcile;
+pub mod report;
 pub mod schedule;
 pub mod secret;
 pub mod service_account;
+pub mod sources;
 pub mod status;
 pub mod target;
-pub mod triggers;
 pub mod validate;
 pub mod verify;
+pub mod watches;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,9 +123,11 @@ pub struct Context {
     /// Retry delays per object.
     pub backoffs: backoff::Backoffs,
     /// Namespaces, managed Secrets, ServiceAccounts.
-    pub caches: triggers::Caches,
+    pub caches: watches::Caches,
+    /// Every credential object of both kinds (the controllers' stores).
+    pub objects: watches::Credentials,
     /// Watches on referenced source Secrets.
-    pub sources: triggers::SourceWatches,
+    pub sources: sources::SourceWatches,
     /// Issued credentials until their refresh time.
     pub credentials: Arc<cache::CredentialCache>,
     /// Last pullability results.
@@ -193,8 +200,18 @@ pub async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> boo
 
 /// Runs both controllers until `shutdown` is cancelled. Call [`wait_for_crds`] first.
 pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
-    let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
-    let caches = triggers::start(&client, trigger_tx.clone(), &shutdown);
+    let mut wc = watcher::Config::default().any_semantic();
+    if let Some(selector) = &settings.credential_selector {
+        wc = wc.labels(selector);
+    }
+    let cluster_ctl = Controller::new(Api::<ClusterRegistryCredential>::all(client.clone()), wc.clone());
+    let namespaced_ctl = Controller::new(Api::<RegistryCredential>::all(client.clone()), wc);
+    let credentials = watches::Credentials {
+        clusters: cluster_ctl.store(),
+        namespaced: namespaced_ctl.store(),
+    };
+    let (requests, (cluster_requests, namespaced_requests)) = watches::Requests::channel();
+    let caches = watches::start(&client, &credentials, &requests, &shutdown);
     tokio::select! {
         () = caches.ready() => {}
         () = shutdown.cancelled() => return,
@@ -208,7 +225,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         }
     };
     tracing::info!(?route, "pod admission route");
-    let credentials = Arc::new(cache::CredentialCache::default());
+    let issued = Arc::new(cache::CredentialCache::default());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -221,8 +238,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         metrics,
         backoffs: backoff::Backoffs::default(),
         caches,
-        sources: triggers::SourceWatches::new(client.clone(), trigger_tx, credentials.clone(), shutdown.clone()),
-        credentials,
+        objects: credentials,
+        sources: sources::SourceWatches::new(client.clone(), requests, issued.clone(), shutdown.clone()),
+        credentials: issued,
         verified: verify::VerifyCache::new(crate::registry::AddressPolicy::new(
             settings.deny_registry_cidrs.clone(),
         )),
@@ -235,24 +253,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let config = kube::runtime::controller::Config::default()
         .concurrency(settings.concurrency)
         .debounce(Duration::from_millis(50));
-    let mut wc = watcher::Config::default().any_semantic();
-    if let Some(selector) = &settings.credential_selector {
-        wc = wc.labels(selector);
-    }
-    let cluster_ctl = Controller::new(Api::<ClusterRegistryCredential>::all(client.clone()), wc.clone());
-    let namespaced_ctl = Controller::new(Api::<RegistryCredential>::all(client.clone()), wc);
-    let (cluster_tx, cluster_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (namespaced_tx, namespaced_rx) = tokio::sync::mpsc::unbounded_channel();
-    triggers::spawn_dispatcher(
-        trigger_rx,
-        cluster_ctl.store(),
-        namespaced_ctl.store(),
-        cluster_tx,
-        namespaced_tx,
-    );
     let cluster = cluster_ctl
         .with_config(config.clone())
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(cluster_rx))
+        .reconcile_on(cluster_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             reconcile::reconcile::<ClusterRegistryCredential>,
@@ -262,7 +265,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .for_each(|res| async move { log_result(res) });
     let namespaced = namespaced_ctl
         .with_config(config)
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(namespaced_rx))
+        .reconcile_on(namespaced_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             reconcile::reconcile::<RegistryCredential>,

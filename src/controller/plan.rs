@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
+use super::identity::CredentialRef;
 use super::secret::{self, Content, Owner, State};
 use super::service_account;
 use super::target::{self, NamespaceInfo};
-use super::validate::ValidSpec;
+use super::validate::{Scope, ValidSpec};
 
 /// A Secret to create or rewrite.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +33,36 @@ pub struct Delete {
     pub name: String,
     /// UID precondition, so only the object we saw is deleted.
     pub uid: Option<String>,
+}
+
+/// A namespace where the Secret name is someone else's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// Namespace.
+    pub namespace: String,
+    /// The pullkeeper credential that holds the Secret or has the first claim on it;
+    /// `None` for a Secret pullkeeper did not write.
+    pub holder: Option<CredentialRef>,
+}
+
+/// An older credential writing a Secret of the same name. Where it targets a namespace
+/// that holds no such Secret yet, it has the first claim, so two credentials that want
+/// one name never both create it: the oldest writes, the other reports a conflict, and
+/// from then on whoever holds the Secret keeps it.
+#[derive(Clone, Debug)]
+pub struct Rival {
+    /// Who.
+    pub who: CredentialRef,
+    /// The namespaces it targets.
+    pub scope: Scope,
+}
+
+/// Whether a credential created at `a` (and called `a_ref`) comes before one created at
+/// `b`: older first, then by kind, namespace and name, so every reconcile of either one
+/// agrees. A missing timestamp counts as newest.
+pub fn senior(a: (Option<Timestamp>, &CredentialRef), b: (Option<Timestamp>, &CredentialRef)) -> bool {
+    let key = |(t, r): (Option<Timestamp>, &CredentialRef)| (t.is_none(), t, r.namespace.is_some(), r.clone());
+    key(a) < key(b)
 }
 
 /// A ServiceAccount patch.
@@ -53,8 +85,9 @@ pub struct Plan {
     pub current: Vec<String>,
     /// Secrets to create or rewrite.
     pub writes: Vec<Write>,
-    /// Namespaces where another credential's Secret has the name.
-    pub conflicts: Vec<String>,
+    /// Namespaces where someone else holds (or, being older, has the first claim on) the
+    /// Secret name.
+    pub conflicts: Vec<Conflict>,
     /// Our Secrets that must go (namespace left the target, or the name changed).
     pub deletes: Vec<Delete>,
     /// ServiceAccount patches.
@@ -69,6 +102,8 @@ pub struct Snapshot<'a> {
     pub managed_secrets: &'a [&'a ObjectMeta],
     /// ServiceAccounts, any namespace.
     pub service_accounts: &'a [Arc<ServiceAccount>],
+    /// Older credentials writing a Secret of the same name.
+    pub rivals: &'a [Rival],
 }
 
 /// Computes the plan. With `content` absent (the provider failed), nothing is written or
@@ -110,12 +145,29 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
         };
         match state {
             State::Foreign => {
-                plan.conflicts.push(ns.clone());
+                plan.conflicts.push(Conflict {
+                    namespace: ns.clone(),
+                    holder: existing.and_then(CredentialRef::holder_of),
+                });
                 continue;
+            }
+            State::Missing if content.is_some() => {
+                let info = snap.namespaces.iter().find(|n| n.name == *ns);
+                if let Some(rival) = snap
+                    .rivals
+                    .iter()
+                    .find(|r| info.is_some_and(|n| target::is_targeted(&r.scope, n)))
+                {
+                    plan.conflicts.push(Conflict {
+                        namespace: ns.clone(),
+                        holder: Some(rival.who.clone()),
+                    });
+                    continue;
+                }
+                plan.writes.push(Write::Create(ns.clone()));
             }
             State::Current => plan.current.push(ns.clone()),
             State::Stale => plan.writes.push(Write::Apply(ns.clone())),
-            State::Missing if content.is_some() => plan.writes.push(Write::Create(ns.clone())),
             State::Missing => continue,
         }
         for sa in sas_by_ns.get(ns.as_str()).into_iter().flatten() {
@@ -293,6 +345,7 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &[],
+            rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
         assert_eq!(plan.writes, vec![Write::Create("a".into()), Write::Apply("c".into())]);
@@ -310,6 +363,7 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,
+            rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
         assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
@@ -329,10 +383,69 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,
+            rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
-        assert_eq!(plan.conflicts, vec!["a".to_owned()]);
+        assert_eq!(
+            plan.conflicts,
+            vec![Conflict {
+                namespace: "a".into(),
+                holder: Some(CredentialRef::cluster("other")),
+            }]
+        );
         assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
+    }
+
+    #[test]
+    fn an_older_rival_has_the_first_claim_and_a_holder_keeps_its_secret() {
+        let c = content();
+        let namespaces = [ns("a"), ns("b")];
+        let rivals = [Rival {
+            who: CredentialRef::cluster("older"),
+            scope: Scope::Cluster {
+                selector: None,
+                namespaces: Some(vec!["a".into()]),
+                exclude: vec![],
+            },
+        }];
+        let sas = [sa("a", "default", &[]), sa("b", "default", &[])];
+        // Nobody holds the name yet: the older credential creates it in "a".
+        let snap = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &[],
+            service_accounts: &sas,
+            rivals: &rivals,
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        assert_eq!(plan.writes, vec![Write::Create("b".into())]);
+        assert_eq!(
+            plan.conflicts,
+            vec![Conflict {
+                namespace: "a".into(),
+                holder: Some(CredentialRef::cluster("older")),
+            }]
+        );
+        // Once this one holds "a" (it wrote first), it keeps it: no rival takes it over.
+        let secrets = [managed(&owner(), "a", "pullkeeper-ghcr", &c.hash)];
+        let snap = Snapshot {
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            ..snap
+        };
+        let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
+        assert!(plan.conflicts.is_empty());
+        assert_eq!(plan.current, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn seniority_is_age_then_a_stable_tie_break() {
+        let t = |s| Some(Timestamp::from_second(s).expect("t"));
+        let (a, b) = (CredentialRef::cluster("a"), CredentialRef::cluster("b"));
+        let n = CredentialRef::namespaced("web", "a");
+        assert!(senior((t(1), &b), (t(2), &a)), "older first");
+        assert!(senior((t(1), &a), (t(1), &b)) && !senior((t(1), &b), (t(1), &a)));
+        assert!(senior((t(1), &a), (t(1), &n)), "cluster kind first on a tie");
+        assert!(senior((t(9), &b), (None, &a)), "unknown age last");
+        assert!(!senior((t(1), &a), (t(1), &a)));
     }
 
     #[test]
@@ -345,6 +458,7 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,
+            rivals: &[],
         };
         let scope = Scope::Cluster {
             selector: None,
@@ -366,6 +480,7 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &[],
+            rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), None, &snap);
         assert!(plan.writes.is_empty() && plan.deletes.is_empty());
@@ -386,6 +501,7 @@ mod tests {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,
+            rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
         let touched: Vec<_> = plan.sa_patches.iter().map(|p| p.name.as_str()).collect();
@@ -407,6 +523,7 @@ mod tests {
             namespaces: &[],
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,
+            rivals: &[],
         };
         let plan = cleanup(&owner(), &snap);
         assert_eq!(plan.deletes.len(), 1);

@@ -12,6 +12,9 @@ use super::validate::ValidSpec;
 
 /// How long to wait before looking again at an object that needs a spec change.
 pub const RECHECK_INVALID: Duration = Duration::from_secs(3600);
+/// How often a credential that lost a Secret name to another looks again (a holder that
+/// goes away without a trace, e.g. a rival that never wrote, is noticed within this).
+pub const RECHECK_CONFLICT: Duration = Duration::from_secs(120);
 /// Floor between refreshes, so a past or absurd expiry never hot-loops.
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 /// Longest wait after a transient provider failure (the endpoint down, a 5xx): an outage

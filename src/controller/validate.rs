@@ -208,6 +208,17 @@ pub struct ValidSpec {
     pub suspend: bool,
 }
 
+/// The name of the Secret a credential called `name` writes: `explicit`
+/// (`spec.target.secretName`), else `pullkeeper-<name>`. Every accepted credential name
+/// works: a default name over the 253-character limit is shortened with a digest of the
+/// whole.
+pub fn secret_name_of(name: &str, explicit: Option<&str>) -> String {
+    match explicit {
+        Some(n) => n.to_owned(),
+        None => crate::controller::secret::shorten(&format!("{SECRET_NAME_PREFIX}{name}"), 253),
+    }
+}
+
 /// Validates a `ClusterRegistryCredential`.
 pub fn cluster(name: &str, spec: &ClusterRegistryCredentialSpec) -> Result<ValidSpec, SpecError> {
     let t = &spec.target;
@@ -296,12 +307,7 @@ fn common(
         .map(|v| duration("spec.refresh.interval", v))
         .transpose()?
         .unwrap_or(DEFAULT_REFRESH_INTERVAL);
-    let secret_name = match secret_name {
-        Some(n) => n.to_owned(),
-        // Every accepted credential name works: a default name over the 253-character
-        // limit is shortened with a digest of the whole.
-        None => crate::controller::secret::shorten(&format!("{SECRET_NAME_PREFIX}{name}"), 253),
-    };
+    let secret_name = secret_name_of(name, secret_name);
     let verify = verify
         .map(|v| {
             let every = v
@@ -337,48 +343,19 @@ pub fn confine_sources(spec: ValidSpec, allowed: Option<&str>) -> Result<ValidSp
     if !matches!(spec.scope, Scope::Cluster { .. }) {
         return Ok(spec);
     }
-    if let Some((field, namespace)) = source_namespaces(&spec.provider)
+    if let Some(source) = spec
+        .provider
+        .source_secrets()
         .into_iter()
-        .find(|(_, ns)| *ns != allowed)
+        .find(|s| s.namespace != allowed)
     {
         return Err(SpecError::SourceNamespaceNotAllowed {
-            field,
-            namespace: namespace.to_owned(),
+            field: source.field,
+            namespace: source.namespace.to_owned(),
             allowed: allowed.to_owned(),
         });
     }
     Ok(spec)
-}
-
-/// The namespace of every Secret a provider reads, with the field that names it.
-fn source_namespaces(provider: &ProviderSpec) -> Vec<(&'static str, &str)> {
-    match provider {
-        Provider::Basic(b) => vec![("spec.provider.basic.secretRef.namespace", &b.secret_ref.namespace)],
-        Provider::DockerConfig(d) => vec![(
-            "spec.provider.dockerConfig.secretRef.namespace",
-            &d.secret_ref.namespace,
-        )],
-        Provider::Ecr(e) => e
-            .credentials_secret_ref
-            .iter()
-            .map(|r| ("spec.provider.ecr.credentialsSecretRef.namespace", r.namespace.as_str()))
-            .collect(),
-        Provider::Gcp(g) => g
-            .service_account_key_secret_ref
-            .iter()
-            .map(|r| {
-                (
-                    "spec.provider.gcp.serviceAccountKeySecretRef.namespace",
-                    r.namespace.as_str(),
-                )
-            })
-            .collect(),
-        Provider::Acr(a) => a
-            .client_secret_ref
-            .iter()
-            .map(|r| ("spec.provider.acr.clientSecretRef.namespace", r.namespace.as_str()))
-            .collect(),
-    }
 }
 
 /// A namespace's team must not use the operator to probe other registries (or whatever

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::registry::{AddressPolicy, Login, Reference, RegistryClient, RegistryHost, TlsOptions};
 
 use super::cache::Cached;
-use super::triggers::Trigger;
+use super::identity::CredentialRef;
 use super::validate::ValidSpec;
 
 /// How many images are resolved at once for one credential.
@@ -32,7 +32,7 @@ struct Entry {
 /// Last results per credential, and the addresses checks may not reach.
 #[derive(Default)]
 pub struct VerifyCache {
-    entries: Mutex<HashMap<Trigger, Entry>>,
+    entries: Mutex<HashMap<CredentialRef, Entry>>,
     policy: AddressPolicy,
 }
 
@@ -46,7 +46,7 @@ impl VerifyCache {
     }
 
     /// Forgets a credential's results.
-    pub fn invalidate(&self, key: &Trigger) {
+    pub fn invalidate(&self, key: &CredentialRef) {
         crate::lock(&self.entries).remove(key);
     }
 }
@@ -56,7 +56,7 @@ impl VerifyCache {
 pub async fn images(
     cache: &VerifyCache,
     metrics: &Metrics,
-    key: &Trigger,
+    key: &CredentialRef,
     generation: Option<i64>,
     spec: &ValidSpec,
     credential: &Cached,

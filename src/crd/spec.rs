@@ -155,6 +155,65 @@ impl<R, K, S> Provider<R, K, S> {
     }
 }
 
+/// A Secret a provider reads, with the spec field that names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSecret<'a> {
+    /// The spec field holding its namespace (`spec.provider.<kind>.<ref>.namespace`).
+    pub field: &'static str,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+}
+
+impl<S> Provider<ClusterSecretRef, ClusterSecretKeyRef, S> {
+    /// Every Secret the source reads (resolved to namespaces).
+    pub fn source_secrets(&self) -> Vec<SourceSecret<'_>> {
+        fn one<'a>(field: &'static str, namespace: &'a str, name: &'a str) -> SourceSecret<'a> {
+            SourceSecret { field, namespace, name }
+        }
+        match self {
+            Provider::Basic(b) => vec![one(
+                "spec.provider.basic.secretRef.namespace",
+                &b.secret_ref.namespace,
+                &b.secret_ref.name,
+            )],
+            Provider::DockerConfig(d) => vec![one(
+                "spec.provider.dockerConfig.secretRef.namespace",
+                &d.secret_ref.namespace,
+                &d.secret_ref.name,
+            )],
+            Provider::Ecr(e) => e
+                .credentials_secret_ref
+                .iter()
+                .map(|r| {
+                    one(
+                        "spec.provider.ecr.credentialsSecretRef.namespace",
+                        &r.namespace,
+                        &r.name,
+                    )
+                })
+                .collect(),
+            Provider::Gcp(g) => g
+                .service_account_key_secret_ref
+                .iter()
+                .map(|r| {
+                    one(
+                        "spec.provider.gcp.serviceAccountKeySecretRef.namespace",
+                        &r.namespace,
+                        &r.name,
+                    )
+                })
+                .collect(),
+            Provider::Acr(a) => a
+                .client_secret_ref
+                .iter()
+                .map(|r| one("spec.provider.acr.clientSecretRef.namespace", &r.namespace, &r.name))
+                .collect(),
+        }
+    }
+}
+
 fn default_username_key() -> String {
     "username".to_owned()
 }

@@ -607,3 +607,126 @@ async fn a_settled_credential_writes_nothing_more() {
     assert_eq!(secret_before, secret_after, "the secret keeps being rewritten");
     f.delete_crc(&name).await;
 }
+
+/// How long two rival credentials are watched for a change (the bar: 5 minutes;
+/// `PULLKEEPER_E2E_RIVALS_SECS` shortens it for a quick local run).
+fn rivals_window() -> Duration {
+    let secs = std::env::var("PULLKEEPER_E2E_RIVALS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+#[tokio::test]
+async fn credentials_wanting_one_secret_name_settle_on_the_oldest_and_never_flap() {
+    let f = Fixture::new("rivals").await;
+    let ns = f.labelled_ns("rivals").await;
+    let shared = support::unique("shared");
+    // Created at once, all wanting the same Secret name in `ns`: two cluster credentials
+    // (on equal creation seconds the names break the tie) and the namespace's own one.
+    let (first, second, tenant) = (
+        support::unique("a-rival"),
+        support::unique("b-rival"),
+        support::unique("tenant"),
+    );
+    let target = json!({"target": {"secretName": shared}});
+    support::put_secret(
+        &f.client,
+        &ns,
+        "login",
+        json!({"username": "robot", "password": f.password}),
+    )
+    .await;
+    f.apply_crc(&first, target.clone()).await;
+    f.apply_crc(&second, target.clone()).await;
+    support::apply_namespaced(
+        &f.client,
+        &ns,
+        &tenant,
+        json!({}),
+        json!({
+            "registry": "registry.example.com:5000",
+            "provider": {"basic": {"secretRef": {"name": "login"}}},
+            "target": {"secretName": shared},
+        }),
+    )
+    .await
+    .expect("tenant credential");
+    f.wait_ready(&first, "True", "Synced").await;
+    let lost = f.wait_ready(&second, "False", "Conflict").await;
+    assert!(
+        lost.failures[0]
+            .message
+            .contains(&format!("held by ClusterRegistryCredential {first}")),
+        "{:?}",
+        lost.failures
+    );
+    let tenant_status = support::wait_namespaced_ready(&f.client, &ns, &tenant, "False", "Conflict", String::new).await;
+    assert!(
+        tenant_status.failures[0].message.contains(&first),
+        "{:?}",
+        tenant_status.failures
+    );
+    let held = f.wait_secret(&ns, &shared, &f.password).await;
+    assert_eq!(
+        held.labels().get("pullkeeper.io/credential").map(String::as_str),
+        Some(first.as_str())
+    );
+    f.wait_pull_secrets(&ns, "default", &[&shared]).await;
+
+    // Nothing changes while they all keep reconciling (resyncs, status writes, and the
+    // loser's own events): same Secret, same ServiceAccount entry, same conditions.
+    let sa_before = Api::<ServiceAccount>::namespaced(f.client.clone(), &ns)
+        .get("default")
+        .await
+        .expect("sa");
+    let deadline = tokio::time::Instant::now() + rivals_window();
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = f.secret(&ns, &shared).await.expect("the Secret stays");
+        assert_eq!(
+            now.metadata.resource_version, held.metadata.resource_version,
+            "the Secret changed"
+        );
+        let sa = Api::<ServiceAccount>::namespaced(f.client.clone(), &ns)
+            .get("default")
+            .await
+            .expect("sa");
+        assert_eq!(
+            sa.metadata.resource_version, sa_before.metadata.resource_version,
+            "the ServiceAccount changed"
+        );
+        let ready = |s: Option<RegistryCredentialStatus>| {
+            s.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+                .map(|c| (c.status, c.reason))
+        };
+        assert_eq!(
+            ready(support::credential_status(&f.client, &first).await),
+            Some(("True".into(), "Synced".into()))
+        );
+        assert_eq!(
+            ready(support::credential_status(&f.client, &second).await),
+            Some(("False".into(), "Conflict".into()))
+        );
+        assert_eq!(
+            ready(support::namespaced_status(&f.client, &ns, &tenant).await),
+            Some(("False".into(), "Conflict".into()))
+        );
+    }
+
+    // The holder leaves: the next in line takes the name over.
+    f.delete_crc(&first).await;
+    f.wait_ready(&second, "True", "Synced").await;
+    let taken = f.wait_secret(&ns, &shared, &f.password).await;
+    assert_eq!(
+        taken.labels().get("pullkeeper.io/credential").map(String::as_str),
+        Some(second.as_str())
+    );
+    f.delete_crc(&second).await;
+    support::wait_namespaced_ready(&f.client, &ns, &tenant, "True", "Synced", String::new).await;
+    Api::<RegistryCredential>::namespaced(f.client.clone(), &ns)
+        .delete(&tenant, &DeleteParams::default())
+        .await
+        .expect("delete tenant credential");
+}

@@ -1,0 +1,269 @@
+//! Pure functions saying which credentials a watch event concerns, each unit-tested
+//! without a cluster: a namespace change, a managed Secret's change, a ServiceAccount's.
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+
+use crate::crd::{ClusterRegistryCredential, RegistryCredential};
+
+use super::identity::CredentialRef;
+use super::target::{self, NamespaceInfo};
+use super::validate;
+
+/// The credentials a namespace change concerns: cluster credentials that target it now
+/// or hold their Secret in it (so one that no longer targets it cleans up), and the
+/// namespace's own RegistryCredentials. `holds(who, secret_name)` says whether `who`
+/// holds that Secret in the namespace. An invalid target concerns no namespace (its
+/// credential waits for a change of its own).
+pub fn namespace_concerns(
+    ns: &NamespaceInfo,
+    clusters: &[Arc<ClusterRegistryCredential>],
+    namespaced: &[Arc<RegistryCredential>],
+    holds: impl Fn(&CredentialRef, &str) -> bool,
+) -> Vec<CredentialRef> {
+    let mut out: Vec<CredentialRef> = clusters
+        .iter()
+        .filter_map(|c| {
+            let name = c.name_any();
+            let who = CredentialRef::cluster(name.as_str());
+            let t = &c.spec.target;
+            let scope = validate::Scope::Cluster {
+                selector: t.namespace_selector.clone().and_then(|s| s.try_into().ok()),
+                namespaces: t.namespaces.clone(),
+                exclude: t.exclude_namespaces.clone(),
+            };
+            let concerned = target::is_targeted(&scope, ns)
+                || holds(&who, &validate::secret_name_of(&name, t.secret_name.as_deref()));
+            concerned.then_some(who)
+        })
+        .collect();
+    out.extend(
+        namespaced
+            .iter()
+            .filter(|r| r.namespace().as_deref() == Some(ns.name.as_str()))
+            .map(|r| CredentialRef::namespaced(ns.name.as_str(), r.name_any())),
+    );
+    out
+}
+
+/// The credentials a change of a managed Secret concerns: the one that wrote it, and
+/// when it is deleted, the credentials that want a Secret of that name in its namespace
+/// (the next in line takes the name over).
+pub fn secret_concerns(
+    meta: &ObjectMeta,
+    deleted: bool,
+    clusters: &[Arc<ClusterRegistryCredential>],
+    namespaced: &[Arc<RegistryCredential>],
+) -> Vec<CredentialRef> {
+    let holder = CredentialRef::holder_of(meta);
+    let mut out: Vec<CredentialRef> = holder.iter().cloned().collect();
+    if !deleted {
+        return out;
+    }
+    let (namespace, name) = (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
+    let wants = |who: &str, explicit: Option<&str>| validate::secret_name_of(who, explicit) == name;
+    let rivals = clusters
+        .iter()
+        .filter(|c| wants(&c.name_any(), c.spec.target.secret_name.as_deref()))
+        .map(|c| CredentialRef::cluster(c.name_any()))
+        .chain(
+            namespaced
+                .iter()
+                .filter(|r| r.namespace().as_deref() == namespace)
+                .filter(|r| wants(&r.name_any(), r.spec.target.secret_name.as_deref()))
+                .map(|r| CredentialRef::namespaced(namespace.unwrap_or_default(), r.name_any())),
+        )
+        .filter(|who| Some(who) != holder.as_ref());
+    out.extend(rivals);
+    out
+}
+
+/// The credentials a change of ServiceAccount `name` in `namespace` concerns: those that
+/// patch it, so churn of other ServiceAccounts costs no reconcile.
+pub fn service_account_concerns(
+    namespace: &str,
+    name: &str,
+    clusters: &[Arc<ClusterRegistryCredential>],
+    namespaced: &[Arc<RegistryCredential>],
+) -> Vec<CredentialRef> {
+    let clusters = clusters
+        .iter()
+        .filter(|c| targets_service_account(c.spec.target.service_accounts.as_deref(), name))
+        .map(|c| CredentialRef::cluster(c.name_any()));
+    let namespaced = namespaced
+        .iter()
+        .filter(|r| {
+            r.namespace().as_deref() == Some(namespace)
+                && targets_service_account(r.spec.target.service_accounts.as_deref(), name)
+        })
+        .map(|r| CredentialRef::namespaced(namespace, r.name_any()));
+    clusters.chain(namespaced).collect()
+}
+
+/// Whether a credential whose `target.serviceAccounts` is `listed` (absent: `[default]`)
+/// patches the ServiceAccount `name`.
+pub fn targets_service_account(listed: Option<&[String]>, name: &str) -> bool {
+    match listed {
+        None => name == "default",
+        Some(list) => list.iter().any(|s| s == name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+    use serde_json::json;
+
+    fn cluster(name: &str, target: serde_json::Value) -> Arc<ClusterRegistryCredential> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1",
+                "kind": "ClusterRegistryCredential",
+                "metadata": {"name": name},
+                "spec": {
+                    "registry": "registry.example.com",
+                    "provider": {"basic": {"secretRef": {"name": "s", "namespace": "ops"}}},
+                    "target": target,
+                },
+            }))
+            .expect("cluster credential"),
+        )
+    }
+
+    fn namespaced(namespace: &str, name: &str, target: serde_json::Value) -> Arc<RegistryCredential> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "pullkeeper.io/v1alpha1",
+                "kind": "RegistryCredential",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "registry": "registry.example.com",
+                    "provider": {"basic": {"secretRef": {"name": "s"}}},
+                    "target": target,
+                },
+            }))
+            .expect("registry credential"),
+        )
+    }
+
+    fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            ..NamespaceInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_namespace_concerns_the_credentials_that_target_it_or_hold_a_secret_in_it() {
+        let clusters = [
+            cluster("all", json!({})),
+            cluster("team", json!({"namespaceSelector": {"matchLabels": {"team": "a"}}})),
+            cluster("listed", json!({"namespaces": ["other"]})),
+            cluster("left", json!({"namespaceSelector": {"matchLabels": {"team": "b"}}})),
+            cluster("excluded", json!({"excludeNamespaces": ["web"]})),
+        ];
+        let namespaced = [
+            namespaced("web", "own", json!({})),
+            namespaced("elsewhere", "own", json!({})),
+        ];
+        // `left` still holds its Secret here: the namespace was relabelled away from it.
+        let holds = |who: &CredentialRef, secret: &str| who.name == "left" && secret == "pullkeeper-left";
+        let got = namespace_concerns(&ns("web", &[("team", "a")]), &clusters, &namespaced, holds);
+        assert_eq!(
+            got,
+            vec![
+                CredentialRef::cluster("all"),
+                CredentialRef::cluster("team"),
+                CredentialRef::cluster("left"),
+                CredentialRef::namespaced("web", "own"),
+            ]
+        );
+        let none = |_: &CredentialRef, _: &str| false;
+        let got = namespace_concerns(&ns("quiet", &[]), &clusters, &namespaced, none);
+        assert_eq!(
+            got,
+            vec![CredentialRef::cluster("all"), CredentialRef::cluster("excluded")]
+        );
+        // Opting out by annotation concerns no cluster credential that holds nothing there.
+        let mut opted_out = ns("quiet", &[]);
+        opted_out
+            .annotations
+            .insert(target::EXCLUDE_ANNOTATION.into(), "true".into());
+        assert!(namespace_concerns(&opted_out, &clusters, &[], none).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_secret_concerns_its_writer_and_those_next_in_line_for_its_name() {
+        use crate::controller::secret::{CREDENTIAL_LABEL, SCOPE_LABEL};
+        let clusters = [
+            cluster("holder", json!({"secretName": "regcred"})),
+            cluster("next", json!({"secretName": "regcred"})),
+            cluster("other", json!({})),
+        ];
+        let namespaced = [
+            namespaced("web", "own", json!({"secretName": "regcred"})),
+            namespaced("elsewhere", "own", json!({"secretName": "regcred"})),
+        ];
+        let meta = ObjectMeta {
+            namespace: Some("web".into()),
+            name: Some("regcred".into()),
+            labels: Some(
+                [
+                    (MANAGED_BY_LABEL, MANAGED_BY_VALUE),
+                    (CREDENTIAL_LABEL, "holder"),
+                    (SCOPE_LABEL, crate::controller::identity::SCOPE_CLUSTER),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(
+            secret_concerns(&meta, false, &clusters, &namespaced),
+            vec![CredentialRef::cluster("holder")],
+            "a write concerns its writer only"
+        );
+        assert_eq!(
+            secret_concerns(&meta, true, &clusters, &namespaced),
+            vec![
+                CredentialRef::cluster("holder"),
+                CredentialRef::cluster("next"),
+                CredentialRef::namespaced("web", "own"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_account_event_concerns_only_credentials_that_patch_it() {
+        assert!(targets_service_account(None, "default"));
+        assert!(!targets_service_account(None, "builder"));
+        let listed = ["default".to_owned(), "builder".to_owned()];
+        assert!(targets_service_account(Some(&listed), "builder"));
+        assert!(!targets_service_account(Some(&listed), "runner"));
+        assert!(!targets_service_account(Some(&[]), "default"), "[] patches none");
+
+        let clusters = [
+            cluster("plain", json!({})),
+            cluster("builders", json!({"serviceAccounts": ["builder"]})),
+            cluster("none", json!({"serviceAccounts": []})),
+        ];
+        let namespaced = [
+            namespaced("web", "own", json!({})),
+            namespaced("other", "theirs", json!({})),
+        ];
+        assert_eq!(
+            service_account_concerns("web", "default", &clusters, &namespaced),
+            vec![CredentialRef::cluster("plain"), CredentialRef::namespaced("web", "own")]
+        );
+        assert_eq!(
+            service_account_concerns("web", "builder", &clusters, &namespaced),
+            vec![CredentialRef::cluster("builders")]
+        );
+        assert!(service_account_concerns("web", "runner", &clusters, &namespaced).is_empty());
+    }
+}

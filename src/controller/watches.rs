@@ -1,0 +1,251 @@
+//! Watches as data: one reflector per cluster-wide input (namespaces, metadata only;
+//! pullkeeper's own Secrets, metadata only and label-filtered; ServiceAccounts, trimmed),
+//! one narrow watch per referenced source Secret, and for each a pure function saying
+//! which credentials an event concerns. The reconcile requests go to the controller of
+//! the credential's kind. Watch errors are logged and retried with backoff (kube-runtime's
+//! watcher), and a watch that ends is reported as an error: none stalls silently.
+//!
+//! kube-runtime's shared streams (`watches_shared_stream`) do not pass deletions on, and a
+//! deleted managed Secret must bring its credential back, so each reflector's
+//! `touched_objects` feeds both controllers through [`Requests`] instead.
+
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{ClusterRegistryCredential, RegistryCredential};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+
+use super::CredentialKind;
+use super::identity::CredentialRef;
+use super::plan;
+use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use super::mappers::{namespace_concerns, secret_concerns, service_account_concerns};
+use super::target::NamespaceInfo;
+
+/// Read-only caches the reconcilers plan from.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every namespace (metadata).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Every Secret labelled `app.kubernetes.io/managed-by=pullkeeper` (metadata).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Every ServiceAccount, without managed fields and annotations.
+    pub service_accounts: Store<ServiceAccount>,
+}
+
+impl Caches {
+    /// Waits until every cache has done its initial list.
+    pub async fn ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.secrets.wait_until_ready().await;
+        let _ = self.service_accounts.wait_until_ready().await;
+    }
+}
+
+/// The credentials both controllers hold, which the mappers consult.
+#[derive(Clone)]
+pub struct Credentials {
+    /// ClusterRegistryCredentials.
+    pub clusters: Store<ClusterRegistryCredential>,
+    /// RegistryCredentials.
+    pub namespaced: Store<RegistryCredential>,
+}
+
+impl Credentials {
+    /// The credentials older than `me` (created at `created`) that would write a Secret
+    /// called `secret_name`, are valid and not suspended: where one targets a namespace
+    /// nobody holds the name in yet, it has the first claim.
+    pub fn rivals(&self, me: &CredentialRef, created: Option<Timestamp>, secret_name: &str) -> Vec<plan::Rival> {
+        let clusters = self.clusters.state();
+        let namespaced = self.namespaced.state();
+        let candidates = clusters
+            .iter()
+            .map(|c| (c.reference(), c.meta().creation_timestamp.as_ref(), c.validate()))
+            .chain(
+                namespaced
+                    .iter()
+                    .map(|r| (r.reference(), r.meta().creation_timestamp.as_ref(), r.validate())),
+            );
+        candidates
+            .filter(|(who, since, _)| who != me && plan::senior((since.map(|t| t.0), who), (created, me)))
+            .filter_map(|(who, _, spec)| {
+                let spec = spec.ok()?;
+                (spec.secret_name == secret_name && !spec.suspend).then_some(plan::Rival { who, scope: spec.scope })
+            })
+            .collect()
+    }
+}
+
+/// Reconcile requests for the controllers of both kinds.
+#[derive(Clone)]
+pub struct Requests {
+    cluster: mpsc::UnboundedSender<ObjectRef<ClusterRegistryCredential>>,
+    namespaced: mpsc::UnboundedSender<ObjectRef<RegistryCredential>>,
+}
+
+/// The request streams a [`Requests`] feeds, one per controller.
+pub type RequestStreams = (
+    UnboundedReceiverStream<ObjectRef<ClusterRegistryCredential>>,
+    UnboundedReceiverStream<ObjectRef<RegistryCredential>>,
+);
+
+impl Requests {
+    /// A sender and the streams to hand to `Controller::reconcile_on`.
+    pub fn channel() -> (Self, RequestStreams) {
+        let (cluster, cluster_rx) = mpsc::unbounded_channel();
+        let (namespaced, namespaced_rx) = mpsc::unbounded_channel();
+        (
+            Self { cluster, namespaced },
+            (
+                UnboundedReceiverStream::new(cluster_rx),
+                UnboundedReceiverStream::new(namespaced_rx),
+            ),
+        )
+    }
+
+    /// Asks the right controller to reconcile `who`. False once the controllers are gone.
+    pub fn send(&self, who: &CredentialRef) -> bool {
+        match (who.as_cluster(), who.as_namespaced()) {
+            (Some(r), _) => self.cluster.send(r).is_ok(),
+            (_, Some(r)) => self.namespaced.send(r).is_ok(),
+            (None, None) => true,
+        }
+    }
+}
+
+/// Starts the cluster-wide watches; their events become requests for the credentials
+/// they concern until `shutdown`.
+pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, shutdown: &CancellationToken) -> Caches {
+    let (ns_store, ns_writer) = reflector::store();
+    let (secret_store, secret_writer) = reflector::store();
+    let (sa_store, sa_writer) = reflector::store();
+    let caches = Caches {
+        namespaces: ns_store,
+        secrets: secret_store,
+        service_accounts: sa_store,
+    };
+
+    let namespaces = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|ns| ns.managed_fields_mut().clear())
+    .reflect(ns_writer)
+    .touched_objects();
+    let (creds, secrets) = (credentials.clone(), caches.secrets.clone());
+    drive("namespaces", namespaces, requests.clone(), shutdown, move |ns| {
+        let info = NamespaceInfo::from_meta(&ns.metadata);
+        namespace_concerns(
+            &info,
+            &creds.clusters.state(),
+            &creds.namespaced.state(),
+            |who, name| holds(&secrets, who, &info.name, name),
+        )
+    });
+
+    let managed = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+    )
+    .default_backoff()
+    .modify(|s| super::secret::slim_for_cache(&mut s.metadata))
+    .reflect(secret_writer)
+    .try_filter_map(|event| async move {
+        Ok(match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => Some((s, false)),
+            watcher::Event::Delete(s) => Some((s, true)),
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        })
+    });
+    let creds = credentials.clone();
+    drive(
+        "managed secrets",
+        managed,
+        requests.clone(),
+        shutdown,
+        move |(s, deleted)| secret_concerns(&s.metadata, deleted, &creds.clusters.state(), &creds.namespaced.state()),
+    );
+
+    let service_accounts = watcher(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|sa| {
+            // Only identity, resourceVersion and imagePullSecrets are used.
+            let m = &mut sa.metadata;
+            m.managed_fields = None;
+            m.annotations = None;
+            m.labels = None;
+            m.owner_references = None;
+            m.finalizers = None;
+            sa.secrets = None;
+            sa.automount_service_account_token = None;
+        })
+        .reflect(sa_writer)
+        .touched_objects();
+    let creds = credentials.clone();
+    drive(
+        "service accounts",
+        service_accounts,
+        requests.clone(),
+        shutdown,
+        move |sa| {
+            service_account_concerns(
+                &sa.namespace().unwrap_or_default(),
+                &sa.name_any(),
+                &creds.clusters.state(),
+                &creds.namespaced.state(),
+            )
+        },
+    );
+    caches
+}
+
+/// Whether `who` wrote the Secret `name` in `namespace`, by the managed-Secret cache.
+fn holds(secrets: &Store<PartialObjectMeta<Secret>>, who: &CredentialRef, namespace: &str, name: &str) -> bool {
+    secrets
+        .get(&ObjectRef::new(name).within(namespace))
+        .is_some_and(|s| CredentialRef::holder_of(&s.metadata).as_ref() == Some(who))
+}
+
+/// Feeds what each event of `stream` concerns to the controllers until `shutdown`.
+pub(super) fn drive<K, S, F>(what: &'static str, stream: S, requests: Requests, shutdown: &CancellationToken, concerns: F)
+where
+    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    F: Fn(K) -> Vec<CredentialRef> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                () = shutdown.cancelled() => return,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(object)) => {
+                    for who in concerns(object) {
+                        if !requests.send(&who) {
+                            return;
+                        }
+                    }
+                }
+                // The watcher re-lists and resumes by itself (with backoff); say so loudly.
+                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
+                None => {
+                    tracing::error!(watch = what, "watch stream ended");
+                    return;
+                }
+            }
+        }
+    });
+}
