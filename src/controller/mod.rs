@@ -8,6 +8,7 @@ pub mod apply;
 pub mod backoff;
 pub mod cache;
 pub mod credential;
+mod error;
 pub mod identity;
 pub mod kind;
 pub mod mappers;
@@ -43,74 +44,7 @@ pub const STATUS_MANAGER: &str = "pullkeeper.io/status";
 /// Field manager for objects written by the controller (Secrets, ServiceAccount entries).
 pub const OBJECT_MANAGER: &str = "pullkeeper.io/controller";
 
-/// Errors of the controller's API I/O. Spec problems are not errors: they are reported in
-/// status and the object waits for a change.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Writing status failed.
-    #[error("writing status of {kind} {key}: {source}")]
-    PatchStatus {
-        /// Kind.
-        kind: &'static str,
-        /// `namespace/name` or `name`.
-        key: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// The finalizer machinery failed (adding or removing it, or the wrapped step).
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    /// Listing what to clean up failed.
-    #[error("listing Secrets written by {kind} {key}: {source}")]
-    Cleanup {
-        /// Kind.
-        kind: &'static str,
-        /// `namespace/name` or `name`.
-        key: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// Some cleanup steps failed; the finalizer stays until they succeed.
-    #[error("cleaning up after {kind} {key}: {message}")]
-    CleanupIncomplete {
-        /// Kind.
-        kind: &'static str,
-        /// `namespace/name` or `name`.
-        key: String,
-        /// First failure.
-        message: String,
-    },
-    /// Serialising the status failed.
-    #[error("serialising status of {kind} {key}: {source}")]
-    Serialize {
-        /// Kind.
-        kind: &'static str,
-        /// `namespace/name` or `name`.
-        key: String,
-        /// Cause.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-impl Error {
-    /// A fixed label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::PatchStatus { .. } => "patch_status",
-            Error::Serialize { .. } => "serialize",
-            Error::Finalizer(e) => match e.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
-                _ => "finalizer",
-            },
-            Error::Cleanup { .. } => "cleanup_list",
-            Error::CleanupIncomplete { .. } => "cleanup_incomplete",
-        }
-    }
-}
+pub use error::Error;
 
 /// Shared state of all reconciles.
 pub struct Context {

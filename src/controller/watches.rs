@@ -9,7 +9,6 @@
 //! deleted managed Secret must bring its credential back, so each reflector's
 //! `touched_objects` feeds both controllers through [`Requests`] instead.
 
-
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::core::PartialObjectMeta;
@@ -27,9 +26,9 @@ use kube::Resource;
 
 use super::CredentialKind;
 use super::identity::CredentialRef;
+use super::mappers::{namespace_concerns, secret_concerns, service_account_concerns};
 use super::plan;
 use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use super::mappers::{namespace_concerns, secret_concerns, service_account_concerns};
 use super::target::NamespaceInfo;
 
 /// Read-only caches the reconcilers plan from.
@@ -218,8 +217,13 @@ fn holds(secrets: &Store<PartialObjectMeta<Secret>>, who: &CredentialRef, namesp
 }
 
 /// Feeds what each event of `stream` concerns to the controllers until `shutdown`.
-pub(super) fn drive<K, S, F>(what: &'static str, stream: S, requests: Requests, shutdown: &CancellationToken, concerns: F)
-where
+pub(super) fn drive<K, S, F>(
+    what: &'static str,
+    stream: S,
+    requests: Requests,
+    shutdown: &CancellationToken,
+    concerns: F,
+) where
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     F: Fn(K) -> Vec<CredentialRef> + Send + 'static,
 {

@@ -214,6 +214,53 @@ impl<S> Provider<ClusterSecretRef, ClusterSecretKeyRef, S> {
     }
 }
 
+impl<R, K, S> Provider<R, K, S> {
+    /// Rewrites every Secret and ServiceAccount reference, e.g. to resolve local references
+    /// to a namespace.
+    pub fn map_refs<R2, K2, S2>(
+        self,
+        r: impl Fn(R) -> R2,
+        k: impl Fn(K) -> K2,
+        sa: impl Fn(S) -> S2,
+    ) -> Provider<R2, K2, S2> {
+        use crate::crd::{AcrProvider, BasicProvider, DockerConfigProvider, EcrProvider, GcpProvider};
+        match self {
+            Provider::Basic(b) => Provider::Basic(BasicProvider {
+                secret_ref: r(b.secret_ref),
+                username_key: b.username_key,
+                password_key: b.password_key,
+            }),
+            Provider::DockerConfig(d) => Provider::DockerConfig(DockerConfigProvider {
+                secret_ref: r(d.secret_ref),
+            }),
+            Provider::Ecr(e) => Provider::Ecr(EcrProvider {
+                region: e.region,
+                role_arn: e.role_arn,
+                external_id: e.external_id,
+                credentials_secret_ref: e.credentials_secret_ref.map(r),
+                service_account_ref: e.service_account_ref.map(&sa),
+                endpoint: e.endpoint,
+            }),
+            Provider::Gcp(g) => Provider::Gcp(GcpProvider {
+                service_account_key_secret_ref: g.service_account_key_secret_ref.map(&k),
+                service_account_ref: g.service_account_ref.map(&sa),
+                workload_identity_provider: g.workload_identity_provider,
+                service_account_email: g.service_account_email,
+                token_url: g.token_url,
+                metadata_url: g.metadata_url,
+            }),
+            Provider::Acr(a) => Provider::Acr(AcrProvider {
+                tenant_id: a.tenant_id,
+                client_id: a.client_id,
+                client_secret_ref: a.client_secret_ref.map(&k),
+                service_account_ref: a.service_account_ref.map(&sa),
+                authority_host: a.authority_host,
+                exchange_url: a.exchange_url,
+            }),
+        }
+    }
+}
+
 fn default_username_key() -> String {
     "username".to_owned()
 }

@@ -7,7 +7,12 @@ use crate::crd::conditions::{self, Desired, Status, reasons, types, whole_second
 use crate::crd::{ImageStatus, MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFailure, RegistryCredentialStatus};
 
 use super::cache::Failure;
+
+mod events;
+mod limits;
 use super::validate::SpecError;
+pub use events::{Transition, events};
+pub use limits::{MAX_STATUS_BYTES, bounded};
 
 /// A credential the provider issued.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,54 +224,6 @@ fn reconciled_conditions(
     }
 }
 
-/// The largest status pullkeeper writes, whatever the input: etcd and every watcher of
-/// the credential pay for each byte on every change.
-pub const MAX_STATUS_BYTES: usize = 16 * 1024;
-/// Longest condition message.
-const MAX_CONDITION_MESSAGE: usize = 1024;
-/// Longest message of one namespace failure or image.
-const MAX_ITEM_MESSAGE: usize = 300;
-/// Longest image reference shown.
-const MAX_IMAGE: usize = 256;
-
-/// `text` cut to at most `max` characters, with `…` where it was cut.
-fn truncate(text: &mut String, max: usize) {
-    if let Some((at, _)) = text.char_indices().nth(max.saturating_sub(1))
-        && text.chars().count() > max
-    {
-        text.truncate(at);
-        text.push('…');
-    }
-}
-
-/// Keeps a status under [`MAX_STATUS_BYTES`]: long messages are cut, and while it is still
-/// too large, listed images (those that resolve first) and namespace failures are
-/// dropped from the end. The counts in `namespaces` and the conditions' messages still
-/// say how many there are.
-pub fn bounded(mut status: RegistryCredentialStatus) -> RegistryCredentialStatus {
-    for c in &mut status.conditions {
-        truncate(&mut c.message, MAX_CONDITION_MESSAGE);
-    }
-    for f in &mut status.failures {
-        truncate(&mut f.message, MAX_ITEM_MESSAGE);
-    }
-    for i in &mut status.images {
-        truncate(&mut i.message, MAX_ITEM_MESSAGE);
-        truncate(&mut i.image, MAX_IMAGE);
-    }
-    let size = |s: &RegistryCredentialStatus| serde_json::to_vec(s).map_or(0, |v| v.len());
-    while size(&status) > MAX_STATUS_BYTES {
-        if let Some(pos) = status.images.iter().rposition(|i| i.pullable) {
-            status.images.remove(pos);
-        } else if status.images.len() > status.failures.len() {
-            status.images.pop();
-        } else if status.failures.pop().is_none() {
-            break;
-        }
-    }
-    status
-}
-
 /// Computes the new status from the previous one. Fields this outcome says nothing
 /// about are carried over, so a failed refresh does not erase what is known (for
 /// example when the secret in place expires).
@@ -312,74 +269,6 @@ pub fn build(
         }
     }
     bounded(status)
-}
-
-/// An Event worth emitting.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// True for Warning, false for Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// Message.
-    pub message: String,
-}
-
-/// Events for what changed: the `Ready` condition's status or reason, and each namespace
-/// that newly failed. Never one per retry of the same state.
-pub fn events(previous: Option<&RegistryCredentialStatus>, next: &RegistryCredentialStatus) -> Vec<Transition> {
-    let mut out = Vec::new();
-    let before = previous.and_then(|s| conditions::find(&s.conditions, types::READY));
-    if let Some(after) = conditions::find(&next.conditions, types::READY) {
-        let changed = before.is_none_or(|b| b.status != after.status || b.reason != after.reason);
-        if changed {
-            out.push(Transition {
-                warning: after.status == Status::False.as_str(),
-                reason: after.reason.clone(),
-                message: after.message.clone(),
-            });
-        }
-    }
-    let old: Vec<(&str, &str)> = previous
-        .map(|p| {
-            p.failures
-                .iter()
-                .map(|f| (f.namespace.as_str(), f.reason.as_str()))
-                .collect()
-        })
-        .unwrap_or_default();
-    for img in &next.images {
-        let before = previous.and_then(|p| p.images.iter().find(|i| i.image == img.image));
-        let changed = match before {
-            None => !img.pullable,
-            Some(b) => b.pullable != img.pullable || (!img.pullable && b.reason != img.reason),
-        };
-        if changed {
-            out.push(Transition {
-                warning: !img.pullable,
-                reason: if img.pullable {
-                    "ImagePullable".into()
-                } else {
-                    "ImageNotPullable".into()
-                },
-                message: if img.pullable {
-                    format!("{} resolves again ({})", img.image, img.digest.as_deref().unwrap_or(""))
-                } else {
-                    format!("{}: {}: {}", img.image, img.reason, img.message)
-                },
-            });
-        }
-    }
-    for f in &next.failures {
-        if !old.contains(&(f.namespace.as_str(), f.reason.as_str())) {
-            out.push(Transition {
-                warning: true,
-                reason: f.reason.clone(),
-                message: f.message.clone(),
-            });
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -9,11 +9,17 @@ use kube::core::Selector;
 
 use crate::crd::conditions::reasons;
 use crate::crd::{
-    ClusterRegistryCredentialSpec, ClusterSecretKeyRef, ClusterSecretRef, ClusterServiceAccountRef, Provider,
-    RefreshSpec, RegistryCredentialSpec, TlsSpec, VerifySpec,
+    ClusterRegistryCredentialSpec, ClusterSecretKeyRef, ClusterSecretRef, ClusterServiceAccountRef, RefreshSpec,
+    RegistryCredentialSpec, TlsSpec, VerifySpec,
 };
 use crate::provider::ProviderSpec;
-use crate::registry::{HostError, Reference, RegistryHost};
+use crate::registry::{HostError, RegistryHost};
+
+mod duration;
+mod tenancy;
+pub use duration::duration;
+use tenancy::own_registry_only;
+pub use tenancy::{confine_sources, tenancy};
 
 /// Default re-read period for credentials without an expiry.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
@@ -114,57 +120,6 @@ impl SpecError {
             _ => reasons::INVALID_SPEC,
         }
     }
-}
-
-/// The tenancy rules for the namespaced kind, which its namespace's own team writes (the
-/// cluster kind passes unchecked): no endpoint overrides, no `roleArn` on the operator's
-/// identity, and the operator's ambient cloud identity only if `ambient_allowed` (the
-/// administrator's opt-in), and then for ACR only towards an ACR host. The CRD's CEL rules
-/// refuse most of this at admission; this also covers objects stored before them.
-pub fn tenancy(spec: &ValidSpec, ambient_allowed: bool) -> Result<(), SpecError> {
-    if !matches!(spec.scope, Scope::Namespace(_)) {
-        return Ok(());
-    }
-    let p = &spec.provider;
-    if let Some(field) = p.endpoint_overrides().first() {
-        return Err(SpecError::EndpointOverride { field });
-    }
-    if let Provider::Ecr(e) = p
-        && e.role_arn.is_some()
-        && p.uses_ambient_identity()
-    {
-        return Err(SpecError::RoleArnWithoutIdentity);
-    }
-    if !p.uses_ambient_identity() {
-        return Ok(());
-    }
-    if !ambient_allowed {
-        let (cloud, instead) = match p {
-            Provider::Ecr(_) => (
-                "AWS",
-                "set serviceAccountRef with roleArn (federation of a ServiceAccount of this namespace), or credentialsSecretRef",
-            ),
-            Provider::Gcp(_) => (
-                "Google Cloud",
-                "set serviceAccountRef with workloadIdentityProvider (federation of a ServiceAccount of this namespace), or serviceAccountKeySecretRef",
-            ),
-            _ => (
-                "Azure",
-                "set serviceAccountRef with tenantId and clientId (federation of a ServiceAccount of this namespace), or clientSecretRef",
-            ),
-        };
-        return Err(SpecError::AmbientCredentialsNotAllowed {
-            provider: p.kind_name(),
-            cloud,
-            instead,
-        });
-    }
-    if matches!(p, Provider::Acr(_)) && !crate::provider::acr::is_acr_host(&spec.registry) {
-        return Err(SpecError::NotAnAcrRegistry {
-            registry: spec.registry.to_string(),
-        });
-    }
-    Ok(())
 }
 
 /// Where the pull secret goes.
@@ -333,142 +288,10 @@ fn common(
     })
 }
 
-/// Refuses a ClusterRegistryCredential whose source Secrets are outside `allowed` (the
-/// operator's `--source-secret-namespace`), so the operator need not read Secrets
-/// everywhere. The namespaced kind reads its own namespace only and is never refused.
-pub fn confine_sources(spec: ValidSpec, allowed: Option<&str>) -> Result<ValidSpec, SpecError> {
-    let Some(allowed) = allowed else {
-        return Ok(spec);
-    };
-    if !matches!(spec.scope, Scope::Cluster { .. }) {
-        return Ok(spec);
-    }
-    if let Some(source) = spec
-        .provider
-        .source_secrets()
-        .into_iter()
-        .find(|s| s.namespace != allowed)
-    {
-        return Err(SpecError::SourceNamespaceNotAllowed {
-            field: source.field,
-            namespace: source.namespace.to_owned(),
-            allowed: allowed.to_owned(),
-        });
-    }
-    Ok(spec)
-}
-
-/// A namespace's team must not use the operator to probe other registries (or whatever
-/// answers on an internal address): the namespaced kind verifies only images on its own
-/// registry. An image that does not parse is left to the verify step, which reports it
-/// per image without contacting anything.
-fn own_registry_only(registry: &str, images: &[String]) -> Result<(), SpecError> {
-    let Ok(own) = RegistryHost::parse(registry) else {
-        // common() reports the bad spec.registry.
-        return Ok(());
-    };
-    for image in images {
-        let Ok(reference) = Reference::parse(image) else {
-            continue;
-        };
-        let same = RegistryHost::parse(&reference.registry).is_ok_and(|h| h.same_registry(&own));
-        if !same {
-            return Err(SpecError::ForeignImage {
-                image: image.clone(),
-                registry: own.to_string(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Parses a Go-style duration (`90s`, `30m`, `1h30m`, `500ms`).
-pub fn duration(field: &'static str, value: &str) -> Result<Duration, SpecError> {
-    let bad = || SpecError::Duration {
-        field,
-        value: value.to_owned(),
-    };
-    let mut rest = value.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total = Duration::ZERO;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            _ => return Err(bad()),
-        };
-        let part = unit.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?;
-        total = total.checked_add(part).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
-        return Err(SpecError::ZeroDuration { field });
-    }
-    Ok(total)
-}
-
-impl<R, K, S> Provider<R, K, S> {
-    /// Rewrites every Secret and ServiceAccount reference, e.g. to resolve local references
-    /// to a namespace.
-    pub fn map_refs<R2, K2, S2>(
-        self,
-        r: impl Fn(R) -> R2,
-        k: impl Fn(K) -> K2,
-        sa: impl Fn(S) -> S2,
-    ) -> Provider<R2, K2, S2> {
-        use crate::crd::{AcrProvider, BasicProvider, DockerConfigProvider, EcrProvider, GcpProvider};
-        match self {
-            Provider::Basic(b) => Provider::Basic(BasicProvider {
-                secret_ref: r(b.secret_ref),
-                username_key: b.username_key,
-                password_key: b.password_key,
-            }),
-            Provider::DockerConfig(d) => Provider::DockerConfig(DockerConfigProvider {
-                secret_ref: r(d.secret_ref),
-            }),
-            Provider::Ecr(e) => Provider::Ecr(EcrProvider {
-                region: e.region,
-                role_arn: e.role_arn,
-                external_id: e.external_id,
-                credentials_secret_ref: e.credentials_secret_ref.map(r),
-                service_account_ref: e.service_account_ref.map(&sa),
-                endpoint: e.endpoint,
-            }),
-            Provider::Gcp(g) => Provider::Gcp(GcpProvider {
-                service_account_key_secret_ref: g.service_account_key_secret_ref.map(&k),
-                service_account_ref: g.service_account_ref.map(&sa),
-                workload_identity_provider: g.workload_identity_provider,
-                service_account_email: g.service_account_email,
-                token_url: g.token_url,
-                metadata_url: g.metadata_url,
-            }),
-            Provider::Acr(a) => Provider::Acr(AcrProvider {
-                tenant_id: a.tenant_id,
-                client_id: a.client_id,
-                client_secret_ref: a.client_secret_ref.map(&k),
-                service_account_ref: a.service_account_ref.map(&sa),
-                authority_host: a.authority_host,
-                exchange_url: a.exchange_url,
-            }),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BasicProvider, LocalSecretRef, LocalTarget};
+    use crate::crd::{BasicProvider, LocalSecretRef, LocalTarget, Provider};
 
     fn local_spec() -> RegistryCredentialSpec {
         RegistryCredentialSpec {
