@@ -122,7 +122,7 @@ struct ControllerArgs {
     /// that do not serve MutatingAdmissionPolicy v1 (Kubernetes 1.30-1.35). Where both are
     /// possible the policy wins, unless --pod-admission-policy=false. Every replica serves
     /// it; the MutatingWebhookConfiguration fails open.
-    #[arg(long, env = "PULLKEEPER_POD_ADMISSION_WEBHOOK", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "PULLKEEPER_POD_ADMISSION_WEBHOOK", default_value_t = false)]
     pod_admission_webhook: bool,
     /// Address the webhook listens on (HTTPS).
     #[arg(long, env = "PULLKEEPER_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]

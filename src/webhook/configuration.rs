@@ -1,7 +1,7 @@
 //! The `MutatingWebhookConfiguration` that sends new Pods to the webhook. The Helm chart
 //! installs it (pointing at the operator's Service); the operator only keeps its
 //! `caBundle` up to date when it manages the serving certificate itself. For
-//! out-of-cluster and development use (`--pod-admission-webhook-url`) the operator creates
+//! out-of-cluster and development use (`--webhook-url`) the operator creates
 //! it, pointing at the URL, if it does not exist.
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;

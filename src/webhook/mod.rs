@@ -88,7 +88,7 @@ pub enum Error {
     },
     /// The MutatingWebhookConfiguration does not exist.
     #[error(
-        "MutatingWebhookConfiguration {name} does not exist: install the chart with podAdmission.webhook.enabled, or give --pod-admission-webhook-url"
+        "MutatingWebhookConfiguration {name} does not exist: install the chart with podAdmission.webhook.enabled, or give --webhook-url"
     )]
     ConfigurationMissing {
         /// Name.

@@ -36,6 +36,17 @@ async fn admitted_with(client: &Client, ns: &str, sa: Option<&str>, own: &[&str]
     );
 }
 
+/// A ClusterRegistryCredential of the operator shard `shard` for namespaces labelled
+/// `e2e-target=label` (ServiceAccounts `default` and `builder`), reading a login from a
+/// new namespace; returns that namespace and the credential's name.
+async fn credential(admin: &Client, shard: &str, label: &str) -> (String, String) {
+    let src = support::namespace(admin, "wh-src", &[]).await;
+    support::put_secret(admin, &src, "login", json!({"username": "u", "password": "p"})).await;
+    let name = support::unique("wh");
+    support::apply_credential(admin, &name, json!({SHARD_LABEL: shard}), admission::spec(&src, label)).await;
+    (src, name)
+}
+
 #[tokio::test]
 async fn the_webhook_supplies_new_pods_of_targeted_service_accounts() {
     let env = support::env();
@@ -90,19 +101,10 @@ async fn the_webhook_supplies_new_pods_of_targeted_service_accounts() {
         "webhook",
     );
 
-    let src = support::namespace(&admin, "wh-src", &[]).await;
-    support::put_secret(&admin, &src, "login", json!({"username": "u", "password": "p"})).await;
     let targeted = support::namespace(&admin, "wh", &[("e2e-target", &label), ("e2e-webhook", &label)]).await;
     let other = support::namespace(&admin, "wh-other", &[("e2e-webhook", &label)]).await;
-    let name = support::unique("wh");
+    let (src, name) = credential(&admin, &shard, &label).await;
     let secret = format!("pullkeeper-{name}");
-    support::apply_credential(
-        &admin,
-        &name,
-        json!({SHARD_LABEL: shard}),
-        admission::spec(&src, &label),
-    )
-    .await;
 
     // The route is visible in status, and the operator said which it took at start.
     let route = eventually(Duration::from_secs(60), || async {
@@ -191,6 +193,160 @@ async fn the_webhook_supplies_new_pods_of_targeted_service_accounts() {
 
     let _ = configurations.delete(&fullname, &DeleteParams::default()).await;
     for ns in [&home, &src, &targeted, &other, &later] {
+        support::delete_namespace(&admin, ns).await;
+    }
+}
+
+/// POSTs an AdmissionReview for a new Pod (ServiceAccount `default`, its own list `["x"]`)
+/// in `ns` to the webhook at `addr`, trusting `ca`; returns the names it adds.
+async fn review_at(addr: &str, ca: &[u8], ns: &str) -> Result<Vec<String>, String> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+    for cert in reqwest::Certificate::from_pem_bundle(ca).map_err(|e| e.to_string())? {
+        builder = builder.add_root_certificate(cert);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "e2e", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": ns, "operation": "CREATE", "userInfo": {"username": "e2e"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "p-", "namespace": ns},
+                "spec": {"serviceAccountName": "default", "imagePullSecrets": [{"name": "x"}],
+                         "containers": [{"name": "c", "image": "registry.example.com/app:1"}]},
+            },
+        },
+    });
+    let answer: serde_json::Value = client
+        .post(format!("https://{addr}{}", configuration::PATH))
+        .json(&review)
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let response = &answer["response"];
+    if response["allowed"] != true || response["uid"] != "e2e" {
+        return Err(format!("unexpected answer {answer}"));
+    }
+    // kube-rs writes the patch's bytes as a JSON array of numbers, which the apiserver
+    // (Go's encoding/json) reads as well as the usual base64 string.
+    let bytes: Vec<u8> = match &response["patch"] {
+        serde_json::Value::Null => return Ok(vec![]),
+        serde_json::Value::String(b64) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| e.to_string())?
+        }
+        other => serde_json::from_value(other.clone()).map_err(|e| e.to_string())?,
+    };
+    let ops: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    Ok(ops
+        .iter()
+        .filter(|op| op["path"] == "/spec/imagePullSecrets/-")
+        .filter_map(|op| op["value"]["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test]
+async fn every_replica_answers_leader_or_not_with_the_one_certificate() {
+    let env = support::env();
+    let admin = support::client().await;
+    let shard = support::unique("whha");
+    let home = support::namespace(&admin, "whha-home", &[]).await;
+    let label = support::unique("whha");
+    let targeted = support::namespace(&admin, "whha", &[("e2e-target", &label)]).await;
+    let (src, name) = credential(&admin, &shard, &label).await;
+    let secret = format!("pullkeeper-{name}");
+
+    // Two replicas with leader election, as the chart runs them, each on its own address
+    // (development mode: the first to start creates the configuration for its URL).
+    let configuration_name = support::unique("whha");
+    let cert_secret = support::unique("whha-cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs = [support::free_addr(), support::free_addr()];
+    let replicas: Vec<support::Operator> = addrs
+        .iter()
+        .zip(["replica-a", "replica-b"])
+        .map(|(addr, replica)| {
+            let url = format!("https://{addr}");
+            support::start(
+                &env.kubeconfig,
+                &shard,
+                &[
+                    ("PULLKEEPER_LEADER_ELECT", "true"),
+                    ("POD_NAMESPACE", &home),
+                    ("PULLKEEPER_LEADER_ELECTION_ID", &shard),
+                    ("PULLKEEPER_POD_ADMISSION_POLICY", "false"),
+                    ("PULLKEEPER_POD_ADMISSION_WEBHOOK", "true"),
+                    ("PULLKEEPER_WEBHOOK_ADDR", addr),
+                    ("PULLKEEPER_WEBHOOK_URL", &url),
+                    ("PULLKEEPER_WEBHOOK_CONFIGURATION", &configuration_name),
+                    ("PULLKEEPER_WEBHOOK_CERT_SECRET", &cert_secret),
+                ],
+                dir.path(),
+                replica,
+            )
+        })
+        .collect();
+    let logs = || {
+        replicas
+            .iter()
+            .map(support::Operator::log_text)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // One Secret, one CA in the configuration, created failing open.
+    let configurations = Api::<MutatingWebhookConfiguration>::all(admin.clone());
+    let created = eventually(Duration::from_secs(60), || async {
+        let c = configurations.get_opt(&configuration_name).await.ok()??;
+        let hook = c.webhooks?.into_iter().next()?;
+        hook.client_config.ca_bundle.as_ref()?;
+        Some(hook)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no configuration with a caBundle:\n{}", logs()));
+    assert_eq!(created.failure_policy.as_deref(), Some("Ignore"));
+    assert_eq!(created.side_effects, "None");
+    let ca = created.client_config.ca_bundle.map(|b| b.0).unwrap_or_default();
+    let stored = Api::<Secret>::namespaced(admin.clone(), &home)
+        .get(&cert_secret)
+        .await
+        .expect("certificate Secret");
+    let stored_ca = stored.data.and_then(|d| d.get("ca.crt").map(|b| b.0.clone()));
+    assert_eq!(
+        Some(ca.clone()),
+        stored_ca,
+        "both replicas share the stored certificate"
+    );
+
+    // Both answer, trusted through the one caBundle: the leader and the standby.
+    for addr in &addrs {
+        let mut last = Err(String::new());
+        for _ in 0..100 {
+            last = review_at(addr, &ca, &targeted).await;
+            if last.as_ref().is_ok_and(|names| *names == [secret.clone()]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(last, Ok(vec![secret.clone()]), "replica at {addr}:\n{}", logs());
+    }
+
+    support::delete_credential(&admin, &name).await;
+    let _ = eventually(Duration::from_secs(30), || async {
+        support::credential_status(&admin, &name).await.is_none().then_some(())
+    })
+    .await;
+    drop(replicas);
+    let _ = configurations
+        .delete(&configuration_name, &DeleteParams::default())
+        .await;
+    for ns in [&home, &src, &targeted] {
         support::delete_namespace(&admin, ns).await;
     }
 }
