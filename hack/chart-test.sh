@@ -305,6 +305,18 @@ type: kubernetes.io/dockerconfigjson
 stringData: {.dockerconfigjson: '{"auths":{}}'}
 YAML
 }
+# A kubernetes.io/tls Secret NAME in namespace NS (the webhook's certificate, or not).
+tls_secret_manifest() {
+  cat <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: $2
+  namespace: $1
+type: kubernetes.io/tls
+stringData: {tls.crt: "x", tls.key: "k"}
+YAML
+}
 sa_token_secret_manifest() {
   cat <<YAML
 apiVersion: v1
@@ -425,8 +437,63 @@ check "the edit role writes registrycredentials only" \
 template_with --set aggregateRoles.enabled=false >"$work/render-noagg" 2>&1 || true
 check "aggregateRoles.enabled=false renders no aggregated role" \
   not_rendered "$work/render-noagg" 'aggregate-to-'
+echo "--- pod admission webhook"
+readonly map_api=admissionregistration.k8s.io/v1/MutatingAdmissionPolicy
+check "by default no webhook, no webhook Service and no webhook permissions" \
+  not_rendered "$work/render-default" 'MutatingWebhookConfiguration|pullkeeper-webhook|mutatingwebhookconfigurations|PULLKEEPER_POD_ADMISSION_WEBHOOK'
+template_with --api-versions "$vap_api" --set podAdmission.webhook.enabled=true >"$work/render-wh" 2>&1 || true
+check "webhook.enabled (no MutatingAdmissionPolicy v1): one MutatingWebhookConfiguration" \
+  count_kind "$work/render-wh" MutatingWebhookConfiguration 1
+check "... failing open, without side effects, on Pod CREATE only" \
+  grep -Pzo 'failurePolicy: Ignore\n\s+matchPolicy: Equivalent\n\s+reinvocationPolicy: IfNeeded\n\s+timeoutSeconds: 5\n' "$work/render-wh"
+check "... sideEffects None" rendered "$work/render-wh" '^    sideEffects: None$'
+check "... operations CREATE on pods" \
+  grep -Pzo 'operations: \["CREATE"\]\n\s+resources: \["pods"\]' "$work/render-wh"
+check "... skipping kube-system and the release namespace" \
+  rendered "$work/render-wh" "values: \[\"kube-system\",\"$ns\"\]\$"
+check "... through the webhook Service" rendered "$work/render-wh" "^        name: pullkeeper-webhook\$"
+check "... which targets the https-webhook port" rendered "$work/render-wh" '^      targetPort: https-webhook$'
+check "webhook.enabled sets PULLKEEPER_POD_ADMISSION_WEBHOOK" \
+  grep -A1 'name: PULLKEEPER_POD_ADMISSION_WEBHOOK$' "$work/render-wh"
+check "webhook.enabled: the operator manages its certificate in a Secret" \
+  grep -A1 'name: PULLKEEPER_WEBHOOK_CERT_SECRET$' "$work/render-wh"
+check "webhook.enabled grants get and patch on its own MutatingWebhookConfiguration only" \
+  grep -Pzo 'resources: \["mutatingwebhookconfigurations"\]\n\s+resourceNames: \["pullkeeper"\]\n\s+verbs: \["get", "patch"\]' "$work/render-wh"
+check "webhook.enabled grants get on its certificate Secret by name" \
+  rendered "$work/render-wh" '^    resourceNames: \["pullkeeper-webhook-cert"\]$'
+check "webhook.enabled lets the admission policy allow the certificate Secret" \
+  rendered "$work/render-wh" 'object.metadata.name == "pullkeeper-webhook-cert" &&$'
+check "without the webhook the admission policy allows no certificate Secret" \
+  grep -A1 'name: isWebhookCert$' "$work/render-vap"
+check "... (its expression is false)" rendered "$work/render-vap" '^      expression: "false"$'
+template_with --api-versions "$map_api" --set podAdmission.webhook.enabled=true >"$work/render-wh-map" 2>&1 || true
+check "where MutatingAdmissionPolicy v1 is served, the policy wins: no webhook" \
+  count_kind "$work/render-wh-map" MutatingWebhookConfiguration 0
+check "... and no webhook permissions" not_rendered "$work/render-wh-map" 'mutatingwebhookconfigurations'
+template_with --api-versions "$map_api" --set podAdmission.enabled=false --set podAdmission.webhook.enabled=true \
+  >"$work/render-wh-nomap" 2>&1 || true
+check "with podAdmission.enabled=false the webhook is used where the policy is served too" \
+  count_kind "$work/render-wh-nomap" MutatingWebhookConfiguration 1
+template_with --set podAdmission.webhook.enabled=true --set podAdmission.webhook.certManager.enabled=true \
+  >"$work/render-cm" 2>&1 || true
+check "certManager.enabled renders a Certificate" count_kind "$work/render-cm" Certificate 1
+check "... and a self-signed Issuer" rendered "$work/render-cm" '^  selfSigned: \{\}$'
+check "... for the webhook Service's DNS names" \
+  rendered "$work/render-cm" "^    - pullkeeper-webhook\.$ns\.svc\$"
+check "... whose CA cert-manager injects" \
+  rendered "$work/render-cm" "^    cert-manager\.io/inject-ca-from: $ns/pullkeeper-webhook\$"
+check "... mounted into the operator" grep -A1 'name: PULLKEEPER_WEBHOOK_CERT_DIR$' "$work/render-cm"
+check "... from the Certificate's Secret" rendered "$work/render-cm" '^            secretName: pullkeeper-webhook-cert$'
+check "certManager.enabled: no permission on the configuration or the certificate Secret" \
+  not_rendered "$work/render-cm" 'mutatingwebhookconfigurations|pullkeeper-webhook-cert"\]'
+template_with --set podAdmission.webhook.enabled=true --set podAdmission.webhook.certManager.enabled=true \
+  --set podAdmission.webhook.certManager.issuerRef.name=corp-ca \
+  --set podAdmission.webhook.certManager.issuerRef.kind=ClusterIssuer >"$work/render-cm-issuer" 2>&1 || true
+check "certManager.issuerRef: no Issuer of the chart's" count_kind "$work/render-cm-issuer" Issuer 0
+check "... the Certificate names the given issuer" \
+  grep -Pzo 'name: corp-ca\n\s+kind: ClusterIssuer' "$work/render-cm-issuer"
 for opt in "admissionPolicy.enabled=false" "sourceSecrets.namespace=creds" "metrics.auth.enabled=true" \
-  "metrics.bindAddress=127.0.0.1" "aggregateRoles.enabled=false"; do
+  "metrics.bindAddress=127.0.0.1" "aggregateRoles.enabled=false" "podAdmission.webhook.enabled=true"; do
   check "helm lint --strict --set $opt" helm_q lint --strict "$chart" --set "$opt"
 done
 
@@ -441,6 +508,12 @@ check "schema rejects sourceSecrets.namespace=Not_A_Namespace" \
   schema_rejects namespace --set sourceSecrets.namespace=Not_A_Namespace
 check "schema rejects an unknown admissionPolicy key" schema_rejects enable --set admissionPolicy.enable=true
 check "schema rejects metrics.auth=true (it is an object)" schema_rejects auth --set metrics.auth=true
+check "schema rejects podAdmission.webhook.timeoutSeconds=60" \
+  schema_rejects timeoutSeconds --set podAdmission.webhook.timeoutSeconds=60
+check "schema rejects an unknown podAdmission.webhook key" schema_rejects certmanager \
+  --set podAdmission.webhook.certmanager.enabled=true
+check "schema rejects a certManager.issuerRef.kind other than Issuer or ClusterIssuer" \
+  schema_rejects kind --set podAdmission.webhook.certManager.issuerRef.kind=Vault
 check "schema accepts a percentage for pdb.minAvailable" \
   template_with --set pdb.enabled=true --set pdb.minAvailable=50%
 
@@ -457,6 +530,8 @@ done
 template_with --api-versions "$vap_api" --set sourceSecrets.namespace="$ns" --set metrics.auth.enabled=true \
   --set 'admissionPolicy.extraTokenAudiences={vault}' >"$work/render-all" 2>&1 || true
 check "kubectl apply --dry-run=server accepts the policies and every option" dry_run "$work/render-all"
+template_with --api-versions "$vap_api" --set podAdmission.webhook.enabled=true >"$work/render-wh-dry" 2>&1 || true
+check "kubectl apply --dry-run=server accepts the webhook, its Service and RBAC" dry_run "$work/render-wh-dry"
 "$kubectl" delete namespace "$ns" --wait=true --timeout=60s >/dev/null
 
 echo "--- install"
@@ -553,6 +628,29 @@ check "SA may create subjectaccessreviews" retrying can create subjectaccessrevi
 check "the metrics-reader ClusterRole exists" exists clusterrole "$fullname-metrics-reader"
 check "the Deployment has PULLKEEPER_SOURCE_SECRET_NAMESPACE" deployment_env "PULLKEEPER_SOURCE_SECRET_NAMESPACE=$ns"
 
+echo "--- upgrade to the pod admission webhook"
+check "helm upgrade --set podAdmission.enabled=false --set podAdmission.webhook.enabled=true" \
+  helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set podAdmission.enabled=false \
+  --set podAdmission.webhook.enabled=true
+check "the MutatingWebhookConfiguration and webhook Service exist" \
+  exists mutatingwebhookconfiguration/"$fullname" -n "$ns" service/"$fullname-webhook"
+check "the Deployment has PULLKEEPER_POD_ADMISSION_WEBHOOK=true" deployment_env "PULLKEEPER_POD_ADMISSION_WEBHOOK=true"
+check "SA may patch its MutatingWebhookConfiguration" \
+  retrying can patch mutatingwebhookconfigurations.admissionregistration.k8s.io/"$fullname"
+check "SA may not patch another MutatingWebhookConfiguration" \
+  cannot patch mutatingwebhookconfigurations.admissionregistration.k8s.io/other
+check "SA may not create MutatingWebhookConfigurations" \
+  cannot create mutatingwebhookconfigurations.admissionregistration.k8s.io
+tls_secret_manifest "$ns" "$fullname-webhook-cert" >"$work/webhook-cert.yaml"
+tls_secret_manifest "$ns" other-tls >"$work/other-tls.yaml"
+tls_secret_manifest default "$fullname-webhook-cert" >"$work/elsewhere-tls.yaml"
+check "policy: SA may write its webhook certificate Secret" \
+  retrying allowed_as_operator create --dry-run=server -f "$work/webhook-cert.yaml"
+check "policy: SA may not write another kubernetes.io/tls Secret" \
+  denied_as_operator secrets create --dry-run=server -f "$work/other-tls.yaml"
+check "policy: SA may not write that Secret in another namespace" \
+  denied_as_operator secrets create --dry-run=server -f "$work/elsewhere-tls.yaml"
+
 echo "--- uninstall"
 check "helm uninstall" helm_q uninstall "$release" -n "$ns" --wait
 installed=false
@@ -562,6 +660,7 @@ check "Deployment, ServiceAccount, Service, Role, RoleBinding are gone" \
 check "ClusterRoles and ClusterRoleBinding are gone" \
   gone clusterrole/"$fullname" clusterrolebinding/"$fullname" clusterrole/"$fullname-view" \
   clusterrole/"$fullname-metrics-reader"
+check "the MutatingWebhookConfiguration is gone" gone mutatingwebhookconfiguration/"$fullname"
 check "the admission policies are gone" gone validatingadmissionpolicy/"$fullname-secrets" \
   validatingadmissionpolicybinding/"$fullname-secrets"
 check "CRDs are kept (Helm never deletes CRDs)" exists crd "${crds[@]}"

@@ -17,6 +17,7 @@ pub mod operator;
 pub mod provider;
 pub mod registry;
 pub mod telemetry;
+pub mod webhook;
 
 /// Name used as the Events reporter and in labels.
 pub const OPERATOR_NAME: &str = "pullkeeper";

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator (the default).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Check that images would pull: resolve their manifests with a credential.
     Check(CheckArgs),
     /// Print the MutatingAdmissionPolicies that keep new Pods race-free (the Helm chart
@@ -118,6 +118,49 @@ struct ControllerArgs {
     /// created before its ServiceAccount holds the pull secret still gets it.
     #[arg(long, env = "PULLKEEPER_POD_ADMISSION_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
     pod_admission_policy: bool,
+    /// Serve a mutating admission webhook that does what the policy does, for apiservers
+    /// that do not serve MutatingAdmissionPolicy v1 (Kubernetes 1.30-1.35). Where both are
+    /// possible the policy wins, unless --pod-admission-policy=false. Every replica serves
+    /// it; the MutatingWebhookConfiguration fails open.
+    #[arg(long, env = "PULLKEEPER_POD_ADMISSION_WEBHOOK", default_value_t = false)]
+    pod_admission_webhook: bool,
+    /// Address the webhook listens on (HTTPS).
+    #[arg(long, env = "PULLKEEPER_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// Name of the MutatingWebhookConfiguration (installed by the chart).
+    #[arg(long, env = "PULLKEEPER_WEBHOOK_CONFIGURATION", default_value = "pullkeeper")]
+    webhook_configuration: String,
+    /// Service (in the operator's namespace) the configuration points at; the serving
+    /// certificate is made for its DNS names.
+    #[arg(long, env = "PULLKEEPER_WEBHOOK_SERVICE", default_value = "pullkeeper-webhook")]
+    webhook_service: String,
+    /// Out-of-cluster and development use: the apiserver reaches the webhook at this URL
+    /// (e.g. https://127.0.0.1:9443) instead of through a Service. The certificate is made
+    /// for its host, and the configuration is created pointing at it if it does not exist.
+    #[arg(long, env = "PULLKEEPER_WEBHOOK_URL")]
+    webhook_url: Option<url::Url>,
+    /// Secret in the operator's namespace holding the serving certificate the operator
+    /// manages (a self-signed CA, renewed before expiry, patched into the configuration's
+    /// caBundle).
+    #[arg(
+        long,
+        env = "PULLKEEPER_WEBHOOK_CERT_SECRET",
+        default_value = "pullkeeper-webhook-cert"
+    )]
+    webhook_cert_secret: String,
+    /// Serve the certificate mounted in this directory (tls.crt, tls.key; e.g. from
+    /// cert-manager, whose cainjector fills the caBundle) instead of managing one.
+    #[arg(long, env = "PULLKEEPER_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// Comma-separated namespaces whose Pods the webhook never changes (the operator's own
+    /// is always added).
+    #[arg(
+        long,
+        env = "PULLKEEPER_WEBHOOK_SKIP_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    webhook_skip_namespaces: Vec<String>,
     /// Instance name reported in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
@@ -155,7 +198,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Check(args)) => check(args),
-        Some(Command::Controller(args)) => controller(args),
+        Some(Command::Controller(args)) => controller(*args),
         None => controller(ControllerArgs::parse_from(["pullkeeper"])),
     }
 }
@@ -246,16 +289,19 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context("no Kubernetes configuration found: set KUBECONFIG or run inside a cluster")?;
     let metrics = std::sync::Arc::new(pullkeeper::metrics::Metrics::default());
     let client = pullkeeper::operator::client(config, &metrics).context("building the Kubernetes client")?;
-    let endpoints = endpoints(&args).await?;
+    let mut endpoints = endpoints(&args).await?;
+    if args.pod_admission_webhook {
+        let settings = webhook_settings(&args)?;
+        let listener = tokio::net::TcpListener::bind(args.webhook_addr)
+            .await
+            .with_context(|| format!("binding {}", args.webhook_addr))?;
+        endpoints.webhook = Some((listener, settings));
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(pullkeeper::operator::cancel_on_signal(shutdown.clone()));
     let leader = if args.leader_elect {
-        let namespace = match args.leader_election_namespace {
-            Some(ns) => ns,
-            None => std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-                .map(|s| s.trim().to_owned())
-                .context("--leader-elect needs --leader-election-namespace (or POD_NAMESPACE)")?,
-        };
+        let namespace =
+            own_namespace(&args).context("--leader-elect needs --leader-election-namespace (or POD_NAMESPACE)")?;
         Some(pullkeeper::leader::Config {
             namespace,
             name: args.leader_election_id,
@@ -279,6 +325,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         write_concurrency: args.write_concurrency.max(1),
         pod_admission: args.pod_admission_policy,
+        pod_admission_webhook: args.pod_admission_webhook,
         source_secret_namespace: args.source_secret_namespace.filter(|ns| !ns.is_empty()),
         deny_registry_cidrs: args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect(),
         namespaced_ambient_credentials: args.namespaced_ambient_credentials,
@@ -292,6 +339,51 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .context("serving health and metrics")?;
     Ok(())
+}
+
+/// The operator's namespace: POD_NAMESPACE, or the one of its in-cluster ServiceAccount.
+fn own_namespace(args: &ControllerArgs) -> std::io::Result<String> {
+    match &args.leader_election_namespace {
+        Some(ns) => Ok(ns.clone()),
+        None => std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            .map(|s| s.trim().to_owned()),
+    }
+}
+
+fn webhook_settings(args: &ControllerArgs) -> anyhow::Result<pullkeeper::webhook::Settings> {
+    use pullkeeper::webhook::{self, Certs, configuration::Endpoint};
+    let namespace = own_namespace(args).context("--pod-admission-webhook needs POD_NAMESPACE")?;
+    let endpoint = match &args.webhook_url {
+        Some(url) => Endpoint::Url(url.to_string()),
+        None => Endpoint::Service {
+            namespace: namespace.clone(),
+            name: args.webhook_service.clone(),
+        },
+    };
+    let certs = match &args.webhook_cert_dir {
+        Some(dir) => Certs::Files(dir.clone()),
+        None => Certs::Managed {
+            namespace: namespace.clone(),
+            secret: args.webhook_cert_secret.clone(),
+            hosts: webhook::hosts(&endpoint),
+        },
+    };
+    let mut skip: Vec<String> = args
+        .webhook_skip_namespaces
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !skip.contains(&namespace) {
+        skip.push(namespace);
+    }
+    Ok(webhook::Settings {
+        configuration: args.webhook_configuration.clone(),
+        endpoint,
+        certs,
+        skip_namespaces: skip,
+        credential_selector: args.credential_selector.clone(),
+    })
 }
 
 /// One listener for everything, unless --health-addr names a different address.
@@ -309,5 +401,6 @@ async fn endpoints(args: &ControllerArgs) -> anyhow::Result<pullkeeper::operator
         health,
         metrics,
         metrics_auth: args.metrics_auth,
+        webhook: None,
     })
 }

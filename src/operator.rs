@@ -32,6 +32,10 @@ pub struct Endpoints {
     /// Require a bearer token the apiserver authenticates and authorises for `get` on
     /// `/metrics`.
     pub metrics_auth: bool,
+    /// The pod admission webhook's listener and settings, when opted in. Every replica
+    /// serves it, leader or not; it is served only where it is the route in use (see
+    /// `controller::admission::choose`).
+    pub webhook: Option<(TcpListener, crate::webhook::Settings)>,
 }
 
 /// Runs the operator until `shutdown` is cancelled. `listener` serves health and metrics.
@@ -46,6 +50,7 @@ pub async fn run(
         health: listener,
         metrics: None,
         metrics_auth: false,
+        webhook: None,
     };
     run_with(client, metrics, endpoints, settings, shutdown).await
 }
@@ -75,7 +80,11 @@ pub async fn run_with(
     };
     let server = tokio::spawn(http::serve(endpoints.health, health_router, shutdown.clone()));
     let mut result = Ok(());
+    let mut webhook = None;
     if controller::wait_for_crds(&client, &shutdown).await {
+        if let Some((listener, w)) = endpoints.webhook {
+            webhook = start_webhook(&client, &settings, listener, w, &shutdown).await;
+        }
         health.set_ready(true);
         match settings.leader.clone() {
             None => controller::run(client, metrics, settings, shutdown.clone()).await,
@@ -100,11 +109,46 @@ pub async fn run_with(
     }
     health.set_ready(false);
     shutdown.cancel();
+    if let Some(w) = webhook {
+        let _ = w.await;
+    }
     let mut served = joined(server.await);
     if let Some(m) = metrics_server {
         served = served.and(joined(m.await));
     }
     result.and(served)
+}
+
+/// Starts the webhook where it is the pod admission route in use; the policy wins where
+/// it is turned on and served.
+async fn start_webhook(
+    client: &Client,
+    settings: &Settings,
+    listener: TcpListener,
+    webhook: crate::webhook::Settings,
+    shutdown: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use controller::admission::{self, Route};
+    let route = match admission::route(client, settings.pod_admission, true).await {
+        Ok(route) => route,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not tell whether the apiserver serves MutatingAdmissionPolicy; serving the webhook");
+            Route::Webhook
+        }
+    };
+    if route != Route::Webhook {
+        tracing::info!(
+            ?route,
+            "the pod admission webhook is not served: the MutatingAdmissionPolicy route is in use (turn it off with --pod-admission-policy=false to use the webhook)"
+        );
+        return None;
+    }
+    Some(tokio::spawn(crate::webhook::run(
+        client.clone(),
+        listener,
+        webhook,
+        shutdown.clone(),
+    )))
 }
 
 fn joined(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {

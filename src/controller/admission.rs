@@ -85,6 +85,27 @@ pub enum Route {
     NotServed,
     /// Installing the policies failed at start-up (logged).
     Failed,
+    /// The operator's mutating webhook (see `crate::webhook`): opted in, and the policy
+    /// route is turned off or not served.
+    Webhook,
+}
+
+/// Which route keeps new Pods supplied: the policy where it is turned on and served (it
+/// wins over the webhook, which needs the operator up and a serving certificate), else the
+/// webhook if opted in.
+pub fn choose(policy: bool, served: bool, webhook: bool) -> Route {
+    match (policy && served, webhook, policy) {
+        (true, _, _) => Route::Policy,
+        (false, true, _) => Route::Webhook,
+        (false, false, false) => Route::Disabled,
+        (false, false, true) => Route::NotServed,
+    }
+}
+
+/// [`choose`] for this apiserver (asking it only when the policy route is turned on).
+pub async fn route(client: &Client, policy: bool, webhook: bool) -> Result<Route, Error> {
+    let served = policy && served(client).await?;
+    Ok(choose(policy, served, webhook))
 }
 
 /// The route and the bindings written so far, so a reconcile writes a binding only
@@ -281,12 +302,10 @@ pub fn policies_yaml() -> Result<String, serde_yaml::Error> {
 /// pullkeeper writes them when it may; installed by the Helm chart, the operator's
 /// ServiceAccount may only read them (a leaked token then cannot rewrite a policy that
 /// mutates every new Pod), and they are used as they are.
-pub async fn start(client: &Client, enabled: bool) -> Result<Route, Error> {
-    if !enabled {
-        return Ok(Route::Disabled);
-    }
-    if !served(client).await? {
-        return Ok(Route::NotServed);
+pub async fn start(client: &Client, enabled: bool, webhook: bool) -> Result<Route, Error> {
+    let route = route(client, enabled, webhook).await?;
+    if route != Route::Policy {
+        return Ok(route);
     }
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("MutatingAdmissionPolicy"));
     for p in policies() {
@@ -333,7 +352,7 @@ pub fn condition(route: Route, owner: &Owner, bound: &Result<bool, Error>) -> De
             CONDITION,
             Status::False,
             "Disabled",
-            "pod admission is turned off (--pod-admission-policy=false): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
+            "pod admission is turned off (--pod-admission-policy=false, no --pod-admission-webhook): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
         ),
         (Route::Failed, _) => Desired::new(
             CONDITION,
@@ -345,7 +364,13 @@ pub fn condition(route: Route, owner: &Owner, bound: &Result<bool, Error>) -> De
             CONDITION,
             Status::False,
             "NotServed",
-            "the apiserver does not serve admissionregistration.k8s.io/v1 MutatingAdmissionPolicy (Kubernetes 1.36+): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
+            "the apiserver does not serve admissionregistration.k8s.io/v1 MutatingAdmissionPolicy (Kubernetes 1.36+) and the webhook is not turned on (--pod-admission-webhook): a Pod created before its ServiceAccount holds the secret keeps an empty imagePullSecrets",
+        ),
+        (Route::Webhook, _) => Desired::new(
+            CONDITION,
+            Status::True,
+            "WebhookServed",
+            "pullkeeper's mutating webhook adds the pull secret to new Pods of the targeted ServiceAccounts (it fails open: Pods created while no replica answers are admitted unchanged)",
         ),
         (Route::Policy, Ok(true)) => Desired::new(
             CONDITION,
@@ -467,11 +492,24 @@ mod tests {
         assert_eq!(reason(Route::Disabled, Ok(false)), "Disabled");
         assert_eq!(reason(Route::NotServed, Ok(false)), "NotServed");
         assert_eq!(reason(Route::Failed, Ok(false)), "PolicyNotInstalled");
+        assert_eq!(reason(Route::Webhook, Ok(false)), "WebhookServed");
+        assert_eq!(condition(Route::Webhook, &o, &Ok(false)).status, Status::True);
         let failed = Error::Missing { name: "p".into() };
         assert_eq!(reason(Route::Policy, Err(failed)), "BindingFailed");
         let bound = condition(Route::Policy, &o, &Ok(true));
         assert_eq!(bound.status, Status::True);
         assert!(bound.message.contains(&binding_name(&o)), "{}", bound.message);
+    }
+
+    #[test]
+    fn the_policy_wins_where_served_and_turned_on_else_the_webhook_if_opted_in() {
+        assert_eq!(choose(true, true, false), Route::Policy);
+        assert_eq!(choose(true, true, true), Route::Policy);
+        assert_eq!(choose(true, false, true), Route::Webhook);
+        assert_eq!(choose(false, true, true), Route::Webhook);
+        assert_eq!(choose(false, false, true), Route::Webhook);
+        assert_eq!(choose(true, false, false), Route::NotServed);
+        assert_eq!(choose(false, true, false), Route::Disabled);
     }
 
     #[test]

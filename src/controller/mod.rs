@@ -94,6 +94,9 @@ pub struct Settings {
     /// Keep new Pods supplied through a MutatingAdmissionPolicy where the apiserver serves
     /// one (see [`admission`]).
     pub pod_admission: bool,
+    /// The operator serves the pod admission webhook (see [`crate::webhook`]): the route
+    /// where the policy is turned off or not served.
+    pub pod_admission_webhook: bool,
     /// The only namespace ClusterRegistryCredentials may read source Secrets from;
     /// `None` allows any.
     pub source_secret_namespace: Option<String>,
@@ -151,7 +154,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         () = shutdown.cancelled() => return,
     }
     tracing::info!("caches of namespaces, managed Secrets and ServiceAccounts are synced");
-    let route = match admission::start(&client, settings.pod_admission).await {
+    let route = match admission::start(&client, settings.pod_admission, settings.pod_admission_webhook).await {
         Ok(route) => route,
         Err(e) => {
             tracing::warn!(error = %e, "could not install the pod admission policy; new Pods rely on their ServiceAccounts alone");

@@ -13,7 +13,7 @@ use crate::support::{self, eventually};
 
 /// Creates a Pod (it never runs: there is no node here) and returns the names in its
 /// `imagePullSecrets` as admitted.
-async fn admitted(client: &Client, ns: &str, sa: Option<&str>, own: &[&str]) -> Vec<String> {
+pub(crate) async fn admitted(client: &Client, ns: &str, sa: Option<&str>, own: &[&str]) -> Vec<String> {
     // The ServiceAccount admission plugin refuses Pods whose ServiceAccount does not exist yet.
     let sa_name = sa.unwrap_or("default");
     eventually(Duration::from_secs(30), || async {
@@ -65,6 +65,31 @@ async fn admitted_eventually(client: &Client, ns: &str, sa: Option<&str>, own: &
     panic!("admitted with {last:?}, expected {expected:?}");
 }
 
+/// A ClusterRegistryCredential spec reading `login` from `src`, targeting namespaces
+/// labelled `e2e-target=label` and the ServiceAccounts `default` and `builder`.
+pub(crate) fn spec(src: &str, label: &str) -> serde_json::Value {
+    json!({
+        "registry": "registry.example.com",
+        "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
+        "target": {
+            "namespaceSelector": {"matchLabels": {"e2e-target": label}},
+            "serviceAccounts": ["default", "builder"],
+        }
+    })
+}
+
+/// Annotates a namespace `pullkeeper.io/exclude: "true"`.
+pub(crate) async fn exclude(client: &Client, ns: &str) {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"pullkeeper.io/exclude": "true"}}})),
+        )
+        .await
+        .expect("annotate");
+}
+
 /// Waits until the credential reports the policy bound.
 async fn wait_bound(client: &Client, name: &str) {
     let ok = eventually(Duration::from_secs(30), || async {
@@ -93,20 +118,7 @@ async fn new_pods_of_targeted_service_accounts_get_the_secret_appended() {
     let other = support::namespace(&client, "adm-other", &[]).await;
     let name = support::unique("adm");
     let secret = format!("pullkeeper-{name}");
-    support::apply_credential(
-        &client,
-        &name,
-        json!({}),
-        json!({
-            "registry": "registry.example.com",
-            "provider": {"basic": {"secretRef": {"name": "login", "namespace": src}}},
-            "target": {
-                "namespaceSelector": {"matchLabels": {"e2e-target": label}},
-                "serviceAccounts": ["default", "builder"],
-            }
-        }),
-    )
-    .await;
+    support::apply_credential(&client, &name, json!({}), spec(&src, &label)).await;
     wait_bound(&client, &name).await;
 
     // A Pod with its own list (so the ServiceAccount's is not copied): ours is appended
@@ -123,35 +135,20 @@ async fn new_pods_of_targeted_service_accounts_get_the_secret_appended() {
     let got = admitted(&client, &targeted, None, &[]).await;
     assert_eq!(got, vec![secret.clone()]);
     // Another targeted ServiceAccount, created just now.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "builder"}})).expect("sa");
-    Api::<ServiceAccount>::namespaced(client.clone(), &targeted)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("sa");
+    support::service_account(&client, &targeted, "builder").await;
     assert_eq!(
         admitted(&client, &targeted, Some("builder"), &["x"]).await,
         vec!["x".to_owned(), secret.clone()]
     );
     // A ServiceAccount the credential does not target, and a namespace it does not target.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "runner"}})).expect("sa");
-    Api::<ServiceAccount>::namespaced(client.clone(), &targeted)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("sa");
+    support::service_account(&client, &targeted, "runner").await;
     assert_eq!(
         admitted(&client, &targeted, Some("runner"), &["x"]).await,
         vec!["x".to_owned()]
     );
     assert_eq!(admitted(&client, &other, None, &["x"]).await, vec!["x".to_owned()]);
     // A targeted namespace annotated pullkeeper.io/exclude.
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &targeted,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"pullkeeper.io/exclude": "true"}}})),
-        )
-        .await
-        .expect("annotate");
+    exclude(&client, &targeted).await;
     admitted_eventually(&client, &targeted, None, &["x"], &["x".to_owned()]).await;
 
     // A namespace created later is supplied too.

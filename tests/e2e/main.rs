@@ -18,3 +18,4 @@ mod skeleton;
 mod support;
 mod tenancy;
 mod tokens;
+mod webhook;

@@ -71,6 +71,7 @@ pub fn env() -> &'static Env {
                         credential_selector: Some(format!("!{SHARD_LABEL}")),
                         leader: None,
                         pod_admission: true,
+                        pod_admission_webhook: false,
                         source_secret_namespace: None,
                         deny_registry_cidrs: vec![],
                         // The defaults: a RegistryCredential may not use the operator's

@@ -88,3 +88,26 @@ PULLKEEPER_METRICS_ADDR: bindAddress:8080, IPv6 addresses in brackets.
 {{- printf "%s:8080" .Values.metrics.bindAddress }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when the pod admission webhook is the route in use: opted in, and the
+MutatingAdmissionPolicy route turned off or not served (the policy wins where both are
+possible; the operator decides the same way).
+*/}}
+{{- define "pullkeeper.webhookRoute" -}}
+{{- if and .Values.podAdmission.webhook.enabled (or (not .Values.podAdmission.enabled) (not (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"))) }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the operator manages the webhook's serving certificate (not cert-manager).
+*/}}
+{{- define "pullkeeper.webhookCertManaged" -}}
+{{- if and (include "pullkeeper.webhookRoute" .) (not .Values.podAdmission.webhook.certManager.enabled) }}true{{ end }}
+{{- end }}
+
+{{/*
+Namespaces the webhook skips: podAdmission.webhook.skipNamespaces and the release's own.
+*/}}
+{{- define "pullkeeper.webhookSkip" -}}
+{{- concat .Values.podAdmission.webhook.skipNamespaces (list .Release.Namespace) | uniq | toJson }}
+{{- end }}
