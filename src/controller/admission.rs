@@ -166,10 +166,16 @@ fn gvk(kind: &str) -> ApiResource {
 
 /// The variables and the mutation shared by both policies. Everything that varies per
 /// credential is read from the parameter (the credential itself): its pull secret name
-/// and target ServiceAccounts. A namespace annotated `pullkeeper.io/exclude: "true"`,
-/// a suspended or deleted credential, a Pod of another ServiceAccount or one that already
+/// and target ServiceAccounts. A namespace annotated `pullkeeper.io/exclude: "true"`
+/// (for the cluster kind; a namespace's own RegistryCredential ignores it, as the
+/// reconciler does), a suspended or deleted credential, a Pod of another ServiceAccount or one that already
 /// lists the secret: no patch.
 pub fn policy(name: &str, param_kind: &str) -> Value {
+    let excluded = if param_kind == "ClusterRegistryCredential" {
+        "has(namespaceObject.metadata.annotations) && 'pullkeeper.io/exclude' in namespaceObject.metadata.annotations && namespaceObject.metadata.annotations['pullkeeper.io/exclude'] == 'true'"
+    } else {
+        "false"
+    };
     let variables = json!([
         {"name": "secretName", "expression":
             "has(params.spec.target) && has(params.spec.target.secretName) ? params.spec.target.secretName : 'pullkeeper-' + params.metadata.name"},
@@ -177,8 +183,7 @@ pub fn policy(name: &str, param_kind: &str) -> Value {
             "has(params.spec.target) && has(params.spec.target.serviceAccounts) ? params.spec.target.serviceAccounts : ['default']"},
         {"name": "serviceAccount", "expression":
             "has(object.spec.serviceAccountName) && object.spec.serviceAccountName != '' ? object.spec.serviceAccountName : 'default'"},
-        {"name": "excluded", "expression":
-            "has(namespaceObject.metadata.annotations) && 'pullkeeper.io/exclude' in namespaceObject.metadata.annotations && namespaceObject.metadata.annotations['pullkeeper.io/exclude'] == 'true'"},
+        {"name": "excluded", "expression": excluded},
         {"name": "applies", "expression":
             "!(has(params.spec.suspend) && params.spec.suspend) && !has(params.metadata.deletionTimestamp) && !variables.excluded && variables.serviceAccount in variables.serviceAccounts && !(has(object.spec.imagePullSecrets) && object.spec.imagePullSecrets.exists(s, s.name == variables.secretName))"},
     ]);

@@ -227,6 +227,20 @@ pub(super) fn drive<K, S, F>(
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     F: Fn(K) -> Vec<CredentialRef> + Send + 'static,
 {
+    spawn_watch(what, stream, shutdown, move |object| {
+        concerns(object).iter().all(|who| requests.send(who))
+    });
+}
+
+/// Polls a watch stream until `shutdown` (or until `each` returns false), handing each
+/// item to `each`. The watcher re-lists and resumes by itself with backoff; its errors
+/// are logged, and a stream that ends is reported as an error, so no watch stalls
+/// silently.
+pub fn spawn_watch<T, S, F>(what: &'static str, stream: S, shutdown: &CancellationToken, mut each: F)
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    F: FnMut(T) -> bool + Send + 'static,
+{
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -237,13 +251,10 @@ pub(super) fn drive<K, S, F>(
             };
             match item {
                 Some(Ok(object)) => {
-                    for who in concerns(object) {
-                        if !requests.send(&who) {
-                            return;
-                        }
+                    if !each(object) {
+                        return;
                     }
                 }
-                // The watcher re-lists and resumes by itself (with backoff); say so loudly.
                 Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
                 None => {
                     tracing::error!(watch = what, "watch stream ended");

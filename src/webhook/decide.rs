@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 use crate::controller::CredentialKind;
+use crate::controller::mappers::targets_service_account;
 use crate::controller::target::{self, NamespaceInfo};
-use crate::controller::triggers::targets_service_account;
 use crate::controller::validate::Scope;
 
 /// What the decision needs to know about one credential.

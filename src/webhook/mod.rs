@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
@@ -32,6 +31,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::controller::watches::spawn_watch;
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
 /// How often each replica re-reads its certificate (and the configuration's `caBundle`).
@@ -185,19 +185,19 @@ impl Stores {
         .default_backoff()
         .modify(|ns| ns.managed_fields_mut().clear())
         .reflect(w);
-        drain("namespaces", ns, shutdown.clone());
+        spawn_watch("namespaces", ns, shutdown, |_| true);
         let (clusters, w) = reflector::store();
         let s = watcher(Api::<ClusterRegistryCredential>::all(client.clone()), wc.clone())
             .default_backoff()
             .modify(|c| c.managed_fields_mut().clear())
             .reflect(w);
-        drain("clusterregistrycredentials", s, shutdown.clone());
+        spawn_watch("clusterregistrycredentials", s, shutdown, |_| true);
         let (namespaced, w) = reflector::store();
         let s = watcher(Api::<RegistryCredential>::all(client.clone()), wc)
             .default_backoff()
             .modify(|c| c.managed_fields_mut().clear())
             .reflect(w);
-        drain("registrycredentials", s, shutdown.clone());
+        spawn_watch("registrycredentials", s, shutdown, |_| true);
         Self {
             namespaces,
             clusters,
@@ -211,26 +211,6 @@ impl Stores {
         let _ = self.clusters.wait_until_ready().await;
         let _ = self.namespaced.wait_until_ready().await;
     }
-}
-
-fn drain<S, T>(what: &'static str, stream: S, shutdown: CancellationToken)
-where
-    S: Stream<Item = Result<watcher::Event<T>, watcher::Error>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let item = tokio::select! {
-                () = shutdown.cancelled() => return,
-                item = stream.next() => item,
-            };
-            match item {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "webhook watch failed; retrying with backoff"),
-                None => return,
-            }
-        }
-    });
 }
 
 /// Serves the webhook on `listener` until `shutdown`: waits for the caches, loads (or

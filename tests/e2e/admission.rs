@@ -225,5 +225,13 @@ async fn a_namespaced_credential_supplies_pods_of_its_own_namespace_only() {
     )
     .await;
     assert_eq!(admitted(&client, &neighbour, None, &["x"]).await, vec!["x".to_owned()]);
+    // `pullkeeper.io/exclude` opts a namespace out of cluster credentials only: its own
+    // credential keeps supplying its Pods (as it keeps writing its Secret).
+    exclude(&client, &ns).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        admitted(&client, &ns, None, &["x"]).await,
+        vec!["x".to_owned(), "pullkeeper-registry".to_owned()]
+    );
     let _ = api.delete(name, &DeleteParams::default()).await;
 }
