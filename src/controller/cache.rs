@@ -39,6 +39,19 @@ pub struct Failure {
     pub retry_at: Timestamp,
 }
 
+impl Failure {
+    /// Not a failure yet: the provider was asked at `asked_at` and has not answered. The
+    /// answer brings the credential back; `retry_at` is a safety net.
+    pub fn waiting(provider: &str, asked_at: Timestamp, recheck: std::time::Duration) -> Self {
+        Self {
+            reason: crate::crd::conditions::reasons::ISSUING,
+            message: format!("waiting for the {provider} provider to answer"),
+            permanent: false,
+            retry_at: asked_at.checked_add(recheck).unwrap_or(Timestamp::MAX),
+        }
+    }
+}
+
 /// A credential with when it was issued and when it is due for renewal.
 #[derive(Clone, Debug)]
 pub struct Cached {
@@ -70,6 +83,17 @@ impl CredentialCache {
         match &e.state {
             State::Issued(c) => (now < c.refresh_at).then(|| Ok(c.clone())),
             State::Failed(f) => (now < f.retry_at).then(|| Err(f.clone())),
+        }
+    }
+
+    /// The last credential issued for this generation if it has not expired, even when it
+    /// is due for renewal: what stays in place while a renewal is under way.
+    pub fn unexpired(&self, key: &CredentialRef, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
+        let entries = crate::lock(&self.entries);
+        let e = entries.get(key).filter(|e| e.generation == generation)?;
+        match &e.state {
+            State::Issued(c) if c.credential.expires_at.is_none_or(|at| now < at) => Some(c.clone()),
+            _ => None,
         }
     }
 
@@ -160,5 +184,26 @@ mod tests {
         assert!(c.lookup(&key, Some(2), t0).is_none(), "a spec change retries at once");
         c.invalidate(&key);
         assert!(c.lookup(&key, Some(1), t0).is_none(), "a source change retries at once");
+    }
+    #[test]
+    fn an_unexpired_credential_stays_available_while_its_renewal_is_under_way() {
+        let c = CredentialCache::default();
+        let key = CredentialRef::cluster("a");
+        let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("t");
+        let mut credential = cred();
+        credential.expires_at = Some(t(200));
+        c.put(
+            key.clone(),
+            Some(1),
+            Cached {
+                credential,
+                issued_at: t(0),
+                refresh_at: t(100),
+            },
+        );
+        assert!(c.get(&key, Some(1), t(150)).is_none(), "due for renewal");
+        assert!(c.unexpired(&key, Some(1), t(150)).is_some(), "still valid");
+        assert!(c.unexpired(&key, Some(1), t(200)).is_none(), "expired");
+        assert!(c.unexpired(&key, Some(2), t(150)).is_none(), "another generation");
     }
 }

@@ -2,7 +2,12 @@
 //! recovered from the Secrets already written after a restart, or a new one issued by the
 //! provider (one call). A failed call is remembered until its retry time.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use k8s_openapi::jiff::Timestamp;
 use tracing::warn;
@@ -11,15 +16,46 @@ use crate::provider::{self, Credential, ProviderError};
 
 use super::backoff::Step;
 use super::cache::{Cached, Failure};
+use super::identity::CredentialRef;
 use super::secret;
 use super::validate::{Scope, ValidSpec};
 use super::{Context, CredentialKind, schedule};
 
+/// How long a reconcile waits for a provider before it moves on. The call goes on in the
+/// background and its answer brings the credential back, so a slow or hanging provider
+/// never holds one of the reconcile slots other credentials need.
+pub const ISSUE_BUDGET: Duration = Duration::from_secs(1);
+/// While a call is under way, how soon a credential looks again anyway.
+const WAITING_RECHECK: Duration = Duration::from_secs(30);
+
+type Call = Shared<BoxFuture<'static, Result<Cached, Failure>>>;
+
+/// Provider calls under way: at most one per credential and generation, whatever
+/// triggers arrive meanwhile.
+#[derive(Default)]
+pub struct InFlight {
+    calls: Mutex<HashMap<(CredentialRef, Option<i64>), Call>>,
+}
+
+impl InFlight {
+    fn join_or_start(&self, key: &CredentialRef, generation: Option<i64>, start: impl FnOnce() -> Call) -> Call {
+        crate::lock(&self.calls)
+            .entry((key.clone(), generation))
+            .or_insert_with(start)
+            .clone()
+    }
+
+    fn done(&self, key: &CredentialRef, generation: Option<i64>) {
+        crate::lock(&self.calls).remove(&(key.clone(), generation));
+    }
+}
+
 /// The credential to write: cached until its refresh time, recovered from the Secrets
-/// already written after a restart, or issued by the provider (one call). A failed call
-/// is remembered until its retry time, so no trigger sends the provider more requests
-/// than the backoff allows.
-pub async fn obtain<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec) -> Result<Cached, Failure> {
+/// already written after a restart, or issued by the provider (one call, in the
+/// background, waited for up to [`ISSUE_BUDGET`]). A failed call is remembered until its
+/// retry time, so no trigger sends the provider more requests than the backoff allows.
+/// While a renewal is under way the unexpired credential in place is kept.
+pub async fn obtain<K: CredentialKind>(obj: &K, ctx: &Arc<Context>, spec: &ValidSpec) -> Result<Cached, Failure> {
     let key = obj.reference();
     let generation = obj.meta().generation;
     let now = Timestamp::now();
@@ -31,44 +67,102 @@ pub async fn obtain<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec)
     if let Some(cached) = recover(obj, ctx, spec, now).await {
         return Ok(cached);
     }
-    match issue(ctx, spec).await {
-        Ok(credential) => {
-            ctx.backoffs.reset(&key, Step::Provider);
-            let refresh_at = now
-                .checked_add(schedule::next_refresh(spec, &credential))
-                .unwrap_or(Timestamp::MAX);
-            let cached = Cached {
-                credential,
-                issued_at: now,
-                refresh_at,
-            };
-            ctx.credentials.put(key, generation, cached.clone());
-            ctx.metrics.set_expiry(
-                &obj.metric_labels(),
-                cached.credential.expires_at.map(|t| t.as_second() as f64),
-            );
-            Ok(cached)
+    let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+    let call = ctx.issuing.join_or_start(&key, generation, || {
+        let call = Issue {
+            ctx: ctx.clone(),
+            key: key.clone(),
+            generation,
+            spec: spec.clone(),
+            labels: obj.metric_labels(),
+            current_expiry,
+        };
+        let handle = tokio::spawn(call.run());
+        async move {
+            handle.await.unwrap_or_else(|_| {
+                Err(Failure {
+                    reason: crate::crd::conditions::reasons::PROVIDER_ERROR,
+                    message: "the provider call was cancelled".to_owned(),
+                    permanent: false,
+                    retry_at: Timestamp::now(),
+                })
+            })
         }
-        Err(e) => {
-            let attempt = ctx.backoffs.record(&key, Step::Provider);
-            let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
-            let wait = schedule::provider_retry(
-                schedule::RetryClass::of(&e),
-                attempt,
-                rand::random::<f64>(),
-                current_expiry,
-                now,
-            );
-            let failure = Failure {
-                reason: e.reason(),
-                message: e.to_string(),
-                permanent: e.is_permanent(),
-                retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
-            };
-            warn!(reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
-            ctx.credentials.put_failure(key, generation, failure.clone());
-            Err(failure)
+        .boxed()
+        .shared()
+    });
+    match tokio::time::timeout(ISSUE_BUDGET, call).await {
+        Ok(result) => result,
+        // Still waiting: what is in place stays (and is written as it is); the answer
+        // requeues the credential.
+        Err(_) => match ctx.credentials.unexpired(&key, generation, now) {
+            Some(current) => Ok(Cached {
+                refresh_at: now.checked_add(WAITING_RECHECK).unwrap_or(Timestamp::MAX),
+                ..current
+            }),
+            None => Err(Failure::waiting(spec.provider.kind_name(), now, WAITING_RECHECK)),
+        },
+    }
+}
+
+/// One provider call and what it leaves behind: the credential (or the failure, with its
+/// retry time from the backoff) in the cache, and a reconcile request if the reconcile
+/// that asked stopped waiting.
+struct Issue {
+    ctx: Arc<Context>,
+    key: CredentialRef,
+    generation: Option<i64>,
+    spec: ValidSpec,
+    labels: crate::metrics::CredentialLabels,
+    current_expiry: Option<Timestamp>,
+}
+
+impl Issue {
+    async fn run(self) -> Result<Cached, Failure> {
+        let (ctx, key, generation) = (&self.ctx, &self.key, self.generation);
+        let started = Instant::now();
+        let now = Timestamp::now();
+        let result = match issue(ctx, &self.spec).await {
+            Ok(credential) => {
+                ctx.backoffs.reset(key, Step::Provider);
+                let refresh_at = now
+                    .checked_add(schedule::next_refresh(&self.spec, &credential))
+                    .unwrap_or(Timestamp::MAX);
+                let cached = Cached {
+                    credential,
+                    issued_at: now,
+                    refresh_at,
+                };
+                ctx.credentials.put(key.clone(), generation, cached.clone());
+                ctx.metrics
+                    .set_expiry(&self.labels, cached.credential.expires_at.map(|t| t.as_second() as f64));
+                Ok(cached)
+            }
+            Err(e) => {
+                let attempt = ctx.backoffs.record(key, Step::Provider);
+                let wait = schedule::provider_retry(
+                    schedule::RetryClass::of(&e),
+                    attempt,
+                    rand::random::<f64>(),
+                    self.current_expiry,
+                    now,
+                );
+                let failure = Failure {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                    permanent: e.is_permanent(),
+                    retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
+                };
+                warn!(credential = %key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
+                ctx.credentials.put_failure(key.clone(), generation, failure.clone());
+                Err(failure)
+            }
+        };
+        ctx.issuing.done(key, generation);
+        if started.elapsed() >= ISSUE_BUDGET {
+            ctx.requests.send(key);
         }
+        result
     }
 }
 
@@ -186,6 +280,33 @@ mod tests {
     use super::*;
     use crate::controller::schedule::tests::{spec, t};
     use crate::controller::validate::ValidSpec;
+
+    #[tokio::test]
+    async fn one_call_per_credential_and_generation_whatever_asks_meanwhile() {
+        let inflight = InFlight::default();
+        let key = CredentialRef::cluster("a");
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let start = || {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            futures::future::pending::<Result<Cached, Failure>>().boxed().shared()
+        };
+        let _first = inflight.join_or_start(&key, Some(1), start);
+        let _second = inflight.join_or_start(&key, Some(1), start);
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let _new_spec = inflight.join_or_start(&key, Some(2), start);
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "a new generation asks anew"
+        );
+        inflight.done(&key, Some(1));
+        let _again = inflight.join_or_start(&key, Some(1), start);
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "a finished call is not joined"
+        );
+    }
 
     fn written_copy(
         owner: &secret::Owner,

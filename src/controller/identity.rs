@@ -5,6 +5,7 @@
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
@@ -50,6 +51,14 @@ impl CredentialRef {
         }
     }
 
+    /// `namespace/name` or `name`.
+    pub fn key(&self) -> String {
+        match &self.namespace {
+            None => self.name.clone(),
+            Some(ns) => format!("{ns}/{}", self.name),
+        }
+    }
+
     /// The value of [`SCOPE_LABEL`] on the Secrets it writes.
     pub fn scope_label(&self) -> &'static str {
         match self.namespace {
@@ -80,12 +89,12 @@ impl CredentialRef {
     }
 
     /// The reconcile request for a `ClusterRegistryCredential`, if this is one.
-    pub fn as_cluster(&self) -> Option<ObjectRef<ClusterRegistryCredential>> {
+    pub fn as_cluster(&self) -> Option<ObjectRef<DeserializeGuard<ClusterRegistryCredential>>> {
         self.namespace.is_none().then(|| ObjectRef::new(&self.name))
     }
 
     /// The reconcile request for a `RegistryCredential`, if this is one.
-    pub fn as_namespaced(&self) -> Option<ObjectRef<RegistryCredential>> {
+    pub fn as_namespaced(&self) -> Option<ObjectRef<DeserializeGuard<RegistryCredential>>> {
         self.namespace
             .as_deref()
             .map(|ns| ObjectRef::new(&self.name).within(ns))

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential, RegistryCredentialStatus};
 
-use super::identity::{CredentialRef, SCOPE_CLUSTER, SCOPE_NAMESPACE};
+use super::identity::CredentialRef;
 use super::secret::Owner;
 use super::validate::{self, SpecError, ValidSpec};
 
@@ -66,12 +66,7 @@ impl CredentialKind for ClusterRegistryCredential {
     }
 
     fn owner(&self) -> Owner {
-        Owner {
-            scope: SCOPE_CLUSTER,
-            name: self.name_any(),
-            namespace: None,
-            uid: self.uid().unwrap_or_default(),
-        }
+        Owner::of(&self.reference(), self.uid().unwrap_or_default())
     }
 
     fn reference(&self) -> CredentialRef {
@@ -95,12 +90,7 @@ impl CredentialKind for RegistryCredential {
     }
 
     fn owner(&self) -> Owner {
-        Owner {
-            scope: SCOPE_NAMESPACE,
-            name: self.name_any(),
-            namespace: self.namespace(),
-            uid: self.uid().unwrap_or_default(),
-        }
+        Owner::of(&self.reference(), self.uid().unwrap_or_default())
     }
 
     fn reference(&self) -> CredentialRef {

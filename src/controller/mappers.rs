@@ -1,8 +1,6 @@
 //! Pure functions saying which credentials a watch event concerns, each unit-tested
 //! without a cluster: a namespace change, a managed Secret's change, a ServiceAccount's.
 
-use std::sync::Arc;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
@@ -19,8 +17,8 @@ use super::validate;
 /// credential waits for a change of its own).
 pub fn namespace_concerns(
     ns: &NamespaceInfo,
-    clusters: &[Arc<ClusterRegistryCredential>],
-    namespaced: &[Arc<RegistryCredential>],
+    clusters: &[&ClusterRegistryCredential],
+    namespaced: &[&RegistryCredential],
     holds: impl Fn(&CredentialRef, &str) -> bool,
 ) -> Vec<CredentialRef> {
     let mut out: Vec<CredentialRef> = clusters
@@ -54,8 +52,8 @@ pub fn namespace_concerns(
 pub fn secret_concerns(
     meta: &ObjectMeta,
     deleted: bool,
-    clusters: &[Arc<ClusterRegistryCredential>],
-    namespaced: &[Arc<RegistryCredential>],
+    clusters: &[&ClusterRegistryCredential],
+    namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
     let holder = CredentialRef::holder_of(meta);
     let mut out: Vec<CredentialRef> = holder.iter().cloned().collect();
@@ -85,8 +83,8 @@ pub fn secret_concerns(
 pub fn service_account_concerns(
     namespace: &str,
     name: &str,
-    clusters: &[Arc<ClusterRegistryCredential>],
-    namespaced: &[Arc<RegistryCredential>],
+    clusters: &[&ClusterRegistryCredential],
+    namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
     let clusters = clusters
         .iter()
@@ -116,6 +114,7 @@ mod tests {
     use super::*;
     use crate::controller::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
     use serde_json::json;
+    use std::sync::Arc;
 
     fn cluster(name: &str, target: serde_json::Value) -> Arc<ClusterRegistryCredential> {
         Arc::new(
@@ -149,6 +148,10 @@ mod tests {
         )
     }
 
+    fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
+        v.iter().map(AsRef::as_ref).collect()
+    }
+
     fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
         NamespaceInfo {
             name: name.into(),
@@ -172,7 +175,12 @@ mod tests {
         ];
         // `left` still holds its Secret here: the namespace was relabelled away from it.
         let holds = |who: &CredentialRef, secret: &str| who.name == "left" && secret == "pullkeeper-left";
-        let got = namespace_concerns(&ns("web", &[("team", "a")]), &clusters, &namespaced, holds);
+        let got = namespace_concerns(
+            &ns("web", &[("team", "a")]),
+            &refs(&clusters),
+            &refs(&namespaced),
+            holds,
+        );
         assert_eq!(
             got,
             vec![
@@ -183,7 +191,7 @@ mod tests {
             ]
         );
         let none = |_: &CredentialRef, _: &str| false;
-        let got = namespace_concerns(&ns("quiet", &[]), &clusters, &namespaced, none);
+        let got = namespace_concerns(&ns("quiet", &[]), &refs(&clusters), &refs(&namespaced), none);
         assert_eq!(
             got,
             vec![CredentialRef::cluster("all"), CredentialRef::cluster("excluded")]
@@ -193,7 +201,7 @@ mod tests {
         opted_out
             .annotations
             .insert(target::EXCLUDE_ANNOTATION.into(), "true".into());
-        assert!(namespace_concerns(&opted_out, &clusters, &[], none).is_empty());
+        assert!(namespace_concerns(&opted_out, &refs(&clusters), &[], none).is_empty());
     }
 
     #[test]
@@ -224,12 +232,12 @@ mod tests {
             ..ObjectMeta::default()
         };
         assert_eq!(
-            secret_concerns(&meta, false, &clusters, &namespaced),
+            secret_concerns(&meta, false, &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("holder")],
             "a write concerns its writer only"
         );
         assert_eq!(
-            secret_concerns(&meta, true, &clusters, &namespaced),
+            secret_concerns(&meta, true, &refs(&clusters), &refs(&namespaced)),
             vec![
                 CredentialRef::cluster("holder"),
                 CredentialRef::cluster("next"),
@@ -257,13 +265,13 @@ mod tests {
             namespaced("other", "theirs", json!({})),
         ];
         assert_eq!(
-            service_account_concerns("web", "default", &clusters, &namespaced),
+            service_account_concerns("web", "default", &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("plain"), CredentialRef::namespaced("web", "own")]
         );
         assert_eq!(
-            service_account_concerns("web", "builder", &clusters, &namespaced),
+            service_account_concerns("web", "builder", &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("builders")]
         );
-        assert!(service_account_concerns("web", "runner", &clusters, &namespaced).is_empty());
+        assert!(service_account_concerns("web", "runner", &refs(&clusters), &refs(&namespaced)).is_empty());
     }
 }

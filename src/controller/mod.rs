@@ -7,6 +7,7 @@ pub mod admission;
 pub mod apply;
 pub mod backoff;
 pub mod cache;
+pub mod cleanup;
 pub mod credential;
 mod error;
 pub mod identity;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -64,6 +66,10 @@ pub struct Context {
     pub sources: sources::SourceWatches,
     /// Issued credentials until their refresh time.
     pub credentials: Arc<cache::CredentialCache>,
+    /// Provider calls under way.
+    pub issuing: credential::InFlight,
+    /// Reconcile requests (a provider call that ends after its reconcile moved on).
+    pub requests: watches::Requests,
     /// Last pullability results.
     pub verified: verify::VerifyCache,
     /// Max parallel writes within one reconcile.
@@ -141,8 +147,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     if let Some(selector) = &settings.credential_selector {
         wc = wc.labels(selector);
     }
-    let cluster_ctl = Controller::new(Api::<ClusterRegistryCredential>::all(client.clone()), wc.clone());
-    let namespaced_ctl = Controller::new(Api::<RegistryCredential>::all(client.clone()), wc);
+    let cluster_ctl = Controller::new(
+        Api::<DeserializeGuard<ClusterRegistryCredential>>::all(client.clone()),
+        wc.clone(),
+    );
+    let namespaced_ctl = Controller::new(Api::<DeserializeGuard<RegistryCredential>>::all(client.clone()), wc);
     let credentials = watches::Credentials {
         clusters: cluster_ctl.store(),
         namespaced: namespaced_ctl.store(),
@@ -176,8 +185,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         backoffs: backoff::Backoffs::default(),
         caches,
         objects: credentials,
-        sources: sources::SourceWatches::new(client.clone(), requests, issued.clone(), shutdown.clone()),
+        sources: sources::SourceWatches::new(client.clone(), requests.clone(), issued.clone(), shutdown.clone()),
         credentials: issued,
+        issuing: credential::InFlight::default(),
+        requests,
         verified: verify::VerifyCache::new(crate::registry::AddressPolicy::new(
             settings.deny_registry_cidrs.clone(),
         )),
@@ -195,8 +206,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .reconcile_on(cluster_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
-            reconcile::reconcile::<ClusterRegistryCredential>,
-            reconcile::error_policy::<ClusterRegistryCredential>,
+            cleanup::reconcile_guarded::<ClusterRegistryCredential>,
+            cleanup::error_policy_guarded::<ClusterRegistryCredential>,
             ctx.clone(),
         )
         .for_each(|res| async move { log_result(res) });
@@ -205,8 +216,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .reconcile_on(namespaced_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
-            reconcile::reconcile::<RegistryCredential>,
-            reconcile::error_policy::<RegistryCredential>,
+            cleanup::reconcile_guarded::<RegistryCredential>,
+            cleanup::error_policy_guarded::<RegistryCredential>,
             ctx,
         )
         .for_each(|res| async move { log_result(res) });

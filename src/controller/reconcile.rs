@@ -16,7 +16,7 @@ use super::secret;
 use super::status::{self, Outcome, SyncReport};
 use super::target::NamespaceInfo;
 use super::validate::{self, ValidSpec};
-use super::{Context, CredentialKind, Error, apply, credential, report, schedule, verify};
+use super::{Context, CredentialKind, Error, apply, cleanup, credential, report, schedule, verify};
 
 /// Finalizer that lets pullkeeper remove what it wrote before the credential goes away.
 pub const FINALIZER: &str = "pullkeeper.io/cleanup";
@@ -51,7 +51,7 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
     .await
 }
 
-async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
+async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Action, Error> {
     let valid = obj
         .validate()
         .and_then(|s| validate::confine_sources(s, ctx.source_secret_namespace.as_deref()))
@@ -193,51 +193,8 @@ async fn fan_out<K: CredentialKind>(
 }
 
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
-    ctx.sources.sync(&obj.reference(), &[]);
-    ctx.credentials.invalidate(&obj.reference());
-    ctx.verified.invalidate(&obj.reference());
-    ctx.backoffs.forget(&obj.reference());
     ctx.metrics.set_expiry(&obj.metric_labels(), None);
-    let owner = obj.owner();
-    // New Pods stop getting the secret before the secret goes.
-    if let Err(e) = ctx.admission.remove(&ctx.client, &owner).await {
-        return Err(Error::CleanupIncomplete {
-            kind: K::KIND,
-            key: obj.key(),
-            message: e.to_string(),
-        });
-    }
-    // Use a fresh list rather than the cache: nothing we wrote may be left behind.
-    let secrets_api = match &owner.namespace {
-        Some(ns) => kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), ns),
-        None => kube::Api::<k8s_openapi::api::core::v1::Secret>::all(ctx.client.clone()),
-    };
-    let secrets = secrets_api
-        .list_metadata(&kube::api::ListParams::default().labels(&owner.selector()))
-        .await
-        .map_err(|source| Error::Cleanup {
-            kind: K::KIND,
-            key: obj.key(),
-            source,
-        })?;
-    let metas: Vec<_> = secrets.items.iter().map(|s| &s.metadata).collect();
-    let sas = ctx.caches.service_accounts.state();
-    let snapshot = Snapshot {
-        namespaces: &[],
-        managed_secrets: &metas,
-        service_accounts: &sas,
-        rivals: &[],
-    };
-    let plan = plan::cleanup(&owner, &snapshot);
-    let done = apply::execute(&ctx.client, &owner, "", None, &plan, ctx.write_concurrency).await;
-    if let Some(f) = done.failures.first() {
-        return Err(Error::CleanupIncomplete {
-            kind: K::KIND,
-            key: obj.key(),
-            message: f.message.clone(),
-        });
-    }
-    tracing::info!(secrets = plan.deletes.len(), "removed everything this credential wrote");
+    cleanup::remove_everything(&obj.reference(), &obj.owner(), ctx).await?;
     Ok(Action::await_change())
 }
 

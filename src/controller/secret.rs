@@ -94,6 +94,16 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// The owner stamped on what `who` (with UID `uid`) writes.
+    pub fn of(who: &super::identity::CredentialRef, uid: String) -> Self {
+        Self {
+            scope: who.scope_label(),
+            name: who.name.clone(),
+            namespace: who.namespace.clone(),
+            uid,
+        }
+    }
+
     /// The labels every written Secret carries.
     pub fn labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([

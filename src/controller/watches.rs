@@ -11,7 +11,9 @@
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use kube::core::PartialObjectMeta;
+use std::sync::Arc;
+
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -54,10 +56,15 @@ impl Caches {
 /// The credentials both controllers hold, which the mappers consult.
 #[derive(Clone)]
 pub struct Credentials {
-    /// ClusterRegistryCredentials.
-    pub clusters: Store<ClusterRegistryCredential>,
-    /// RegistryCredentials.
-    pub namespaced: Store<RegistryCredential>,
+    /// ClusterRegistryCredentials (those that do not deserialize included).
+    pub clusters: Store<DeserializeGuard<ClusterRegistryCredential>>,
+    /// RegistryCredentials (those that do not deserialize included).
+    pub namespaced: Store<DeserializeGuard<RegistryCredential>>,
+}
+
+/// The objects of a store that deserialized.
+pub fn readable<K>(state: &[Arc<DeserializeGuard<K>>]) -> Vec<&K> {
+    state.iter().filter_map(|g| g.0.as_ref().ok()).collect()
 }
 
 impl Credentials {
@@ -65,8 +72,8 @@ impl Credentials {
     /// called `secret_name`, are valid and not suspended: where one targets a namespace
     /// nobody holds the name in yet, it has the first claim.
     pub fn rivals(&self, me: &CredentialRef, created: Option<Timestamp>, secret_name: &str) -> Vec<plan::Rival> {
-        let clusters = self.clusters.state();
-        let namespaced = self.namespaced.state();
+        let (clusters, namespaced) = (self.clusters.state(), self.namespaced.state());
+        let (clusters, namespaced) = (readable(&clusters), readable(&namespaced));
         let candidates = clusters
             .iter()
             .map(|c| (c.reference(), c.meta().creation_timestamp.as_ref(), c.validate()))
@@ -88,14 +95,14 @@ impl Credentials {
 /// Reconcile requests for the controllers of both kinds.
 #[derive(Clone)]
 pub struct Requests {
-    cluster: mpsc::UnboundedSender<ObjectRef<ClusterRegistryCredential>>,
-    namespaced: mpsc::UnboundedSender<ObjectRef<RegistryCredential>>,
+    cluster: mpsc::UnboundedSender<ObjectRef<DeserializeGuard<ClusterRegistryCredential>>>,
+    namespaced: mpsc::UnboundedSender<ObjectRef<DeserializeGuard<RegistryCredential>>>,
 }
 
 /// The request streams a [`Requests`] feeds, one per controller.
 pub type RequestStreams = (
-    UnboundedReceiverStream<ObjectRef<ClusterRegistryCredential>>,
-    UnboundedReceiverStream<ObjectRef<RegistryCredential>>,
+    UnboundedReceiverStream<ObjectRef<DeserializeGuard<ClusterRegistryCredential>>>,
+    UnboundedReceiverStream<ObjectRef<DeserializeGuard<RegistryCredential>>>,
 );
 
 impl Requests {
@@ -147,8 +154,8 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         let info = NamespaceInfo::from_meta(&ns.metadata);
         namespace_concerns(
             &info,
-            &creds.clusters.state(),
-            &creds.namespaced.state(),
+            &readable(&creds.clusters.state()),
+            &readable(&creds.namespaced.state()),
             |who, name| holds(&secrets, who, &info.name, name),
         )
     });
@@ -173,7 +180,14 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         managed,
         requests.clone(),
         shutdown,
-        move |(s, deleted)| secret_concerns(&s.metadata, deleted, &creds.clusters.state(), &creds.namespaced.state()),
+        move |(s, deleted)| {
+            secret_concerns(
+                &s.metadata,
+                deleted,
+                &readable(&creds.clusters.state()),
+                &readable(&creds.namespaced.state()),
+            )
+        },
     );
 
     let service_accounts = watcher(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
@@ -201,8 +215,8 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
             service_account_concerns(
                 &sa.namespace().unwrap_or_default(),
                 &sa.name_any(),
-                &creds.clusters.state(),
-                &creds.namespaced.state(),
+                &readable(&creds.clusters.state()),
+                &readable(&creds.namespaced.state()),
             )
         },
     );

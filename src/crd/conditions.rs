@@ -52,6 +52,8 @@ pub mod reasons {
     pub const PROVIDER_UNREACHABLE: &str = "ProviderUnreachable";
     /// The cloud provider failed in another way.
     pub const PROVIDER_ERROR: &str = "ProviderError";
+    /// The provider has been asked and has not answered yet.
+    pub const ISSUING: &str = "Issuing";
     /// A `RegistryCredential` would use the operator's own cloud identity, and the
     /// administrator has not allowed that (`--namespaced-ambient-credentials`).
     pub const AMBIENT_CREDENTIALS_NOT_ALLOWED: &str = "AmbientCredentialsNotAllowed";

@@ -487,7 +487,8 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
     Failure::Other
 }
 
-/// The text of a chain: its innermost cause is the detail a message shows.
+/// The text of a chain, for errors whose type says nothing (a TLS failure that reaches
+/// us only as text through the connector).
 fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = String::new();
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -634,7 +635,14 @@ impl<'a> Session<'a> {
             },
             Failure::Tls => PullError::Tls { registry, detail },
             // A plain-HTTP answer is no certificate problem: the CA advice would mislead.
-            Failure::PlainHttp | Failure::Other => PullError::Unreachable { registry, detail },
+            Failure::PlainHttp | Failure::Other => {
+                let lower = chain.to_ascii_lowercase();
+                if lower.contains("certificate") || lower.contains("unknownissuer") || lower.contains("handshake") {
+                    PullError::Tls { registry, detail }
+                } else {
+                    PullError::Unreachable { registry, detail }
+                }
+            }
         }
     }
 

@@ -23,7 +23,9 @@ pub fn events(previous: Option<&RegistryCredentialStatus>, next: &RegistryCreden
         let changed = before.is_none_or(|b| b.status != after.status || b.reason != after.reason);
         if changed {
             out.push(Transition {
-                warning: after.status == Status::False.as_str(),
+                // Waiting for a provider is no failure: a Normal Event.
+                warning: after.status == Status::False.as_str()
+                    && after.reason != crate::crd::conditions::reasons::ISSUING,
                 reason: after.reason.clone(),
                 message: after.message.clone(),
             });

@@ -212,9 +212,15 @@ fn reconciled_conditions(
                 e.message,
                 whole_seconds(e.retry_at)
             );
+            // Asked and not answered yet is no failure (yet).
+            let issued = if e.reason == reasons::ISSUING {
+                Status::Unknown
+            } else {
+                Status::False
+            };
             let mut out = vec![
                 Desired::new(types::READY, Status::False, e.reason, message.clone()),
-                Desired::new(types::CREDENTIAL_ISSUED, Status::False, e.reason, message),
+                Desired::new(types::CREDENTIAL_ISSUED, issued, e.reason, message),
             ];
             if !sync.failures.is_empty() {
                 out.push(synced);
@@ -320,6 +326,22 @@ mod tests {
     fn ready(s: &RegistryCredentialStatus) -> (&str, &str) {
         let c = conditions::find(&s.conditions, types::READY).expect("ready");
         (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_provider_that_has_not_answered_yet_is_no_failure() {
+        let waiting = Failure::waiting("gcp", now(), std::time::Duration::from_secs(30));
+        let s = build(None, &reconciled(Err(waiting), vec![]), Some(1), now());
+        assert_eq!(ready(&s), ("False", reasons::ISSUING));
+        let issued = conditions::find(&s.conditions, types::CREDENTIAL_ISSUED).expect("issued");
+        assert_eq!(issued.status, "Unknown");
+        assert!(
+            issued.message.contains("waiting for the gcp provider"),
+            "{}",
+            issued.message
+        );
+        let ev = events(None, &s);
+        assert!(ev.iter().all(|e| !e.warning), "{ev:?}");
     }
 
     #[test]
