@@ -41,11 +41,7 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
     let secrets = secrets_api
         .list_metadata(&kube::api::ListParams::default().labels(&owner.selector()))
         .await
-        .map_err(|source| Error::Cleanup {
-            kind: who.kind(),
-            key: who.key(),
-            source,
-        })?;
+        .map_err(|source| cleanup_failed(who, source))?;
     let metas: Vec<_> = secrets.items.iter().map(|s| &s.metadata).collect();
     let sas = ctx.caches.service_accounts.state();
     let snapshot = Snapshot {
@@ -65,6 +61,14 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
     }
     tracing::info!(secrets = plan.deletes.len(), "removed everything this credential wrote");
     Ok(())
+}
+
+fn cleanup_failed(who: &CredentialRef, source: kube::Error) -> Error {
+    Error::Cleanup {
+        kind: who.kind(),
+        key: who.key(),
+        source,
+    }
 }
 
 /// Reconciles a stored object, or reports one whose spec or status does not deserialize
@@ -132,11 +136,7 @@ async fn unreadable<K: CredentialKind>(invalid: &InvalidObject, ctx: &Context) -
             };
             api.patch_metadata(&who.name, &PatchParams::default(), &Patch::Json::<()>(patch))
                 .await
-                .map_err(|source| Error::Cleanup {
-                    kind: who.kind(),
-                    key: who.key(),
-                    source,
-                })?;
+                .map_err(|source| cleanup_failed(&who, source))?;
         }
         return Ok(Action::await_change());
     }

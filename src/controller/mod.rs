@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cleanup;
 pub mod credential;
 mod error;
+#[cfg(test)]
+pub mod fixtures;
 pub mod identity;
 pub mod kind;
 pub mod mappers;

@@ -260,6 +260,7 @@ where
         let mut stream = std::pin::pin!(stream);
         loop {
             let item = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return,
                 item = stream.next() => item,
             };
