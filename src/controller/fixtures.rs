@@ -444,6 +444,44 @@ mod tests {
         server.await.expect("the apiserver saw what it expected");
     }
 
+    #[tokio::test]
+    async fn an_unreadable_object_being_deleted_still_has_what_it_wrote_removed() {
+        use kube::core::DeserializeGuard;
+        // Written for another version: a provider this one does not know.
+        let unreadable: DeserializeGuard<ClusterRegistryCredential> = serde_json::from_value(json!({
+            "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+            "metadata": {"name": "ghcr", "uid": "uid-1", "finalizers": [reconcile::FINALIZER, "other.io/keep"],
+                         "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"registry": "ghcr.io", "provider": {"quay": {}}},
+        }))
+        .expect("guard");
+        assert!(unreadable.0.is_err());
+        let (client, server) = apiserver(vec![
+            Expect::new(
+                "GET",
+                format!("/api/v1/secrets?&labelSelector={}", url_encoded(&owner().selector())),
+                200,
+                json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}),
+            ),
+            Expect::new(
+                "PATCH",
+                "/apis/pullkeeper.io/v1alpha1/clusterregistrycredentials/ghcr?",
+                200,
+                json!({"apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential", "metadata": {"name": "ghcr"}}),
+            )
+            .content_type(JSON_PATCH)
+            .check(|body| {
+                // Only our finalizer goes, guarded by a test of the list it was computed from.
+                assert_eq!(body[0]["op"], "test", "{body}");
+                assert_eq!(body[1]["value"], json!(["other.io/keep"]), "{body}");
+            }),
+        ]);
+        crate::controller::cleanup::reconcile_guarded(Arc::new(unreadable), context(client))
+            .await
+            .expect("cleaned up");
+        server.await.expect("the apiserver saw what it expected");
+    }
+
     fn url_encoded(s: &str) -> String {
         url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
     }
