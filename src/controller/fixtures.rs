@@ -162,6 +162,7 @@ pub fn context(client: Client) -> Arc<Context> {
         sources: sources::SourceWatches::new(client, requests.clone(), issued.clone(), stopped),
         credentials: issued,
         issuing: credential::InFlight::default(),
+        status_writes: super::status::StatusWrites::default(),
         requests,
         verified: verify::VerifyCache::default(),
         write_concurrency: 1,

@@ -70,6 +70,8 @@ pub struct Context {
     pub credentials: Arc<cache::CredentialCache>,
     /// Provider calls under way.
     pub issuing: credential::InFlight,
+    /// When each credential's status was last written (counts-only changes coalesce).
+    pub status_writes: status::StatusWrites,
     /// Reconcile requests (a provider call that ends after its reconcile moved on).
     pub requests: watches::Requests,
     /// Last pullability results.
@@ -190,6 +192,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         sources: sources::SourceWatches::new(client.clone(), requests.clone(), issued.clone(), shutdown.clone()),
         credentials: issued,
         issuing: credential::InFlight::default(),
+        status_writes: status::StatusWrites::default(),
         requests,
         verified: verify::VerifyCache::new(crate::registry::AddressPolicy::new(
             settings.deny_registry_cidrs.clone(),
@@ -200,9 +203,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         namespaced_ambient_credentials: settings.namespaced_ambient_credentials,
         endpoints: settings.endpoints.clone(),
     });
-    let config = kube::runtime::controller::Config::default()
-        .concurrency(settings.concurrency)
-        .debounce(Duration::from_millis(50));
+    // No debounce: a new namespace is written at once (bursts are cheap: reconciles of a
+    // credential never run concurrently, and counts-only status writes coalesce).
+    let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
     let cluster = cluster_ctl
         .with_config(config.clone())
         .reconcile_on(cluster_requests)

@@ -2,6 +2,7 @@
 //! validate (pure) → issue credential (provider I/O, once) → plan (pure) → apply (API I/O)
 //! → status (pure) → patch status and publish Events (API I/O).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,7 +156,13 @@ async fn fan_out<K: CredentialKind>(
         .map(|n| NamespaceInfo::from_meta(&n.metadata))
         .collect();
     let secrets = ctx.caches.secrets.state();
-    let metas: Vec<_> = secrets.iter().map(|s| &s.metadata).collect();
+    // Only what concerns this credential: Secrets of its name (its own or in the way) and
+    // its own Secrets of another name (to delete). Thousands of others are no input.
+    let metas: Vec<_> = secrets
+        .iter()
+        .map(|s| &s.metadata)
+        .filter(|m| m.name.as_deref() == Some(spec.secret_name.as_str()) || owner.owns(m))
+        .collect();
     let sas = ctx.caches.service_accounts.state();
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let rivals = ctx.objects.rivals(&obj.reference(), created, &spec.secret_name);
@@ -177,12 +184,12 @@ async fn fan_out<K: CredentialKind>(
     .await;
     ctx.metrics.observe_writes(K::KIND, done.requests);
     ctx.metrics.set_managed_secrets(secrets.len());
-    let failed: std::collections::BTreeSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
+    let failed: HashSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
+    let holding: HashSet<&str> = plan.current.iter().chain(&done.written).map(String::as_str).collect();
     let synced = plan
         .targeted
         .iter()
-        .filter(|ns| !failed.contains(ns.as_str()))
-        .filter(|ns| plan.current.contains(ns) || done.written.contains(ns))
+        .filter(|ns| !failed.contains(ns.as_str()) && holding.contains(ns.as_str()))
         .count();
     let sync = SyncReport {
         targeted: plan.targeted.len(),

@@ -24,7 +24,14 @@ pub async fn finish<K: CredentialKind>(
     let previous = obj.current_status();
     let next = status::build(previous, outcome, obj.meta().generation, Timestamp::now());
     if previous != Some(&next) {
+        // A burst of new namespaces changes only the counts: one write per interval for
+        // those (a later reconcile writes the last), at once for anything else.
+        let who = obj.reference();
+        if previous.is_some_and(|p| status::counts_only(p, &next)) && ctx.status_writes.recent(&who) {
+            return Ok(Action::requeue(status::COALESCE));
+        }
         patch_status(obj, ctx, &next).await?;
+        ctx.status_writes.record(who);
     }
     for t in status::events(previous, &next) {
         publish(obj, ctx, &t).await;

@@ -69,17 +69,19 @@ pub fn readable<K>(state: &[Arc<DeserializeGuard<K>>]) -> Vec<&K> {
 
 impl Credentials {
     /// The credentials older than `me` (created at `created`) that would write a Secret
-    /// called `secret_name`, are valid and not suspended: where one targets a namespace
-    /// nobody holds the name in yet, it has the first claim.
+    /// called `secret_name`, are valid, not suspended and not being deleted: where one
+    /// targets a namespace nobody holds the name in yet, it has the first claim.
     pub fn rivals(&self, me: &CredentialRef, created: Option<Timestamp>, secret_name: &str) -> Vec<plan::Rival> {
         let (clusters, namespaced) = (self.clusters.state(), self.namespaced.state());
         let (clusters, namespaced) = (readable(&clusters), readable(&namespaced));
         let candidates = clusters
             .iter()
+            .filter(|c| c.meta().deletion_timestamp.is_none())
             .map(|c| (c.reference(), c.meta().creation_timestamp.as_ref(), c.validate()))
             .chain(
                 namespaced
                     .iter()
+                    .filter(|r| r.meta().deletion_timestamp.is_none())
                     .map(|r| (r.reference(), r.meta().creation_timestamp.as_ref(), r.validate())),
             );
         candidates
@@ -278,4 +280,58 @@ where
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn guarded(name: &str, created: &str, extra: serde_json::Value) -> DeserializeGuard<ClusterRegistryCredential> {
+        let mut meta = json!({"name": name, "creationTimestamp": created});
+        if let serde_json::Value::Object(m) = extra {
+            meta.as_object_mut().expect("object").extend(m);
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "pullkeeper.io/v1alpha1", "kind": "ClusterRegistryCredential",
+            "metadata": meta,
+            "spec": {"registry": "ghcr.io", "provider": {"basic": {"secretRef": {"name": "s", "namespace": "ops"}}},
+                     "target": {"secretName": "regcred"}},
+        }))
+        .expect("credential")
+    }
+
+    #[test]
+    fn rivals_are_the_older_credentials_of_the_same_secret_name_that_stay() {
+        let (clusters, mut writer) = reflector::store();
+        for c in [
+            guarded("old", "2026-01-01T00:00:00Z", json!({})),
+            guarded(
+                "leaving",
+                "2026-01-01T00:00:00Z",
+                json!({"deletionTimestamp": "2026-06-01T00:00:00Z", "finalizers": ["x"]}),
+            ),
+            guarded("young", "2026-09-01T00:00:00Z", json!({})),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(c));
+        }
+        let (namespaced, _) = reflector::store();
+        let credentials = Credentials { clusters, namespaced };
+        let me = CredentialRef::cluster("me");
+        let created = Timestamp::from_second(1_780_000_000).ok(); // 2026-05-28
+        let rivals: Vec<CredentialRef> = credentials
+            .rivals(&me, created, "regcred")
+            .into_iter()
+            .map(|r| r.who)
+            .collect();
+        assert_eq!(
+            rivals,
+            vec![CredentialRef::cluster("old")],
+            "younger and leaving ones have no claim"
+        );
+        assert!(
+            credentials.rivals(&me, created, "other").is_empty(),
+            "another name is no rival"
+        );
+    }
 }

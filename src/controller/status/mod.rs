@@ -8,9 +8,11 @@ use crate::crd::{ImageStatus, MAX_LISTED_FAILURES, NamespaceCounts, NamespaceFai
 
 use super::cache::Failure;
 
+mod coalesce;
 mod events;
 mod limits;
 use super::validate::SpecError;
+pub use coalesce::{COALESCE, StatusWrites, counts_only};
 pub use events::{Transition, events};
 pub use limits::{MAX_STATUS_BYTES, bounded};
 
