@@ -297,6 +297,6 @@ fn log_result<K, E1, E2>(
         Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
             tracing::debug!(object = %obj, "triggered object is gone");
         }
-        Err(e) => tracing::warn!(error = %e, "controller stream error"),
+        Err(e) => crate::warn_repeated!("controller-stream", "", error = %e, "controller stream error"),
     }
 }

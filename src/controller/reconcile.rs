@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, finalizer};
 use serde_json::json;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info_span};
 
 use crate::crd::RegistryCredentialStatus;
 use crate::provider::{self, Credential, ProviderError, ProviderSpec};
@@ -50,7 +50,9 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
         // Backoffs are reset by a success of the step that failed (see `apply_spec` and
         // `credential`), not by any `Ok`: a failure reported in status is an `Ok` too.
         if result.is_ok() {
-            ctx.backoffs.reset(&backoff_key::<K>(&obj, Step::Reconcile));
+            let key = backoff_key::<K>(&obj, Step::Reconcile);
+            ctx.backoffs.reset(&key);
+            crate::telemetry::resolved("reconcile", &key);
         }
         result
     }
@@ -154,6 +156,7 @@ async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec)
     match issue(ctx, spec).await {
         Ok(credential) => {
             ctx.backoffs.reset(&provider_key);
+            crate::telemetry::resolved("provider", &provider_key);
             let refresh_at = now
                 .checked_add(schedule::next_refresh(spec, &credential))
                 .unwrap_or(Timestamp::MAX);
@@ -185,7 +188,7 @@ async fn credential<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec)
                 permanent: e.is_permanent(),
                 retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
             };
-            warn!(reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
+            crate::warn_repeated!("provider", &provider_key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
             ctx.credentials.put_failure(key, generation, failure.clone());
             Err(failure)
         }
@@ -478,7 +481,7 @@ async fn publish<K: CredentialKind>(obj: &K, ctx: &Context, t: &status::Transiti
     };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         // Events are best effort: a failure to record one must not fail the reconcile.
-        warn!(error = %e, "could not publish Event");
+        crate::warn_repeated!("event", &obj.key(), error = %e, "could not publish Event");
     }
 }
 
@@ -508,7 +511,8 @@ fn backoff_key<K: CredentialKind>(obj: &K, step: Step) -> String {
 /// Retries failed reconciles with exponential backoff and jitter per object.
 pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoffs.next(&backoff_key::<K>(&obj, Step::Reconcile));
-    warn!(kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
+    let key = backoff_key::<K>(&obj, Step::Reconcile);
+    crate::warn_repeated!("reconcile", &key, kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 

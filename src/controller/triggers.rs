@@ -167,7 +167,9 @@ where
                     }
                 }
                 // The watcher re-lists and resumes by itself (with backoff); say so loudly.
-                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
+                Some(Err(e)) => {
+                    crate::warn_repeated!("watch", what, watch = what, error = %e, "watch failed; retrying with backoff")
+                }
                 None => {
                     tracing::error!(watch = what, "watch stream ended");
                     return;
@@ -317,7 +319,7 @@ impl SourceWatches {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(secret = %label, error = %e, "watch of source Secret failed; retrying with backoff");
+                        crate::warn_repeated!("source-watch", &label, secret = %label, error = %e, "watch of source Secret failed; retrying with backoff");
                     }
                     None => return,
                 }
