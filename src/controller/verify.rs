@@ -27,6 +27,9 @@ struct Entry {
     issued_at: Timestamp,
     checked_at: Timestamp,
     images: Vec<ImageStatus>,
+    /// A registry answered 429 with `Retry-After`: no check before this, even for a new
+    /// credential.
+    throttled_until: Option<Timestamp>,
 }
 
 /// Last results per credential, and the addresses checks may not reach.
@@ -69,6 +72,10 @@ pub async fn images(
     let fresh = {
         let entries = crate::lock(&cache.entries);
         entries.get(key).and_then(|e| {
+            if let Some(until) = e.throttled_until.filter(|u| e.generation == generation && now < *u) {
+                let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+                return Some((e.images.clone(), left));
+            }
             let due = e.checked_at.checked_add(*interval).ok()?;
             (e.generation == generation && e.issued_at == credential.issued_at && now < due).then(|| {
                 let left = Duration::try_from(due.duration_since(now)).unwrap_or_default();
@@ -79,7 +86,7 @@ pub async fn images(
     if let Some(hit) = fresh {
         return Some(hit);
     }
-    let checked = check(
+    let (checked, retry_after) = check(
         metrics,
         &cache.policy,
         spec,
@@ -89,6 +96,7 @@ pub async fn images(
         now,
     )
     .await;
+    let throttled_until = retry_after.and_then(|r| now.checked_add(r).ok());
     crate::lock(&cache.entries).insert(
         key.clone(),
         Entry {
@@ -96,9 +104,19 @@ pub async fn images(
             issued_at: credential.issued_at,
             checked_at: now,
             images: checked.clone(),
+            throttled_until,
         },
     );
-    Some((checked, *interval))
+    Some((checked, (*interval).max(retry_after.unwrap_or_default())))
+}
+
+/// The longest `Retry-After` among rate-limited checks, capped like a provider's.
+fn longest_retry_after(hints: impl IntoIterator<Item = Option<Duration>>) -> Option<Duration> {
+    hints
+        .into_iter()
+        .flatten()
+        .max()
+        .map(|d| d.min(super::schedule::THROTTLED_MAX))
 }
 
 async fn check(
@@ -109,7 +127,7 @@ async fn check(
     platforms: &[String],
     credential: &Cached,
     now: Timestamp,
-) -> Vec<ImageStatus> {
+) -> (Vec<ImageStatus>, Option<Duration>) {
     let checked_at = Some(Time(whole_seconds(now)));
     let failed = |image: &str, reason: &'static str, message: String| {
         metrics.observe_image_check(reason);
@@ -129,26 +147,29 @@ async fn check(
     };
     let client = match RegistryClient::with_policy(&tls, policy.clone()) {
         Ok(c) => c,
-        Err(e) => return images.iter().map(|i| failed(i, e.reason(), e.to_string())).collect(),
+        Err(e) => {
+            let all = images.iter().map(|i| failed(i, e.reason(), e.to_string())).collect();
+            return (all, None);
+        }
     };
     let login = Login {
         username: credential.credential.username.clone(),
         password: credential.credential.password.clone(),
     };
-    futures::stream::iter(images.iter().cloned())
+    let results = futures::stream::iter(images.iter().cloned())
         .map(|image| {
             let (client, login, failed, checked_at) = (&client, &login, &failed, &checked_at);
             async move {
                 let reference = match Reference::parse(&image) {
                     Ok(r) => r,
-                    Err(e) => return failed(&image, "InvalidReference", e.to_string()),
+                    Err(e) => return (failed(&image, "InvalidReference", e.to_string()), None),
                 };
                 // The credential is for spec.registry; other registries are tried anonymously.
                 let same = RegistryHost::parse(&reference.registry).is_ok_and(|h| h.same_registry(&spec.registry));
                 match client.resolve(&reference, same.then_some(login), platforms).await {
                     Ok(r) => {
                         metrics.observe_image_check(reasons::RESOLVED);
-                        ImageStatus {
+                        let resolved = ImageStatus {
                             image: image.clone(),
                             pullable: true,
                             digest: Some(r.digest),
@@ -156,13 +177,40 @@ async fn check(
                             reason: reasons::RESOLVED.to_owned(),
                             message: String::new(),
                             checked_at: checked_at.clone(),
-                        }
+                        };
+                        (resolved, None)
                     }
-                    Err(e) => failed(&image, e.reason(), e.to_string()),
+                    Err(e) => {
+                        let hint = match &e {
+                            crate::registry::PullError::RateLimited {
+                                retry_after: Some(r), ..
+                            } => crate::provider::retry_after(r, now),
+                            _ => None,
+                        };
+                        (failed(&image, e.reason(), e.to_string()), hint)
+                    }
                 }
             }
         })
         .buffered(PARALLEL)
-        .collect()
-        .await
+        .collect::<Vec<_>>()
+        .await;
+    let (statuses, hints): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+    (statuses, longest_retry_after(hints))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_retry_after_wins_capped_at_an_hour() {
+        let s = Duration::from_secs;
+        assert_eq!(longest_retry_after([None, Some(s(30)), Some(s(90))]), Some(s(90)));
+        assert_eq!(longest_retry_after([None, None]), None);
+        assert_eq!(
+            longest_retry_after([Some(s(86_400))]),
+            Some(super::super::schedule::THROTTLED_MAX)
+        );
+    }
 }
