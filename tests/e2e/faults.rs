@@ -32,21 +32,18 @@ struct Shard {
 
 impl Shard {
     async fn start(kubeconfig: &Path, prefix: &str) -> Shard {
-        let client = support::client_for(kubeconfig).await;
-        let shard = support::unique(prefix);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let op = support::start(
-            kubeconfig,
-            &shard,
-            &[("PULLKEEPER_LOG", "info")],
-            dir.path(),
-            "operator",
-        );
-        Shard {
-            client,
-            shard,
-            op,
-            _dir: dir,
+        let stopped = Stopped {
+            client: support::client_for(kubeconfig).await,
+            shard: support::unique(prefix),
+        };
+        stopped.start(kubeconfig, "operator")
+    }
+
+    /// Kills the operator process (SIGKILL).
+    fn kill(self) -> Stopped {
+        Stopped {
+            client: self.client,
+            shard: self.shard,
         }
     }
 
@@ -99,6 +96,26 @@ impl Shard {
         })
         .await;
         assert!(gone.is_some(), "credentials of {} were not cleaned up", self.shard);
+    }
+}
+
+/// A shard whose operator was killed.
+struct Stopped {
+    client: Client,
+    shard: String,
+}
+
+impl Stopped {
+    /// Starts an operator process for the shard again, logging to `<name>.log`.
+    fn start(self, kubeconfig: &Path, name: &str) -> Shard {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let op = support::start(kubeconfig, &self.shard, &[("PULLKEEPER_LOG", "info")], dir.path(), name);
+        Shard {
+            client: self.client,
+            shard: self.shard,
+            op,
+            _dir: dir,
+        }
     }
 }
 
@@ -403,19 +420,13 @@ async fn faults_the_operator_killed_mid_renewal() {
     })
     .await;
     assert!(minted.is_some(), "no renewal within 30 s");
-    let Shard {
-        client,
-        shard,
-        op,
-        _dir,
-    } = s;
-    drop(op);
+    let stopped = s.kill();
     let killed = Instant::now();
     let renewed_token = f.issued(&id);
     let partial = {
         let mut with_new = 0;
         for ns in &namespaces {
-            if let Some((p, _, _)) = secret_state(&client, ns, &secret, "gcr.io").await
+            if let Some((p, _, _)) = secret_state(&stopped.client, ns, &secret, "gcr.io").await
                 && p.ends_with(&format!("-{renewed_token}"))
             {
                 with_new += 1;
@@ -424,20 +435,7 @@ async fn faults_the_operator_killed_mid_renewal() {
         with_new
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let op = support::start(
-        &env.kubeconfig,
-        &shard,
-        &[("PULLKEEPER_LOG", "info")],
-        dir.path(),
-        "restarted",
-    );
-    let s = Shard {
-        client,
-        shard,
-        op,
-        _dir: dir,
-    };
+    let s = stopped.start(&env.kubeconfig, "restarted");
     // Converged: every namespace holds one and the same unexpired token, Ready again.
     let converged = eventually(Duration::from_secs(60), || async {
         let mut tokens = std::collections::BTreeSet::new();
@@ -465,7 +463,29 @@ async fn faults_the_operator_killed_mid_renewal() {
     })
     .await;
     assert!(renewed.is_some(), "the restarted operator does not renew");
+    // Killed again while its token is fresh (status written): the next process reuses that
+    // token, mints nothing and writes nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = s.kill();
+    let minted = f.issued(&id);
+    let s = stopped.start(&env.kubeconfig, "third");
+    let reused = eventually(Duration::from_secs(10), || async {
+        s.op.log_text()
+            .contains("reusing the unexpired credential")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        reused.is_some(),
+        "the fresh token was not reused; log:\n{}",
+        s.op.log_text()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        f.issued(&id),
+        minted,
+        "a token was minted although the one written is fresh"
+    );
     stop.cancel();
     let (seen, expired) = monitor.await.expect("monitor");
     assert!(
