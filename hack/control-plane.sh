@@ -13,6 +13,10 @@
 #   hack/control-plane.sh start DIR    start (or reuse) a control plane whose state lives
 #                                      in DIR; the last line of stdout is DIR/kubeconfig
 #   hack/control-plane.sh stop DIR     stop it and remove its data (idempotent)
+#   hack/control-plane.sh restart-apiserver DIR
+#                                      start its kube-apiserver again in place (same port,
+#                                      certificates and etcd data) after it was killed;
+#                                      the last line of stdout is DIR/kubeconfig
 #   hack/control-plane.sh env DIR      print `export KUBECONFIG=...`
 #
 #   install, kubectl and kubelet are hack/k8s-binaries.sh's (building the binaries), kept
@@ -52,6 +56,7 @@ usage: ${PROG} install
        ${PROG} kubectl|kubelet
        ${PROG} start DIR
        ${PROG} stop DIR
+       ${PROG} restart-apiserver DIR
        ${PROG} env DIR
 EOF
   exit 2
@@ -327,6 +332,30 @@ wait_for() { # wait_for DESCRIPTION LOGFILE PIDNAME COMMAND...
 readyz_ok() { [[ "$(api_get /readyz)" == ok ]]; }
 default_sa_exists() { api_get /api/v1/namespaces/default/serviceaccounts/default; }
 
+# Launch kube-apiserver on the ports and files recorded in DIR (state.env, pki/, tokens.csv):
+# by `start`, and again by `restart-apiserver` after the process was killed.
+launch_apiserver() {
+  local minor="$1"
+  local api_args=(
+    --etcd-servers="http://127.0.0.1:${ETCD_CLIENT_PORT}"
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1
+    --secure-port="${APISERVER_PORT}" --cert-dir="${DIR}/pki"
+    --tls-cert-file="${DIR}/pki/apiserver.crt" --tls-private-key-file="${DIR}/pki/apiserver.key"
+    --client-ca-file="${DIR}/pki/ca.crt"
+    --token-auth-file="${DIR}/tokens.csv" --authorization-mode=RBAC
+    --service-account-issuer=https://kubernetes.default.svc
+    --service-account-key-file="${DIR}/pki/sa.key"
+    --service-account-signing-key-file="${DIR}/pki/sa.key"
+    --service-cluster-ip-range=10.0.0.0/24
+    --endpoint-reconciler-type=none
+    --allow-privileged=true --profiling=false
+  )
+  if ((minor < 24)); then
+    api_args+=(--insecure-port=0)
+  fi
+  launch "${DIR}/kube-apiserver.pid" "${DIR}/kube-apiserver.log" "${BIN_DIR}/kube-apiserver" "${api_args[@]}"
+}
+
 cmd_start() {
   DIR="$(abs_dir "$1")"
   ensure_tools openssl:openssl curl:curl flock:util-linux setsid:util-linux realpath:coreutils \
@@ -390,25 +419,7 @@ cmd_start() {
   wait_for "etcd to listen on 127.0.0.1:${ETCD_CLIENT_PORT}" "${DIR}/etcd.log" etcd \
     curl -fsS --max-time 2 "http://127.0.0.1:${ETCD_CLIENT_PORT}/health"
 
-  # kube-apiserver
-  local api_args=(
-    --etcd-servers="http://127.0.0.1:${ETCD_CLIENT_PORT}"
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1
-    --secure-port="${APISERVER_PORT}" --cert-dir="${DIR}/pki"
-    --tls-cert-file="${DIR}/pki/apiserver.crt" --tls-private-key-file="${DIR}/pki/apiserver.key"
-    --client-ca-file="${DIR}/pki/ca.crt"
-    --token-auth-file="${DIR}/tokens.csv" --authorization-mode=RBAC
-    --service-account-issuer=https://kubernetes.default.svc
-    --service-account-key-file="${DIR}/pki/sa.key"
-    --service-account-signing-key-file="${DIR}/pki/sa.key"
-    --service-cluster-ip-range=10.0.0.0/24
-    --endpoint-reconciler-type=none
-    --allow-privileged=true --profiling=false
-  )
-  if ((minor < 24)); then
-    api_args+=(--insecure-port=0)
-  fi
-  launch "${DIR}/kube-apiserver.pid" "${DIR}/kube-apiserver.log" "${BIN_DIR}/kube-apiserver" "${api_args[@]}"
+  launch_apiserver "${minor}"
   # The controller-manager needs the RBAC bootstrap policy, so wait for /readyz first.
   write_kubeconfig "${DIR}/kubeconfig" "${APISERVER_PORT}" "${ADMIN_TOKEN}" admin
   wait_for "kube-apiserver /readyz on 127.0.0.1:${APISERVER_PORT}" "${DIR}/kube-apiserver.log" kube-apiserver readyz_ok
@@ -445,6 +456,36 @@ cmd_start() {
   printf '%s\n' "${DIR}/kubeconfig"
 }
 
+# Start kube-apiserver again in place (same port, certificates, tokens and etcd data)
+# after it died or was killed; the rest of the control plane keeps running. For fault
+# injection: tests SIGKILL the apiserver and bring it back with this.
+cmd_restart_apiserver() {
+  DIR="$(abs_dir "$1")"
+  take_lock "${FD_DIR}" "${DIR}/.lock" "control plane ${DIR}"
+  load_state || die "no control plane recorded in ${DIR}; run '${PROG} start ${DIR}'"
+  pid_is "$(read_pid "${DIR}" etcd)" etcd || die "etcd of ${DIR} is not running; run '${PROG} start ${DIR}'"
+  local pid version minor
+  pid="$(read_pid "${DIR}" kube-apiserver)"
+  if [[ -n "${pid}" ]] && pid_is "${pid}" kube-apiserver; then
+    signal_daemon KILL "${pid}"
+    while pid_is "${pid}" kube-apiserver; do sleep 0.1; done
+  fi
+  rm -f "${DIR}/kube-apiserver.pid"
+  version="${K8S_VERSION:-$("${BIN_DIR}/kube-apiserver" --version 2>/dev/null | awk '{print $2}')}"
+  minor="${version#v1.}"
+  minor="${minor%%.*}"
+  # The old process's port may linger briefly.
+  local deadline=$((SECONDS + 30))
+  while port_listening "${APISERVER_PORT}"; do
+    ((SECONDS < deadline)) || die "port ${APISERVER_PORT} is still in use"
+    sleep 0.2
+  done
+  launch_apiserver "${minor}"
+  wait_for "kube-apiserver /readyz on 127.0.0.1:${APISERVER_PORT}" "${DIR}/kube-apiserver.log" kube-apiserver readyz_ok
+  log "kube-apiserver of ${DIR} restarted in place at https://127.0.0.1:${APISERVER_PORT}"
+  printf '%s\n' "${DIR}/kubeconfig"
+}
+
 cmd_stop() {
   DIR="$(abs_dir "$1")"
   [[ -d "${DIR}" ]] || return 0
@@ -468,6 +509,7 @@ main() {
     install|kubectl|kubelet) (($# == 0)) || usage; exec bash "${HERE}/k8s-binaries.sh" "${cmd}" ;;
     start) (($# == 1)) || usage; cmd_start "$1" ;;
     stop) (($# == 1)) || usage; cmd_stop "$1" ;;
+    restart-apiserver) (($# == 1)) || usage; cmd_restart_apiserver "$1" ;;
     env) (($# == 1)) || usage; cmd_env "$1" ;;
     -h|--help|help) usage ;;
     *) usage ;;

@@ -162,7 +162,9 @@ impl Elector {
                         logged = true;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "leader election attempt failed; retrying"),
+                Err(e) => {
+                    crate::warn_repeated!("leader-acquire", &self.config.name, error = %e, "leader election attempt failed; retrying")
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return false,
@@ -184,7 +186,7 @@ impl Elector {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not renew the leader lease");
+                    crate::warn_repeated!("leader-renew", &self.config.name, error = %e, "could not renew the leader lease");
                     if last_renewed.elapsed() >= self.config.duration {
                         tracing::error!("leader lease not renewed within its duration");
                         return;

@@ -20,7 +20,26 @@ pub fn client(config: kube::Config, metrics: &Arc<Metrics>) -> Result<Client, ku
     });
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&counting)
+        .with_layer(&tower::util::MapResultLayer::new(log_failed_request))
         .build())
+}
+
+/// Logs failed API requests (transport errors, 5xx) once per interval with a count, in
+/// place of kube's one ERROR line per request (silenced in `telemetry::filter`): an
+/// apiserver outage otherwise writes thousands of lines.
+fn log_failed_request(
+    res: Result<::http::Response<Box<kube::client::DynBody>>, tower::BoxError>,
+) -> Result<::http::Response<Box<kube::client::DynBody>>, tower::BoxError> {
+    match &res {
+        Err(e) => {
+            crate::warn_repeated!("kube-api", "error", error = %e, "requests to the Kubernetes API fail");
+        }
+        Ok(r) if r.status().is_server_error() => {
+            crate::warn_repeated!("kube-api", r.status().as_str(), status = %r.status(), "the Kubernetes API answers with server errors");
+        }
+        Ok(_) => {}
+    }
+    res
 }
 
 /// Where the operator serves its HTTP endpoints.

@@ -95,7 +95,7 @@ pub fn error_policy_guarded<K: CredentialKind>(
         Err(invalid) => {
             let who = identity(invalid);
             let delay = ctx.backoffs.next(&who, super::backoff::Step::Reconcile);
-            tracing::warn!(credential = %who, error = %error, retry_in = ?delay, "cleaning up after an unreadable object failed");
+            crate::warn_repeated!("reconcile", &who.to_string(), credential = %who, error = %error, retry_in = ?delay, "cleaning up after an unreadable object failed");
             Action::requeue(delay)
         }
     }
@@ -158,7 +158,7 @@ async fn unreadable<K: CredentialKind>(invalid: &InvalidObject, ctx: &Context) -
         ..ObjectReference::default()
     };
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "could not publish Event");
+        crate::warn_repeated!("event", &who.to_string(), error = %e, "could not publish Event");
     }
     Ok(Action::await_change())
 }

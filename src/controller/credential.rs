@@ -10,7 +10,6 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
 use k8s_openapi::jiff::Timestamp;
-use tracing::warn;
 
 use crate::provider::{self, Credential, ProviderError};
 
@@ -125,6 +124,7 @@ impl Issue {
         let result = match issue(ctx, &self.spec).await {
             Ok(credential) => {
                 ctx.backoffs.reset(key, Step::Provider);
+                crate::telemetry::resolved("provider", &key.to_string());
                 let refresh_at = now
                     .checked_add(schedule::next_refresh(&self.spec, &credential))
                     .unwrap_or(Timestamp::MAX);
@@ -153,7 +153,7 @@ impl Issue {
                     permanent: e.is_permanent(),
                     retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
                 };
-                warn!(credential = %key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
+                crate::warn_repeated!("provider", &key.to_string(), credential = %key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
                 ctx.credentials.put_failure(key.clone(), generation, failure.clone());
                 Err(failure)
             }

@@ -78,23 +78,35 @@ pub fn secret_concerns(
     out
 }
 
-/// The credentials a change of ServiceAccount `name` in `namespace` concerns: those that
-/// patch it, so churn of other ServiceAccounts costs no reconcile.
+/// The credentials a change of ServiceAccount `name` in `namespace` (listing
+/// `pull_secrets`) concerns: those with something to do there, that is, those that patch
+/// it and are not listed yet, and those listed that no longer patch it. A ServiceAccount
+/// already as a credential wants it costs that credential nothing, so the patches of many
+/// credentials to one ServiceAccount do not re-queue each other.
 pub fn service_account_concerns(
     namespace: &str,
     name: &str,
+    pull_secrets: &[&str],
     clusters: &[&ClusterRegistryCredential],
     namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
+    let concerned = |credential: &str, secret_name: Option<&str>, patched: Option<&[String]>| {
+        let listed = pull_secrets.contains(&validate::secret_name_of(credential, secret_name).as_str());
+        targets_service_account(patched, name) != listed
+    };
     let clusters = clusters
         .iter()
-        .filter(|c| targets_service_account(c.spec.target.service_accounts.as_deref(), name))
+        .filter(|c| {
+            let t = &c.spec.target;
+            concerned(&c.name_any(), t.secret_name.as_deref(), t.service_accounts.as_deref())
+        })
         .map(|c| CredentialRef::cluster(c.name_any()));
     let namespaced = namespaced
         .iter()
         .filter(|r| {
+            let t = &r.spec.target;
             r.namespace().as_deref() == Some(namespace)
-                && targets_service_account(r.spec.target.service_accounts.as_deref(), name)
+                && concerned(&r.name_any(), t.secret_name.as_deref(), t.service_accounts.as_deref())
         })
         .map(|r| CredentialRef::namespaced(namespace, r.name_any()));
     clusters.chain(namespaced).collect()
@@ -265,13 +277,34 @@ mod tests {
             namespaced("other", "theirs", json!({})),
         ];
         assert_eq!(
-            service_account_concerns("web", "default", &refs(&clusters), &refs(&namespaced)),
+            service_account_concerns("web", "default", &[], &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("plain"), CredentialRef::namespaced("web", "own")]
         );
         assert_eq!(
-            service_account_concerns("web", "builder", &refs(&clusters), &refs(&namespaced)),
+            service_account_concerns("web", "builder", &[], &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("builders")]
         );
-        assert!(service_account_concerns("web", "runner", &refs(&clusters), &refs(&namespaced)).is_empty());
+        assert!(service_account_concerns("web", "runner", &[], &refs(&clusters), &refs(&namespaced)).is_empty());
+        // Already listed: nothing to do, no reconcile; listed but no longer patched: cleanup.
+        assert_eq!(
+            service_account_concerns(
+                "web",
+                "default",
+                &["pullkeeper-plain", "pullkeeper-own"],
+                &refs(&clusters),
+                &refs(&namespaced)
+            ),
+            Vec::<CredentialRef>::new()
+        );
+        assert_eq!(
+            service_account_concerns(
+                "web",
+                "runner",
+                &["pullkeeper-builders"],
+                &refs(&clusters),
+                &refs(&namespaced)
+            ),
+            vec![CredentialRef::cluster("builders")]
+        );
     }
 }

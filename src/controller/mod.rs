@@ -134,7 +134,7 @@ pub async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> boo
         match (cluster, namespaced) {
             (Ok(_), Ok(_)) => return true,
             (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "pullkeeper CRDs are not served yet; install them (`pullkeeper crds | kubectl apply --server-side -f -`). Retrying");
+                crate::warn_repeated!("crds", "", error = %e, "pullkeeper CRDs are not served yet; install them (`pullkeeper crds | kubectl apply --server-side -f -`). Retrying");
             }
         }
         tokio::select! {
@@ -253,6 +253,6 @@ fn log_result<K, E1, E2>(
         Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
             tracing::debug!(object = %obj, "triggered object is gone");
         }
-        Err(e) => tracing::warn!(error = %e, "controller stream error"),
+        Err(e) => crate::warn_repeated!("controller-stream", "", error = %e, "controller stream error"),
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info_span};
 
 use super::backoff::Step;
 use super::plan::{self, Snapshot};
@@ -45,6 +45,7 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
         // `credential`), not by any `Ok`: a failure reported in status is an `Ok` too.
         if result.is_ok() {
             ctx.backoffs.reset(&obj.reference(), Step::Reconcile);
+            crate::telemetry::resolved("reconcile", &obj.reference().to_string());
         }
         result
     }
@@ -108,16 +109,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
         delay = delay.min(schedule::RECHECK_CONFLICT);
     }
     let (images, delay) = match &issued {
-        Ok(c) => match verify::images(
-            &ctx.verified,
-            &ctx.metrics,
-            &obj.reference(),
-            obj.meta().generation,
-            &spec,
-            c,
-        )
-        .await
-        {
+        Ok(c) => match verify::images(ctx, &obj.reference(), obj.meta().generation, &spec, c).await {
             Some((images, until)) => (Some(images), delay.min(until.max(Duration::from_secs(1)))),
             None => (None, delay),
         },
@@ -216,6 +208,6 @@ fn source_secrets(p: &crate::provider::ProviderSpec) -> Vec<(String, String)> {
 /// Retries failed reconciles with exponential backoff and jitter per object.
 pub fn error_policy<K: CredentialKind>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoffs.next(&obj.reference(), Step::Reconcile);
-    warn!(kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
+    crate::warn_repeated!("reconcile", &obj.reference().to_string(), kind = K::KIND, object = %obj.key(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -6,7 +6,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use serde_json::json;
-use tracing::warn;
 
 use crate::crd::RegistryCredentialStatus;
 
@@ -82,6 +81,6 @@ async fn publish<K: CredentialKind>(obj: &K, ctx: &Context, t: &status::Transiti
     };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         // Events are best effort: a failure to record one must not fail the reconcile.
-        warn!(error = %e, "could not publish Event");
+        crate::warn_repeated!("event", &obj.key(), error = %e, "could not publish Event");
     }
 }

@@ -18,10 +18,14 @@ pub const RECHECK_CONFLICT: Duration = Duration::from_secs(120);
 /// Floor between refreshes, so a past or absurd expiry never hot-loops.
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 /// Longest wait after a transient provider failure (the endpoint down, a 5xx): an outage
-/// costs a few requests a minute, and a recovery is noticed within this time.
-pub const TRANSIENT_MAX: Duration = Duration::from_secs(30);
+/// costs a few requests a minute, and a recovery is noticed within this time (and the
+/// fresh token written well within 30 s).
+pub const TRANSIENT_MAX: Duration = Duration::from_secs(25);
 /// Wait after a throttled call that gave no hint of its own.
 pub const THROTTLED_MIN: Duration = Duration::from_secs(60);
+/// Longest wait a provider's `Retry-After` can ask for (the secret in place still gets
+/// its retry before it expires, see [`retry_delay`]).
+pub const THROTTLED_MAX: Duration = Duration::from_secs(3600);
 /// First wait after a permanent failure (rejected or denied credentials, a bad spec):
 /// retrying fast cannot help; a change of the spec or a source Secret retries at once.
 pub const PERMANENT_MIN: Duration = Duration::from_secs(300);
@@ -31,8 +35,8 @@ pub const PERMANENT_MIN: Duration = Duration::from_secs(300);
 pub enum RetryClass {
     /// Try again soon, backing off to [`TRANSIENT_MAX`].
     Transient,
-    /// The provider asked us to slow down.
-    Throttled,
+    /// The provider asked us to slow down, for this long if it said (`Retry-After`).
+    Throttled(Option<Duration>),
     /// Wait for a change; look again rarely.
     Permanent,
 }
@@ -42,9 +46,9 @@ impl RetryClass {
     pub fn of(error: &crate::provider::ProviderError) -> Self {
         match error {
             crate::provider::ProviderError::Cloud {
-                failure: CloudFailure::Throttled,
+                failure: CloudFailure::Throttled { retry_after },
                 ..
-            } => RetryClass::Throttled,
+            } => RetryClass::Throttled(*retry_after),
             crate::provider::ProviderError::Cloud {
                 failure: CloudFailure::Unauthorized | CloudFailure::Denied,
                 ..
@@ -67,7 +71,11 @@ pub fn provider_retry(
     let base = backoff::delay(attempt, jitter);
     let d = match class {
         RetryClass::Transient => base.min(TRANSIENT_MAX),
-        RetryClass::Throttled => base.max(THROTTLED_MIN).min(backoff::MAX),
+        // At least what the provider asked for, and never less than the backoff.
+        RetryClass::Throttled(hint) => hint
+            .unwrap_or(THROTTLED_MIN)
+            .max(base.min(backoff::MAX))
+            .min(THROTTLED_MAX),
         RetryClass::Permanent => PERMANENT_MIN
             .saturating_mul(2u32.saturating_pow(attempt.min(8)))
             .min(RECHECK_INVALID),
@@ -226,7 +234,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn transient_failures_back_off_to_thirty_seconds() {
+    fn transient_failures_back_off_to_twenty_five_seconds() {
         let d: Vec<Duration> = (0..8)
             .map(|a| provider_retry(RetryClass::Transient, a, 0.999, None, t(0)))
             .collect();
@@ -253,11 +261,40 @@ pub(crate) mod tests {
             provider_retry(RetryClass::Permanent, 10, 0.5, None, t(0)),
             RECHECK_INVALID
         );
-        assert!(provider_retry(RetryClass::Throttled, 0, 0.0, None, t(0)) >= THROTTLED_MIN);
+        assert!(provider_retry(RetryClass::Throttled(None), 0, 0.0, None, t(0)) >= THROTTLED_MIN);
         // Still before the secret in place expires.
         assert_eq!(
             provider_retry(RetryClass::Permanent, 3, 0.5, Some(t(600)), t(0)),
             Duration::from_secs(300)
         );
+    }
+
+    #[test]
+    fn a_retry_after_hint_is_honoured_capped_and_before_expiry() {
+        let hint = |s| RetryClass::Throttled(Some(Duration::from_secs(s)));
+        // The next attempt waits at least what the provider asked for ...
+        assert_eq!(provider_retry(hint(30), 0, 0.0, None, t(0)), Duration::from_secs(30));
+        assert_eq!(provider_retry(hint(90), 2, 0.9, None, t(0)), Duration::from_secs(90));
+        // ... and a short hint never shortens the backoff of a provider that keeps
+        // throttling.
+        assert!(provider_retry(hint(1), 9, 0.0, None, t(0)) >= Duration::from_secs(150));
+        // A day is capped at an hour, and the secret in place is retried before it expires.
+        assert_eq!(provider_retry(hint(86_400), 0, 0.0, None, t(0)), THROTTLED_MAX);
+        assert_eq!(
+            provider_retry(hint(600), 0, 0.0, Some(t(300)), t(0)),
+            Duration::from_secs(150)
+        );
+    }
+
+    #[test]
+    fn the_class_of_a_throttled_error_carries_its_hint() {
+        let e = crate::provider::ProviderError::Cloud {
+            provider: "ecr",
+            failure: CloudFailure::Throttled {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+            message: "ThrottlingException".into(),
+        };
+        assert_eq!(RetryClass::of(&e), RetryClass::Throttled(Some(Duration::from_secs(30))));
     }
 }

@@ -183,7 +183,12 @@ pub fn docker_config_json(registry: &RegistryHost, credential: &Credential) -> V
 /// Builds the content for `credential`.
 pub fn content(owner: &Owner, registry: &RegistryHost, credential: &Credential) -> Content {
     let config = docker_config_json(registry, credential);
-    let expires_at = credential.expires_at.map(|t| t.to_string());
+    // Whole seconds, as status records it: a credential recovered after a restart (whose
+    // expiry comes from status) then has the very content already written, so a restart
+    // rewrites nothing.
+    let expires_at = credential
+        .expires_at
+        .map(|t| crate::crd::conditions::whole_seconds(t).to_string());
     let hash = hash_of(owner, &config, expires_at.as_deref());
     Content {
         config,
@@ -294,6 +299,34 @@ pub fn edited_by_others(meta: &ObjectMeta) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_recovered_with_the_expiry_in_status_has_the_content_written() {
+        let owner = Owner {
+            scope: "cluster",
+            name: "x".into(),
+            namespace: None,
+            uid: "u".into(),
+        };
+        let host = RegistryHost::parse("gcr.io").expect("host");
+        let minted = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000)
+            .expect("t")
+            .checked_add(k8s_openapi::jiff::SignedDuration::from_millis(598))
+            .expect("t");
+        let credential = |expires_at| Credential {
+            username: "oauth2accesstoken".into(),
+            password: secrecy::SecretString::from("ya29.token"),
+            expires_at: Some(expires_at),
+        };
+        let written = content(&owner, &host, &credential(minted));
+        let recovered = content(
+            &owner,
+            &host,
+            &credential(crate::crd::conditions::whole_seconds(minted)),
+        );
+        assert_eq!(written.hash, recovered.hash);
+        assert_eq!(written.expires_at.as_deref(), Some("2027-01-15T08:00:00Z"));
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use secrecy::SecretString;
 

@@ -214,9 +214,16 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         requests.clone(),
         shutdown,
         move |sa| {
+            let listed: Vec<&str> = sa
+                .image_pull_secrets
+                .iter()
+                .flatten()
+                .map(|r| r.name.as_str())
+                .collect();
             service_account_concerns(
                 &sa.namespace().unwrap_or_default(),
                 &sa.name_any(),
+                &listed,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
             )
@@ -272,7 +279,9 @@ where
                         return;
                     }
                 }
-                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
+                Some(Err(e)) => {
+                    crate::warn_repeated!("watch", what, watch = what, error = %e, "watch failed; retrying with backoff")
+                }
                 None => {
                     tracing::error!(watch = what, "watch stream ended");
                     return;

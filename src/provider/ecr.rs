@@ -240,7 +240,13 @@ where
                 | "ExpiredTokenException"
                 | "ExpiredToken" => CloudFailure::Unauthorized,
                 "AccessDeniedException" | "AccessDenied" => CloudFailure::Denied,
-                "ThrottlingException" | "Throttling" | "TooManyRequestsException" => CloudFailure::Throttled,
+                "ThrottlingException" | "Throttling" | "TooManyRequestsException" => CloudFailure::Throttled {
+                    retry_after: se
+                        .raw()
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| super::retry_after(v, k8s_openapi::jiff::Timestamp::now())),
+                },
                 "InvalidParameterException" | "ValidationException" => CloudFailure::InvalidConfig,
                 _ => CloudFailure::Other,
             };

@@ -262,8 +262,12 @@ pub enum CloudFailure {
     Unauthorized,
     /// The identity may not get a token for this registry.
     Denied,
-    /// The provider is rate-limiting.
-    Throttled,
+    /// The provider is rate-limiting, or unavailable for a time it named: HTTP 429, a 503
+    /// with `Retry-After`, AWS `ThrottlingException`.
+    Throttled {
+        /// How long the provider asked us to wait (`Retry-After`), if it said.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The endpoint could not be reached or timed out.
     Unreachable,
     /// The spec cannot work as written.
@@ -278,24 +282,39 @@ impl CloudFailure {
         match self {
             CloudFailure::Unauthorized => reasons::PROVIDER_UNAUTHORIZED,
             CloudFailure::Denied => reasons::PROVIDER_DENIED,
-            CloudFailure::Throttled => reasons::PROVIDER_THROTTLED,
+            CloudFailure::Throttled { .. } => reasons::PROVIDER_THROTTLED,
             CloudFailure::Unreachable => reasons::PROVIDER_UNREACHABLE,
             CloudFailure::InvalidConfig => reasons::INVALID_SPEC,
             CloudFailure::Other => reasons::PROVIDER_ERROR,
         }
     }
 
-    fn advice(self) -> &'static str {
-        match self {
+    fn advice(self) -> std::borrow::Cow<'static, str> {
+        let text = match self {
             CloudFailure::Unauthorized => {
                 " (the cloud credentials were rejected: check the credentials Secret or the workload identity binding)"
             }
             CloudFailure::Denied => " (the identity lacks permission: grant it pull access to the registry)",
-            CloudFailure::Throttled => " (rate-limited: retrying with backoff)",
+            CloudFailure::Throttled { retry_after: Some(d) } => {
+                return format!(" (provider asked to retry after {}s)", d.as_secs()).into();
+            }
+            CloudFailure::Throttled { retry_after: None } => " (rate-limited: retrying with backoff)",
             CloudFailure::Unreachable => " (the endpoint could not be reached: check network, proxy and endpoint)",
             CloudFailure::InvalidConfig | CloudFailure::Other => "",
-        }
+        };
+        text.into()
     }
+}
+
+/// The wait a `Retry-After` header asks for: delay-seconds or an HTTP date (RFC 9110);
+/// `None` when it is neither. A date in the past asks for no wait.
+pub fn retry_after(value: &str, now: Timestamp) -> Option<std::time::Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = k8s_openapi::jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    Some(std::time::Duration::try_from(at.duration_since(now)).unwrap_or_default())
 }
 
 /// At most this many names are listed in a message (a docker config can hold thousands).
@@ -359,6 +378,37 @@ pub fn from_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = Timestamp::from_second(1_445_412_480).expect("t"); // 2015-10-21T07:28:00Z
+        assert_eq!(retry_after("30", now), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(retry_after(" 120 ", now), Some(std::time::Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(std::time::Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn a_throttled_error_shows_the_providers_hint() {
+        let e = ProviderError::Cloud {
+            provider: "gcp",
+            failure: CloudFailure::Throttled {
+                retry_after: Some(std::time::Duration::from_secs(30)),
+            },
+            message: "token endpoint: HTTP 429 Too Many Requests".into(),
+        };
+        assert_eq!(e.reason(), "ProviderThrottled");
+        assert!(e.to_string().ends_with("(provider asked to retry after 30s)"), "{e}");
+        assert!(!e.is_permanent());
+    }
 
     #[test]
     fn long_key_lists_are_cut_with_a_count() {

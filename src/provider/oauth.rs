@@ -44,6 +44,11 @@ pub async fn json<T: DeserializeOwned>(
     })?;
     let status = resp.status();
     if !status.is_success() {
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| super::retry_after(v, k8s_openapi::jiff::Timestamp::now()));
         // Too big or not JSON: classified by status alone.
         let body: serde_json::Value = crate::registry::untrusted::read_capped(resp, BODY_CAP)
             .await
@@ -61,7 +66,9 @@ pub async fn json<T: DeserializeOwned>(
                 CloudFailure::Unauthorized
             }
             403 => CloudFailure::Denied,
-            429 => CloudFailure::Throttled,
+            429 => CloudFailure::Throttled { retry_after },
+            // Unavailable for a time the server named: honoured like throttling.
+            503 if retry_after.is_some() => CloudFailure::Throttled { retry_after },
             500..=599 => CloudFailure::Unreachable,
             _ => CloudFailure::Other,
         };
@@ -127,6 +134,44 @@ mod tests {
             let _ = axum::serve(listener, app).await;
         });
         format!("http://{addr}/token")
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_is_read_from_429_and_503() {
+        for (status, failure) in [
+            (
+                429,
+                CloudFailure::Throttled {
+                    retry_after: Some(Duration::from_secs(30)),
+                },
+            ),
+            (
+                503,
+                CloudFailure::Throttled {
+                    retry_after: Some(Duration::from_secs(30)),
+                },
+            ),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let app = axum::Router::new().fallback(move || async move {
+                (
+                    axum::http::StatusCode::from_u16(status).expect("status"),
+                    [("Retry-After", "30")],
+                    "slow down",
+                )
+            });
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            let e = json::<serde_json::Value>("gcp", "token endpoint", http_client().get(format!("http://{addr}/t")))
+                .await
+                .expect_err("throttled");
+            match e {
+                ProviderError::Cloud { failure: f, .. } => assert_eq!(f, failure, "{status}"),
+                other => panic!("{other}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -288,12 +288,7 @@ async fn source_secrets_can_be_confined_to_the_operators_namespace() {
     )
     .await;
     let status = support::wait_ready(&admin, &refused, "False", "InvalidSpec").await;
-    let message = &status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready")
-        .message;
+    let message = support::ready_message(&status);
     assert!(
         message.contains("spec.provider.basic.secretRef.namespace") && message.contains(&format!("\"{home}\"")),
         "{message}"

@@ -71,37 +71,31 @@ pub fn fakes() -> &'static Fakes {
         let state: Shared = Arc::default();
         let st = state.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let app = Router::new()
-                    .route("/gcp/{id}/token", post(gcp_token))
-                    .route(
-                        "/meta/{id}/computeMetadata/v1/instance/service-accounts/default/token",
-                        get(metadata_token),
-                    )
-                    .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
-                    .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
-                    .route("/token", get(issue_registry_token))
-                    .route("/count/{id}/{*rest}", axum::routing::any(count))
-                    .route("/sts/{id}/v1/token", post(google_sts))
-                    .route(
-                        "/iam/{id}/v1/projects/-/serviceAccounts/{target}",
-                        post(generate_access_token),
-                    )
-                    .route("/entra/{id}/{tenant}/oauth2/v2.0/token", post(entra_assertion))
-                    .route("/oauth2/exchange", post(acr_exchange_federated))
-                    // A registry that rate-limits everything, like Docker Hub past its limit.
-                    .route("/v2/{*rest}", get(rate_limited).head(rate_limited))
-                    .route("/v2/", get(rate_limited))
-                    .with_state(st);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
-                axum::serve(listener, app).await.expect("serve");
-            });
+        on_own_thread(async move {
+            let app = Router::new()
+                .route("/gcp/{id}/token", post(gcp_token))
+                .route(
+                    "/meta/{id}/computeMetadata/v1/instance/service-accounts/default/token",
+                    get(metadata_token),
+                )
+                .route("/aad/{id}/{tenant}/oauth2/v2.0/token", post(aad_token))
+                .route("/acr/{id}/oauth2/exchange", post(acr_exchange))
+                .route("/token", get(issue_registry_token))
+                .route("/count/{id}/{*rest}", axum::routing::any(count))
+                .route("/sts/{id}/v1/token", post(google_sts))
+                .route(
+                    "/iam/{id}/v1/projects/-/serviceAccounts/{target}",
+                    post(generate_access_token),
+                )
+                .route("/entra/{id}/{tenant}/oauth2/v2.0/token", post(entra_assertion))
+                .route("/oauth2/exchange", post(acr_exchange_federated))
+                // A registry that rate-limits everything, like Docker Hub past its limit.
+                .route("/v2/{*rest}", get(rate_limited).head(rate_limited))
+                .route("/v2/", get(rate_limited))
+                .with_state(st);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            axum::serve(listener, app).await.expect("serve");
         });
         let addr = rx.recv().expect("fakes started");
         Fakes {
@@ -694,26 +688,154 @@ pub fn tls() -> &'static (String, PathBuf) {
             .expect("server config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else { continue };
-                    let (acceptor, backend) = (acceptor.clone(), backend.clone());
-                    tokio::spawn(async move {
-                        let Ok(mut front) = acceptor.accept(tcp).await else { return };
-                        let Ok(mut back) = tokio::net::TcpStream::connect(&backend).await else { return };
-                        let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
-                    });
-                }
-            });
+        on_own_thread(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    let Ok(mut front) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut back) = tokio::net::TcpStream::connect(&backend).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
+                });
+            }
         });
         let addr = rx.recv().expect("TLS front started");
         (addr.to_string(), dir.join("ca.crt"))
     })
+}
+
+/// Runs `server` on a runtime of its own thread, for the life of the test binary.
+fn on_own_thread(server: impl std::future::Future<Output = ()> + Send + 'static) {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(server);
+    });
+}
+
+/// How a [`Front`] treats connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward to the fakes.
+    Pass,
+    /// Answer every request `500 Internal Server Error`.
+    Http500,
+    /// Answer every request `429 Too Many Requests` with `Retry-After: 40`.
+    Http429,
+    /// Accept, never answer (until the fault changes: then the connection is closed).
+    Hang,
+    /// Not listen: connections are refused.
+    Refuse,
+}
+
+struct FrontState {
+    fault: Mutex<Fault>,
+    /// Connections accepted while not passing them on.
+    faulty: std::sync::atomic::AtomicU32,
+}
+
+/// A front of the fakes on its own loopback port that a test switches between passing
+/// requests on and failing them as a broken endpoint does; give its address in place of
+/// the fakes' base.
+pub struct Front {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    state: Arc<FrontState>,
+}
+
+impl Front {
+    /// A front passing requests on to the fakes.
+    pub fn start() -> Front {
+        let backend = fakes().base.trim_start_matches("http://").to_owned();
+        let state = Arc::new(FrontState {
+            fault: Mutex::new(Fault::Pass),
+            faulty: Default::default(),
+        });
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = first.local_addr().expect("addr");
+        first.set_nonblocking(true).expect("nonblocking");
+        let st = state.clone();
+        on_own_thread(async move {
+            let listener = tokio::net::TcpListener::from_std(first).ok();
+            front_loop(listener, addr, backend, st).await;
+        });
+        Front {
+            base: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    /// Switches the fault (a hanging connection is closed when it leaves `Hang`).
+    pub fn set(&self, fault: Fault) {
+        *self.state.fault.lock().expect("lock") = fault;
+    }
+
+    /// Connections accepted and failed so far (one a request: the front closes them).
+    pub fn faulty_connections(&self) -> u32 {
+        self.state.faulty.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn front_loop(
+    mut listener: Option<tokio::net::TcpListener>,
+    addr: std::net::SocketAddr,
+    backend: String,
+    st: Arc<FrontState>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fault = |st: &FrontState| *st.fault.lock().expect("lock");
+    loop {
+        if fault(&st) == Fault::Refuse {
+            listener = None;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        let Some(l) = &listener else {
+            listener = tokio::net::TcpListener::bind(addr).await.ok();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            () = tokio::time::sleep(std::time::Duration::from_millis(50)) => continue,
+        };
+        let Ok((mut tcp, _)) = accepted else { continue };
+        let (st, backend) = (st.clone(), backend.clone());
+        tokio::spawn(async move {
+            let now = fault(&st);
+            if now != Fault::Pass {
+                st.faulty.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            match now {
+                Fault::Pass => {
+                    let Ok(mut back) = tokio::net::TcpStream::connect(&backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut back).await;
+                }
+                Fault::Http500 | Fault::Http429 => {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = tcp.read(&mut buf).await;
+                    let status = if now == Fault::Http500 {
+                        "500 Internal Server Error"
+                    } else {
+                        "429 Too Many Requests\r\nretry-after: 40"
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    );
+                    let _ = tcp.write_all(answer.as_bytes()).await;
+                }
+                Fault::Hang | Fault::Refuse => {
+                    while fault(&st) == Fault::Hang {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
 }

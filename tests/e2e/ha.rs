@@ -11,21 +11,7 @@ use kube::{Api, Client};
 use pullkeeper::crd::ClusterRegistryCredential;
 use serde_json::{Value, json};
 
-use crate::support::{self, SHARD_LABEL, eventually, start};
-
-async fn metric(addr: &str, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let total: f64 = buf
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    Some(total)
-}
+use crate::support::{self, SHARD_LABEL, eventually, metric, start};
 
 async fn basic_setup(client: &Client, shard: &str, prefix: &str) -> (String, String, String) {
     let src = support::namespace(client, &format!("{prefix}-src"), &[]).await;

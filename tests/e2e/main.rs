@@ -9,6 +9,7 @@ mod confine;
 mod ecr;
 mod fakes;
 mod fanout;
+mod faults;
 mod federation;
 mod ha;
 mod node;

@@ -160,7 +160,8 @@ async fn config_for(kubeconfig: &Path) -> Config {
         .expect("kubeconfig is usable")
 }
 
-async fn install_crds(client: &Client) {
+/// Installs (server-side applies) both CRDs and waits until they are established.
+pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in pullkeeper::crd::crds() {
         let name = crd.metadata.name.clone().expect("named");
@@ -470,23 +471,41 @@ pub fn moto_with_auth() -> &'static str {
 }
 
 fn start_moto(name: &str, env: &[&str]) -> String {
-    {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-        let out = Command::new("bash")
-            .arg(repo_root().join("hack/moto.sh"))
-            .args(["start", &dir.to_string_lossy()])
-            .args(env)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("running hack/moto.sh");
-        assert!(out.status.success(), "hack/moto.sh start failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("url")
-            .trim()
-            .to_owned()
-    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let mut args = vec!["start".to_owned(), dir.to_string_lossy().into_owned()];
+    args.extend(env.iter().map(|e| (*e).to_owned()));
+    hack("moto.sh", &args)
+}
+
+/// Runs `hack/<script> args...` (its stderr shown), panics if it fails, and returns the
+/// last line of its stdout.
+pub fn hack(script: &str, args: &[String]) -> String {
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack").join(script))
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running hack/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "hack/{script} {args:?} failed (see its output above)"
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The message of a status's Ready condition.
+pub fn ready_message(status: &pullkeeper::crd::RegistryCredentialStatus) -> &str {
+    &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("a Ready condition")
+        .message
 }
 
 /// Pushes a two-platform image index (`linux/amd64`, `linux/arm64`) as `repo:tag` over the
@@ -813,6 +832,27 @@ async fn wait_until_enforced(operator: &Client, release: &str, namespace: &str) 
         enforced.is_some(),
         "the chart's admission policies were not enforced within 30 s"
     );
+}
+
+/// The sum of the samples of metric `name` (all label sets) served at `addr`'s `/metrics`.
+pub async fn metric(addr: &str, name: &str) -> Option<f64> {
+    metric_with(addr, name, "").await
+}
+
+/// The sum of the samples of metric `name` whose labels contain `labels` (e.g.
+/// `provider="gcp"`) served at `addr`'s `/metrics`.
+pub async fn metric_with(addr: &str, name: &str, labels: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let total: f64 = buf
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#') && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total)
 }
 
 /// An operator process started by a test; killed when dropped.
