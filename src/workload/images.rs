@@ -239,7 +239,15 @@ pub fn workloads(objects: &Objects) -> Vec<Workload> {
             Some(("StatefulSet" | "DaemonSet" | "Node", _)) => true,
             // A Job's Pod: its Job is checked, or its CronJob is, or it finished.
             Some(("Job", _)) => true,
-            Some(("ReplicaSet", rs)) => deployment_replica_sets.contains(&(namespace, rs.to_owned())),
+            // A Deployment's ReplicaSet, or one listed after its Pod was: a Deployment
+            // labels its Pods with the template hash, a bare ReplicaSet does not.
+            Some(("ReplicaSet", rs)) => {
+                deployment_replica_sets.contains(&(namespace, rs.to_owned()))
+                    || p.metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key("pod-template-hash"))
+            }
             Some(_) => false,
         };
         if !made_by_checked {
