@@ -406,6 +406,20 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_image_name_is_refused_like_the_kubelet_does() {
+        let w = workload(
+            WorkloadKind::Pod,
+            json!({"containers": [{"name": "c", "image": "Bad/Name"}]}),
+        );
+        let c = checks(&view(vec![w], vec![])).remove(0);
+        let Plan::Blocked(b) = &c.plan else {
+            panic!("not blocked")
+        };
+        assert_eq!((b.reason, b.fails), ("InvalidReference", true));
+        assert_eq!(blocked_finding(&c.target, b).verdict, "Unpullable");
+    }
+
+    #[test]
     fn unreadable_and_malformed_secrets_block_with_their_reasons() {
         let w = |secret: &str| {
             workload(

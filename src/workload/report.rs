@@ -118,5 +118,8 @@ mod tests {
         assert_eq!(json["findings"][0]["containerKind"], "initContainer");
         assert_eq!(json["findings"][0]["kind"], "CronJob");
         assert_eq!(json["findings"][0]["reason"], "NotFound");
+        assert_eq!(json["findings"][0]["namespace"], "shop");
+        assert_eq!(json["findings"][0]["image"], "reg.example.com/report:v1");
+        assert_eq!(json["resolutions"], 2);
     }
 }

@@ -13,9 +13,13 @@ use serde_json::{Value, json};
 use crate::support;
 
 fn check(namespace: &str, output: &str) -> (i32, String, String) {
+    check_as(&support::env().kubeconfig, namespace, output)
+}
+
+fn check_as(kubeconfig: &std::path::Path, namespace: &str, output: &str) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pullkeeper"))
         .args(["check", "--cluster", "-n", namespace, "--output", output])
-        .env("KUBECONFIG", &support::env().kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .output()
         .expect("pullkeeper check --cluster");
     (
@@ -106,7 +110,7 @@ async fn delete_image(reg: &support::Registry, repo: &str, tag: &str) {
     assert!(del.status().is_success(), "deleting {repo}:{tag}: {}", del.status());
 }
 
-/// `(workload, container, containerKind, reason)` of each finding.
+/// `(workload, container, containerKind, reason)` of each finding, sorted.
 fn findings(report: &Value) -> Vec<(String, String, String, String)> {
     let mut out: Vec<_> = report["findings"]
         .as_array()
@@ -273,5 +277,72 @@ async fn broken_workloads_are_reported_on_the_right_container_and_fixes_clear_th
         resolutions, 3,
         "one resolution per image and credential: demo:v1, {multi}:v1 and {nightly}:v1 with one login: {out}"
     );
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// A copy of the admin kubeconfig that acts as `user` (impersonation).
+fn kubeconfig_as(dir: &std::path::Path, user: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&support::env().kubeconfig).expect("kubeconfig");
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    for u in kc["users"].as_sequence_mut().expect("users") {
+        u["user"]["as"] = serde_yaml::Value::from(user);
+    }
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write");
+    path
+}
+
+#[tokio::test]
+async fn a_secret_the_user_cannot_read_is_reported_not_fatal() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let reg = support::registry();
+    let client = support::client().await;
+    let ns = support::namespace(&client, "workloads-rbac", &[]).await;
+    let r = &reg.addr;
+    apply::<Secret>(&client, &ns, pull_secret("pull", r, &reg.user, &reg.password)).await;
+    apply::<Secret>(&client, &ns, pull_secret("hidden", r, &reg.user, &reg.password)).await;
+    let demo = format!("{r}/demo:v1");
+    apply::<Deployment>(&client, &ns, deployment("readable", pod(Some("pull"), &demo))).await;
+    apply::<Deployment>(&client, &ns, deployment("unreadable", pod(Some("hidden"), &demo))).await;
+    let list = json!(["list"]);
+    apply::<Role>(
+        &client,
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "viewer"}, "rules": [
+            {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "daemonsets", "replicasets"], "verbs": list},
+            {"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": list},
+            {"apiGroups": [""], "resources": ["pods", "serviceaccounts"], "verbs": list},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["pull"], "verbs": ["get"]}
+        ]}),
+    )
+    .await;
+    apply::<RoleBinding>(
+        &client,
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "viewer"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "viewer"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "pk-viewer"}]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = kubeconfig_as(dir.path(), "pk-viewer");
+    let (code, stdout, stderr) = check_as(&kubeconfig, &ns, "json");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}{stderr}"));
+    assert_eq!(
+        findings(&report),
+        vec![row("Deployment/unreadable", "app", "container", "SecretForbidden")],
+        "{stdout}"
+    );
+    assert_eq!(report["findings"][0]["verdict"], "Unknown", "{stdout}");
+    assert!(
+        report["findings"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("{ns}/hidden"))),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(&reg.password) && !stderr.contains(&reg.password));
     support::delete_namespace(&client, &ns).await;
 }
