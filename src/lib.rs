@@ -3,7 +3,8 @@
 //!
 //! Layout: [`crd`] holds the API types, [`controller`] the reconcile pipeline,
 //! [`provider`] the credential sources, [`registry`] registry host handling and the OCI
-//! client, [`metrics`], [`telemetry`] and [`http`] the operational surface.
+//! client, [`workload`] the checks of what workloads pull, [`metrics`], [`telemetry`] and
+//! [`http`] the operational surface.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod provider;
 pub mod registry;
 pub mod telemetry;
 pub mod webhook;
+pub mod workload;
 
 /// Name used as the Events reporter and in labels.
 pub const OPERATOR_NAME: &str = "pullkeeper";

@@ -37,8 +37,18 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct CheckArgs {
     /// Images, e.g. `ghcr.io/acme/api:v2`, `nginx`, `registry:5000/app@sha256:...`.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "cluster", conflicts_with = "cluster")]
     images: Vec<String>,
+    /// Check the images every workload of the cluster uses, with the pull Secrets the
+    /// kubelet would use, for the platforms of the nodes (current kubeconfig).
+    #[arg(long, conflicts_with_all = ["docker_config", "secret", "platforms"])]
+    cluster: bool,
+    /// With --cluster: this namespace (default: the kubeconfig's).
+    #[arg(short = 'n', long, requires = "cluster")]
+    namespace: Option<String>,
+    /// With --cluster: every namespace.
+    #[arg(short = 'A', long, requires = "cluster", conflicts_with = "namespace")]
+    all_namespaces: bool,
     /// A docker config.json (credential helpers and stores are run as docker does).
     #[arg(long, conflicts_with = "secret")]
     docker_config: Option<PathBuf>,
@@ -65,6 +75,7 @@ struct CheckArgs {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Output {
+    #[value(alias = "table")]
     Text,
     Json,
 }
@@ -206,6 +217,9 @@ fn main() -> anyhow::Result<()> {
 #[tokio::main]
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     use pullkeeper::check;
+    if args.cluster {
+        return check_cluster(args).await;
+    }
     let logins = match (&args.docker_config, &args.secret) {
         (Some(path), _) => check::read_docker_config(path)?,
         (None, Some(ns_name)) => {
@@ -225,23 +239,50 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         }
         (None, None) => check::Logins::Anonymous,
     };
-    let ca_bundle = match &args.ca_file {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => None,
-    };
-    let client = pullkeeper::registry::RegistryClient::with_policy(
-        &pullkeeper::registry::TlsOptions {
-            ca_bundle,
-            insecure_skip_verify: args.insecure_skip_verify,
-        },
-        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs.into_iter().flat_map(|l| l.0).collect()),
-    )?;
+    let client = registry_client(&args)?;
     let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
     match args.output {
         Output::Text => print!("{}", check::render_text(&reports)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
     }
     if reports.iter().any(|r| !r.pullable) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn registry_client(args: &CheckArgs) -> anyhow::Result<pullkeeper::registry::RegistryClient> {
+    let ca_bundle = match &args.ca_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    Ok(pullkeeper::registry::RegistryClient::with_policy(
+        &pullkeeper::registry::TlsOptions {
+            ca_bundle,
+            insecure_skip_verify: args.insecure_skip_verify,
+        },
+        pullkeeper::registry::AddressPolicy::new(args.deny_cidrs.iter().flat_map(|l| l.0.clone()).collect()),
+    )?)
+}
+
+/// `check --cluster`: exit 1 when any workload image would not pull or cannot be checked.
+async fn check_cluster(args: CheckArgs) -> anyhow::Result<()> {
+    use pullkeeper::workload::{self, cluster::Scope};
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration found: set KUBECONFIG")?;
+    let scope = match (&args.namespace, args.all_namespaces) {
+        (_, true) => Scope::All,
+        (Some(ns), false) => Scope::Namespace(ns.clone()),
+        (None, false) => Scope::Namespace(config.default_namespace.clone()),
+    };
+    let kube = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let report = workload::check_cluster(&kube, registry_client(&args)?, &scope).await?;
+    match args.output {
+        Output::Text => print!("{}", report.table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if !report.findings.is_empty() {
         std::process::exit(1);
     }
     Ok(())

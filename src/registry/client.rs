@@ -334,6 +334,20 @@ impl RegistryClient {
         login: Option<&Login>,
         platforms: &[String],
     ) -> Result<Resolved, PullError> {
+        let resolved = self.inspect(reference, login, !platforms.is_empty()).await?;
+        check_platforms(reference, platforms, &resolved)?;
+        Ok(resolved)
+    }
+
+    /// Resolves `reference` with `login` (anonymous if `None`) and, with `read_platforms`,
+    /// lists the platforms it holds without judging them: one resolution can then serve
+    /// callers that need different platforms ([`check_platforms`] judges).
+    pub async fn inspect(
+        &self,
+        reference: &Reference,
+        login: Option<&Login>,
+        read_platforms: bool,
+    ) -> Result<Resolved, PullError> {
         let mut s = Session::open(self, reference, login).await?;
         let url = format!(
             "{}/v2/{}/manifests/{}",
@@ -349,13 +363,13 @@ impl RegistryClient {
         let mut digest = header(&headers, "docker-content-digest").filter(|d| valid_digest(d));
         let is_index = INDEX_TYPES.iter().any(|t| media_type.starts_with(t));
         let mut found = Vec::new();
-        if !platforms.is_empty() || digest.is_none() {
+        if read_platforms || digest.is_none() {
             let resp = s.send(reqwest::Method::GET, &url, Some(MANIFEST_ACCEPT)).await?;
             let body = s.read(resp, "manifest", MANIFEST_CAP).await?;
             if digest.is_none() {
                 digest = Some(format!("sha256:{}", hex(&Sha256::digest(&body))));
             }
-            if !platforms.is_empty() {
+            if read_platforms {
                 if is_index {
                     let index: Index =
                         serde_json::from_slice(&body).map_err(|_| s.bad("the image index is not valid JSON"))?;
@@ -375,14 +389,6 @@ impl RegistryClient {
                         serde_json::from_slice(&cfg).map_err(|_| s.bad("the image config is not valid JSON"))?;
                     found = vec![platform_string(&c.os, &c.architecture, c.variant.as_deref())];
                 }
-                let missing: Vec<&String> = platforms.iter().filter(|p| !platform_present(p, &found)).collect();
-                if !missing.is_empty() {
-                    return Err(PullError::PlatformMissing {
-                        reference: reference.to_string(),
-                        missing: missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-                        available: sanitize(&found.join(", ")),
-                    });
-                }
             }
         }
         found.truncate(MAX_PLATFORMS);
@@ -395,9 +401,26 @@ impl RegistryClient {
     }
 }
 
+/// `PlatformMissing` when a platform in `wanted` is not among those `resolved` holds.
+pub fn check_platforms(reference: &Reference, wanted: &[String], resolved: &Resolved) -> Result<(), PullError> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|p| !platform_present(p, &resolved.platforms))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(PullError::PlatformMissing {
+        reference: reference.to_string(),
+        missing: missing.join(", "),
+        available: sanitize(&resolved.platforms.join(", ")),
+    })
+}
+
 /// Remembered authorizations belong to one exact login (user and password), never to a
 /// user name alone, so a changed or wrong password is never answered from memory.
-fn login_key(login: Option<&Login>) -> String {
+pub(crate) fn login_key(login: Option<&Login>) -> String {
     match login {
         None => String::new(),
         Some(l) => {

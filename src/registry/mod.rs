@@ -8,7 +8,8 @@ mod policy;
 mod reference;
 pub mod untrusted;
 
-pub use client::{ClientError, Login, PullError, RegistryClient, Resolved, TlsOptions};
+pub(crate) use client::login_key;
+pub use client::{ClientError, Login, PullError, RegistryClient, Resolved, TlsOptions, check_platforms};
 pub use host::{HostError, RegistryHost};
 pub use policy::{AddressPolicy, AddressRefused, Cidr, CidrError, CidrList, Insecure, parse_cidrs};
 pub use reference::{Reference, ReferenceError};

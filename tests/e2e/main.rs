@@ -20,3 +20,4 @@ mod support;
 mod tenancy;
 mod tokens;
 mod webhook;
+mod workloads;
