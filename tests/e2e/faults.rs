@@ -870,7 +870,8 @@ async fn faults_two_hundred_hostile_credentials_stay_small_quiet_and_fair_to_goo
     let h = Hostile::apply().await;
     let s = &h.s;
     let at_60 = h.statuses(Duration::from_secs(60)).await;
-    // Measured on, for the report; asserted in the test below.
+    let log_at_60 = h.s.op.log_text();
+    // Measured on, for the report, if some were late.
     let all = h.statuses(Duration::from_secs(180)).await;
     let api = Api::<ClusterRegistryCredential>::all(s.client.clone());
     let lp = ListParams::default().labels(&format!("{SHARD_LABEL}={}", s.shard));
@@ -928,6 +929,12 @@ async fn faults_two_hundred_hostile_credentials_stay_small_quiet_and_fair_to_goo
         }
     );
     h.delete().await;
+    let tail: Vec<&str> = log_at_60.lines().rev().take(40).collect();
+    assert!(
+        at_60.is_ok(),
+        "without a status 60 s after the last apply, by group: {at_60:?}; the operator's last lines:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     assert!(largest <= 16 * 1024, "a status of {largest} bytes");
     assert!(
         idle_per_minute < 300.0,
@@ -937,19 +944,5 @@ async fn faults_two_hundred_hostile_credentials_stay_small_quiet_and_fair_to_goo
     assert!(
         propagation <= Duration::from_secs(2),
         "propagation took {propagation:?}"
-    );
-}
-
-#[tokio::test]
-async fn faults_two_hundred_hostile_credentials_all_get_a_status_within_60_s() {
-    let h = Hostile::apply().await;
-    let result = h.statuses(Duration::from_secs(60)).await;
-    let log = h.s.op.log_text();
-    h.delete().await;
-    let tail: Vec<&str> = log.lines().rev().take(60).collect();
-    assert!(
-        result.is_ok(),
-        "without a status after 60 s, by group: {result:?}; the operator's last lines:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
 }
