@@ -67,6 +67,7 @@ pub struct Metrics {
     leader: Gauge,
     managed_secrets: Gauge,
     credential_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    next_attempt: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     registry: Registry,
     api_requests: Family<MethodLabels, Counter>,
     reconciles: Family<ReconcileLabels, Counter>,
@@ -128,6 +129,12 @@ impl Default for Metrics {
             "When the credential currently written expires (Unix time); alert on this minus time()",
             credential_expiry.clone(),
         );
+        let next_attempt = Family::<CredentialLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "credential_next_attempt_timestamp_seconds",
+            "When the provider is asked next (Unix time): the renewal of a credential, or the retry after a failure (backoff, or the provider's Retry-After)",
+            next_attempt.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         let managed_secrets = Gauge::default();
@@ -147,6 +154,7 @@ impl Default for Metrics {
             leader,
             managed_secrets,
             credential_expiry,
+            next_attempt,
             registry,
             api_requests,
             reconciles,
@@ -208,6 +216,18 @@ impl Metrics {
             }
             None => {
                 self.credential_expiry.remove(labels);
+            }
+        }
+    }
+
+    /// Records when the provider is asked next for a credential (or forgets it, for `None`).
+    pub fn set_next_attempt(&self, labels: &CredentialLabels, at_unix: Option<f64>) {
+        match at_unix {
+            Some(t) => {
+                self.next_attempt.get_or_create(labels).set(t);
+            }
+            None => {
+                self.next_attempt.remove(labels);
             }
         }
     }

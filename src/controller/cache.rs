@@ -86,15 +86,15 @@ impl CredentialCache {
         }
     }
 
-    /// The last credential issued for this generation if it has not expired, even when it
-    /// is due for renewal: what stays in place while a renewal is under way.
-    pub fn unexpired(&self, key: &CredentialRef, generation: Option<i64>, now: Timestamp) -> Option<Cached> {
+    /// What the last call for this generation gave, whenever it was: while a new call is
+    /// under way, a credential that keeps failing still reports its failure.
+    pub fn last(&self, key: &CredentialRef, generation: Option<i64>) -> Option<Result<Cached, Failure>> {
         let entries = crate::lock(&self.entries);
         let e = entries.get(key).filter(|e| e.generation == generation)?;
-        match &e.state {
-            State::Issued(c) if c.credential.expires_at.is_none_or(|at| now < at) => Some(c.clone()),
-            _ => None,
-        }
+        Some(match &e.state {
+            State::Issued(c) => Ok(c.clone()),
+            State::Failed(f) => Err(f.clone()),
+        })
     }
 
     /// The cached credential, if still fresh for this generation.
@@ -186,7 +186,7 @@ mod tests {
         assert!(c.lookup(&key, Some(1), t0).is_none(), "a source change retries at once");
     }
     #[test]
-    fn an_unexpired_credential_stays_available_while_its_renewal_is_under_way() {
+    fn the_last_answer_stays_available_while_a_new_call_is_under_way() {
         let c = CredentialCache::default();
         let key = CredentialRef::cluster("a");
         let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("t");
@@ -202,8 +202,17 @@ mod tests {
             },
         );
         assert!(c.get(&key, Some(1), t(150)).is_none(), "due for renewal");
-        assert!(c.unexpired(&key, Some(1), t(150)).is_some(), "still valid");
-        assert!(c.unexpired(&key, Some(1), t(200)).is_none(), "expired");
-        assert!(c.unexpired(&key, Some(2), t(150)).is_none(), "another generation");
+        assert!(
+            matches!(c.last(&key, Some(1)), Some(Ok(_))),
+            "still there while renewing"
+        );
+        assert!(c.last(&key, Some(2)).is_none(), "another generation");
+        let failure = Failure::waiting("gcp", t(150), std::time::Duration::from_secs(30));
+        c.put_failure(key.clone(), Some(1), failure.clone());
+        assert_eq!(
+            c.last(&key, Some(1)).and_then(Result::err),
+            Some(failure),
+            "the last failure stands"
+        );
     }
 }

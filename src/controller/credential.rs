@@ -63,7 +63,11 @@ pub async fn obtain<K: CredentialKind>(obj: &K, ctx: &Arc<Context>, spec: &Valid
     if let Some(known) = ctx.credentials.lookup(&key, generation, now) {
         return known;
     }
-    if let Some(cached) = recover(obj, ctx, spec, now).await {
+    // Only after a restart (nothing known for this generation) is what the previous process
+    // wrote worth recovering; otherwise status may describe a renewal under way.
+    if ctx.credentials.last(&key, generation).is_none()
+        && let Some(cached) = recover(obj, ctx, spec, now).await
+    {
         return Ok(cached);
     }
     let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
@@ -94,13 +98,21 @@ pub async fn obtain<K: CredentialKind>(obj: &K, ctx: &Arc<Context>, spec: &Valid
         Ok(result) => result,
         // Still waiting: what is in place stays (and is written as it is); the answer
         // requeues the credential.
-        Err(_) => match ctx.credentials.unexpired(&key, generation, now) {
-            Some(current) => Ok(Cached {
-                refresh_at: now.checked_add(WAITING_RECHECK).unwrap_or(Timestamp::MAX),
-                ..current
-            }),
-            None => Err(Failure::waiting(spec.provider.kind_name(), now, WAITING_RECHECK)),
-        },
+        Err(_) => {
+            let recheck = now.checked_add(WAITING_RECHECK).unwrap_or(Timestamp::MAX);
+            match ctx.credentials.last(&key, generation) {
+                // Still failing as far as anyone knows: say so (no flip to Ready meanwhile).
+                Some(Err(failed)) => Err(Failure {
+                    retry_at: failed.retry_at.max(recheck),
+                    ..failed
+                }),
+                Some(Ok(current)) if current.credential.expires_at.is_none_or(|at| now < at) => Ok(Cached {
+                    refresh_at: recheck,
+                    ..current
+                }),
+                _ => Err(Failure::waiting(spec.provider.kind_name(), now, WAITING_RECHECK)),
+            }
+        }
     }
 }
 
@@ -135,6 +147,8 @@ impl Issue {
                 };
                 ctx.credentials.put(key.clone(), generation, cached.clone());
                 ctx.metrics
+                    .set_next_attempt(&self.labels, Some(refresh_at.as_second() as f64));
+                ctx.metrics
                     .set_expiry(&self.labels, cached.credential.expires_at.map(|t| t.as_second() as f64));
                 Ok(cached)
             }
@@ -155,6 +169,8 @@ impl Issue {
                 };
                 crate::warn_repeated!("provider", &key.to_string(), credential = %key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
                 ctx.credentials.put_failure(key.clone(), generation, failure.clone());
+                ctx.metrics
+                    .set_next_attempt(&self.labels, Some(failure.retry_at.as_second() as f64));
                 Err(failure)
             }
         };

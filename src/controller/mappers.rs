@@ -46,18 +46,19 @@ pub fn namespace_concerns(
     out
 }
 
-/// The credentials a change of a managed Secret concerns: the one that wrote it, and
-/// when it is deleted, the credentials that want a Secret of that name in its namespace
-/// (the next in line takes the name over).
+/// The credentials a change of a managed Secret concerns: the one that wrote it, and with
+/// `rivals` (a Secret written or deleted), the credentials that want a Secret of that name
+/// in its namespace (one waiting names the holder in its status; on a deletion the next
+/// in line takes the name over).
 pub fn secret_concerns(
     meta: &ObjectMeta,
-    deleted: bool,
+    rivals: bool,
     clusters: &[&ClusterRegistryCredential],
     namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
     let holder = CredentialRef::holder_of(meta);
     let mut out: Vec<CredentialRef> = holder.iter().cloned().collect();
-    if !deleted {
+    if !rivals {
         return out;
     }
     let (namespace, name) = (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
@@ -246,7 +247,7 @@ mod tests {
         assert_eq!(
             secret_concerns(&meta, false, &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("holder")],
-            "a write concerns its writer only"
+            "an initial list concerns its writer only"
         );
         assert_eq!(
             secret_concerns(&meta, true, &refs(&clusters), &refs(&namespaced)),

@@ -193,6 +193,7 @@ async fn fan_out<K: CredentialKind>(
 
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_expiry(&obj.metric_labels(), None);
+    ctx.metrics.set_next_attempt(&obj.metric_labels(), None);
     cleanup::remove_everything(&obj.reference(), &obj.owner(), ctx).await?;
     Ok(Action::await_change())
 }

@@ -84,12 +84,24 @@ impl Credentials {
                     .filter(|r| r.meta().deletion_timestamp.is_none())
                     .map(|r| (r.reference(), r.meta().creation_timestamp.as_ref(), r.validate())),
             );
-        candidates
+        let mut rivals = candidates
             .filter(|(who, since, _)| who != me && plan::senior((since.map(|t| t.0), who), (created, me)))
-            .filter_map(|(who, _, spec)| {
+            .filter_map(|(who, since, spec)| {
                 let spec = spec.ok()?;
-                (spec.secret_name == secret_name && !spec.suspend).then_some(plan::Rival { who, scope: spec.scope })
+                (spec.secret_name == secret_name && !spec.suspend).then_some((since.map(|t| t.0), who, spec.scope))
             })
+            .collect::<Vec<_>>();
+        // The most senior first: where several have a claim, the oldest is named.
+        rivals.sort_by(|a, b| {
+            if plan::senior((a.0, &a.1), (b.0, &b.1)) {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        });
+        rivals
+            .into_iter()
+            .map(|(_, who, scope)| plan::Rival { who, scope })
             .collect()
     }
 }
@@ -171,8 +183,11 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
     .reflect(secret_writer)
     .try_filter_map(|event| async move {
         Ok(match event {
-            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => Some((s, false)),
-            watcher::Event::Delete(s) => Some((s, true)),
+            // A Secret written or deleted concerns the credentials that want its name there
+            // too (one waiting for it reports the holder, or takes the name over); the
+            // initial list concerns only the writers.
+            watcher::Event::Apply(s) | watcher::Event::Delete(s) => Some((s, true)),
+            watcher::Event::InitApply(s) => Some((s, false)),
             watcher::Event::Init | watcher::Event::InitDone => None,
         })
     });
@@ -315,6 +330,7 @@ mod tests {
         let (clusters, mut writer) = reflector::store();
         for c in [
             guarded("old", "2026-01-01T00:00:00Z", json!({})),
+            guarded("oldest", "2025-01-01T00:00:00Z", json!({})),
             guarded(
                 "leaving",
                 "2026-01-01T00:00:00Z",
@@ -335,8 +351,8 @@ mod tests {
             .collect();
         assert_eq!(
             rivals,
-            vec![CredentialRef::cluster("old")],
-            "younger and leaving ones have no claim"
+            vec![CredentialRef::cluster("oldest"), CredentialRef::cluster("old")],
+            "the oldest first; younger and leaving ones have no claim"
         );
         assert!(
             credentials.rivals(&me, created, "other").is_empty(),

@@ -229,6 +229,24 @@ async fn provider_outage(prefix: &str, fault: Fault, minutes: u32) -> OutageRepo
     let status = support::credential_status(&s.client, &failing).await.expect("status");
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
     assert_eq!(ready.status, "False", "the outage is not in status: {ready:?}");
+    // The retry schedule is in status (the next attempt) and in a metric.
+    assert!(ready.message.contains("next attempt at"), "{}", ready.message);
+    let next_attempt = metric_with(
+        &s.op.addr,
+        "pullkeeper_credential_next_attempt_timestamp_seconds",
+        &format!("name=\"{failing}\""),
+    )
+    .await
+    .expect("metrics");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    // (A call may be under way right now, e.g. one that hangs until its timeout.)
+    assert!(
+        next_attempt > now - 30.0 && next_attempt < now + 3600.0,
+        "next attempt at {next_attempt}, now {now}"
+    );
 
     front.set(Fault::Pass);
     let recovered = Instant::now();

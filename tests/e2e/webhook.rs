@@ -122,7 +122,14 @@ async fn the_webhook_supplies_new_pods_of_targeted_service_accounts() {
     );
     let log = op.log_text();
     assert!(log.contains("pod admission route") && log.contains("Webhook"), "{log}");
-    assert!(log.contains("serving the pod admission webhook"), "{log}");
+    // The server says so once its certificate is in place (after the route is in status).
+    let serving = eventually(Duration::from_secs(30), || async {
+        op.log_text()
+            .contains("serving the pod admission webhook")
+            .then_some(())
+    })
+    .await;
+    assert!(serving.is_some(), "{}", op.log_text());
 
     // The operator issued its certificate into its own namespace and patched the CA into
     // the configuration, as the chart's identity.
