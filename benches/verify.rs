@@ -8,93 +8,27 @@
 //! another. Prints images/second and requests per image as a Markdown table.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use futures::StreamExt;
 use pullkeeper::registry::{Login, Reference, RegistryClient, TlsOptions};
 use secrecy::SecretString;
 use serde_json::json;
-use sha2::{Digest, Sha256};
+
+#[path = "../tests/common/registry.rs"]
+mod registry;
+
+use registry::{Pusher, digest as sha};
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password";
 
-fn sha(b: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
-}
-
-struct Pusher {
-    http: reqwest::Client,
-    base: String,
-    auth: String,
-}
-
-impl Pusher {
-    async fn blob(&self, repo: &str, data: &[u8]) -> String {
-        let digest = sha(data);
-        let start = self
-            .http
-            .post(format!("{}/v2/{repo}/blobs/uploads/", self.base))
-            .header("Authorization", &self.auth)
-            .send()
-            .await
-            .expect("start upload");
-        assert!(start.status().is_success(), "upload start: {}", start.status());
-        let location = start.headers()["location"].to_str().expect("location").to_owned();
-        let url = if location.starts_with("http") {
-            location
-        } else {
-            format!("{}{location}", self.base)
-        };
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let put = self
-            .http
-            .put(format!("{url}{sep}digest={digest}"))
-            .header("Authorization", &self.auth)
-            .header("Content-Type", "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .expect("upload");
-        assert!(put.status().is_success(), "upload: {}", put.status());
-        digest
-    }
-
-    async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &serde_json::Value) -> String {
-        let bytes = serde_json::to_vec(body).expect("json");
-        let resp = self
-            .http
-            .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
-            .header("Authorization", &self.auth)
-            .header("Content-Type", media_type)
-            .body(bytes.clone())
-            .send()
-            .await
-            .expect("manifest");
-        assert!(
-            resp.status().is_success(),
-            "manifest put: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-        sha(&bytes)
-    }
+fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
 }
 
 async fn push(addr: &str, n: usize) -> Vec<(String, Vec<String>)> {
-    let p = Pusher {
-        http: reqwest::Client::new(),
-        base: format!("http://{addr}"),
-        auth: format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
-        ),
-    };
+    let p = Pusher::basic(addr, USER, PASSWORD);
     let repo = "bench/app";
     let layer = b"not really a tarball, but a blob is a blob";
     let layer_d = p.blob(repo, layer).await;
@@ -125,7 +59,7 @@ async fn push(addr: &str, n: usize) -> Vec<(String, Vec<String>)> {
                 repo,
                 &tag,
                 "application/vnd.oci.image.manifest.v1+json",
-                &manifest(&platform_manifests[0], i),
+                &json_bytes(&manifest(&platform_manifests[0], i)),
             )
             .await;
         // Half by tag, half by digest.
@@ -144,9 +78,9 @@ async fn push(addr: &str, n: usize) -> Vec<(String, Vec<String>)> {
             let d = p
                 .manifest(
                     repo,
-                    &sha(&serde_json::to_vec(&m).expect("json")),
+                    &sha(&json_bytes(&m)),
                     "application/vnd.oci.image.manifest.v1+json",
-                    &m,
+                    &json_bytes(&m),
                 )
                 .await;
             entries.push(json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": size, "platform": {"os": "linux", "architecture": pm.0}}));
@@ -154,8 +88,13 @@ async fn push(addr: &str, n: usize) -> Vec<(String, Vec<String>)> {
         let tag = format!("multi{i}");
         let index =
             json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries});
-        p.manifest(repo, &tag, "application/vnd.oci.image.index.v1+json", &index)
-            .await;
+        p.manifest(
+            repo,
+            &tag,
+            "application/vnd.oci.image.index.v1+json",
+            &json_bytes(&index),
+        )
+        .await;
         refs.push((
             format!("{addr}/{repo}:{tag}"),
             vec!["linux/amd64".to_owned(), "linux/arm64".to_owned()],
@@ -201,33 +140,16 @@ async fn main() {
         .unwrap_or(200);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/bench/registry");
-    let _ = Command::new("bash")
-        .arg(root.join("hack/registry.sh"))
-        .args(["stop", &dir.to_string_lossy()])
-        .status();
+    registry::stop(&dir);
     let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new("bash")
-        .arg(root.join("hack/registry.sh"))
-        .args(["start", &dir.to_string_lossy(), USER, PASSWORD])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("registry");
-    let addr = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("addr")
-        .trim()
-        .to_owned();
+    let addr = registry::start::<&str>(&dir, USER, PASSWORD, &[]);
     eprintln!("pushing {n} images to {addr}");
     let refs = push(&addr, n).await;
     // Warm-up, then measure.
     let _ = run(&refs[..refs.len().min(10)], 4).await;
     let (seq_t, seq_req, seq_ok) = run(&refs, 1).await;
     let (par_t, par_req, par_ok) = run(&refs, 4).await;
-    let _ = Command::new("bash")
-        .arg(root.join("hack/registry.sh"))
-        .args(["stop", &dir.to_string_lossy()])
-        .status();
+    registry::stop(&dir);
     println!();
     println!("| mode | images | pullable | time | images/s | requests per image |");
     println!("|---|---:|---:|---:|---:|---:|");

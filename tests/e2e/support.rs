@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -15,6 +16,11 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use tokio_util::sync::CancellationToken;
+
+#[path = "../common/registry.rs"]
+pub mod registry;
+
+use registry::sha256_hex;
 
 /// Label that gives a credential to an operator process started by a test.
 pub const SHARD_LABEL: &str = "pullkeeper.io/test-shard";
@@ -301,25 +307,13 @@ pub fn token_registry() -> &'static str {
                 ("puller".into(), "puller-pw".into(), vec!["demo".into()]),
             ],
         });
-        let _ = Command::new("bash")
-            .arg(repo_root().join("hack/registry.sh"))
-            .args(["stop", &dir.to_string_lossy()])
-            .status();
-        let out = Command::new("bash")
-            .arg(repo_root().join("hack/registry.sh"))
-            .args(["start", &dir.to_string_lossy(), "-", "-", "token"])
-            .arg(format!("{}/token", fakes.base))
-            .arg(&cert)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("registry.sh");
-        assert!(out.status.success(), "token registry did not start");
-        let addr = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("addr")
-            .trim()
-            .to_owned();
+        let realm = format!("{}/token", fakes.base);
+        let addr = registry::start(
+            &dir,
+            "-",
+            "-",
+            &[OsStr::new("token"), OsStr::new(&realm), cert.as_os_str()],
+        );
         push_demo_image(&addr, "admin", "admin-pw");
         push_image_as(&addr, "admin", "admin-pw", "private");
         addr
@@ -345,33 +339,11 @@ fn start_registry(name: &str, tls: bool) -> Registry {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         let user = "puller".to_owned();
         let password = format!("reg-{}", unique("pw"));
-        // A restart needs the new htpasswd, so stop any old instance first.
-        let _ = Command::new("bash")
-            .arg(repo_root().join("hack/registry.sh"))
-            .args(["stop", &dir.to_string_lossy()])
-            .status();
-        let out = Command::new("bash")
-            .arg(repo_root().join("hack/registry.sh"))
-            .args(["start", &dir.to_string_lossy(), &user, &password])
-            .args(tls.then_some("tls"))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("running hack/registry.sh");
-        assert!(out.status.success(), "hack/registry.sh start failed");
-        let addr = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("address")
-            .trim()
-            .to_owned();
+        let extra: &[&str] = if tls { &["tls"] } else { &[] };
+        let addr = registry::start(&dir, &user, &password, extra);
         push_demo_image(&addr, &user, &password);
         Registry { addr, user, password }
     }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes a one-layer OCI image layout by hand and pushes it with skopeo.
@@ -511,52 +483,16 @@ pub fn ready_message(status: &pullkeeper::crd::RegistryCredentialStatus) -> &str
 /// Pushes a two-platform image index (`linux/amd64`, `linux/arm64`) as `repo:tag` over the
 /// Distribution API with Basic auth.
 pub async fn push_index(addr: &str, user: &str, password: &str, repo: &str, tag: &str) {
-    use base64::Engine as _;
-    let http = reqwest::Client::new();
-    let base = format!("http://{addr}");
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    );
-    let digest = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
-    let blob = |data: Vec<u8>| {
-        let (http, base, auth) = (http.clone(), base.clone(), auth.clone());
-        let repo = repo.to_owned();
-        async move {
-            let d = format!("sha256:{}", sha256_hex(&data));
-            let start = http
-                .post(format!("{base}/v2/{repo}/blobs/uploads/"))
-                .header("Authorization", &auth)
-                .send()
-                .await
-                .expect("upload start");
-            let loc = start.headers()["location"].to_str().expect("location").to_owned();
-            let url = if loc.starts_with("http") {
-                loc
-            } else {
-                format!("{base}{loc}")
-            };
-            let sep = if url.contains('?') { '&' } else { '?' };
-            let put = http
-                .put(format!("{url}{sep}digest={d}"))
-                .header("Authorization", &auth)
-                .body(data)
-                .send()
-                .await
-                .expect("upload");
-            assert!(put.status().is_success(), "blob upload: {}", put.status());
-            d
-        }
-    };
+    let pusher = registry::Pusher::basic(addr, user, password);
     let layer = b"layer".to_vec();
-    let layer_d = blob(layer.clone()).await;
+    let layer_d = pusher.blob(repo, &layer).await;
     let mut entries = Vec::new();
     for arch in ["amd64", "arm64"] {
         let config = serde_json::to_vec(
             &serde_json::json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
         )
         .expect("config");
-        let config_d = blob(config.clone()).await;
+        let config_d = pusher.blob(repo, &config).await;
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -564,31 +500,19 @@ pub async fn push_index(addr: &str, user: &str, password: &str, repo: &str, tag:
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_d, "size": layer.len()}]
         }))
         .expect("manifest");
-        let md = digest(&manifest);
-        let put = http
-            .put(format!("{base}/v2/{repo}/manifests/{md}"))
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-            .body(manifest.clone())
-            .send()
-            .await
-            .expect("manifest");
-        assert!(put.status().is_success(), "manifest: {}", put.status());
+        let md = registry::digest(&manifest);
+        pusher
+            .manifest(repo, &md, "application/vnd.oci.image.manifest.v1+json", &manifest)
+            .await;
         entries.push(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(),
             "platform": {"os": "linux", "architecture": arch}
         }));
     }
     let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries})).expect("index");
-    let put = http
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("Authorization", &auth)
-        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
-        .body(index)
-        .send()
-        .await
-        .expect("index");
-    assert!(put.status().is_success(), "index: {}", put.status());
+    pusher
+        .manifest(repo, tag, "application/vnd.oci.image.index.v1+json", &index)
+        .await;
 }
 
 /// The `.dockerconfigjson` pullkeeper writes for a basic credential, byte for byte.
