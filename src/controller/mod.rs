@@ -18,6 +18,7 @@ pub mod mappers;
 pub mod plan;
 pub mod reconcile;
 pub mod report;
+pub mod requests;
 pub mod schedule;
 pub mod secret;
 pub mod service_account;

@@ -17,8 +17,6 @@ use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
@@ -30,6 +28,7 @@ use super::CredentialKind;
 use super::identity::CredentialRef;
 use super::mappers::{namespace_concerns, secret_concerns, service_account_concerns};
 use super::plan;
+pub use super::requests::{RequestStreams, Requests};
 use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use super::target::NamespaceInfo;
 
@@ -103,43 +102,6 @@ impl Credentials {
             .into_iter()
             .map(|(_, who, scope)| plan::Rival { who, scope })
             .collect()
-    }
-}
-
-/// Reconcile requests for the controllers of both kinds.
-#[derive(Clone)]
-pub struct Requests {
-    cluster: mpsc::UnboundedSender<ObjectRef<DeserializeGuard<ClusterRegistryCredential>>>,
-    namespaced: mpsc::UnboundedSender<ObjectRef<DeserializeGuard<RegistryCredential>>>,
-}
-
-/// The request streams a [`Requests`] feeds, one per controller.
-pub type RequestStreams = (
-    UnboundedReceiverStream<ObjectRef<DeserializeGuard<ClusterRegistryCredential>>>,
-    UnboundedReceiverStream<ObjectRef<DeserializeGuard<RegistryCredential>>>,
-);
-
-impl Requests {
-    /// A sender and the streams to hand to `Controller::reconcile_on`.
-    pub fn channel() -> (Self, RequestStreams) {
-        let (cluster, cluster_rx) = mpsc::unbounded_channel();
-        let (namespaced, namespaced_rx) = mpsc::unbounded_channel();
-        (
-            Self { cluster, namespaced },
-            (
-                UnboundedReceiverStream::new(cluster_rx),
-                UnboundedReceiverStream::new(namespaced_rx),
-            ),
-        )
-    }
-
-    /// Asks the right controller to reconcile `who`. False once the controllers are gone.
-    pub fn send(&self, who: &CredentialRef) -> bool {
-        match (who.as_cluster(), who.as_namespaced()) {
-            (Some(r), _) => self.cluster.send(r).is_ok(),
-            (_, Some(r)) => self.namespaced.send(r).is_ok(),
-            (None, None) => true,
-        }
     }
 }
 
