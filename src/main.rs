@@ -205,7 +205,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Crds { dir }) => crds(dir),
         Some(Command::AdmissionPolicies) => {
-            print!("{}", pullkeeper::controller::admission::policies_yaml()?);
+            out(&pullkeeper::controller::admission::policies_yaml()?)?;
             Ok(())
         }
         Some(Command::Check(args)) => check(args),
@@ -242,8 +242,8 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let client = registry_client(&args)?;
     let reports = check::check(&client, &logins, &args.images, &args.platforms).await;
     match args.output {
-        Output::Text => print!("{}", check::render_text(&reports)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        Output::Text => out(&check::render_text(&reports))?,
+        Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&reports)?))?,
     }
     if reports.iter().any(|r| !r.pullable) {
         std::process::exit(1);
@@ -279,8 +279,8 @@ async fn check_cluster(args: CheckArgs) -> anyhow::Result<()> {
     let kube = kube::Client::try_from(config).context("building the Kubernetes client")?;
     let report = workload::check_cluster(&kube, registry_client(&args)?, &scope).await?;
     match args.output {
-        Output::Text => print!("{}", report.table()),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => out(&report.table())?,
+        Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
     }
     if !report.findings.is_empty() {
         std::process::exit(1);
@@ -297,7 +297,7 @@ fn rand_suffix() -> u32 {
 
 fn crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
     match dir {
-        None => print!("{}", pullkeeper::crd::crds_yaml()?),
+        None => out(&pullkeeper::crd::crds_yaml()?)?,
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for crd in pullkeeper::crd::crds() {
@@ -444,4 +444,14 @@ async fn endpoints(args: &ControllerArgs) -> anyhow::Result<pullkeeper::operator
         metrics_auth: args.metrics_auth,
         webhook: None,
     })
+}
+
+/// Writes `text` to stdout; a reader that went away (`pullkeeper crds | head`) is no error.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
