@@ -31,6 +31,7 @@ use super::plan;
 pub use super::requests::{RequestStreams, Requests};
 use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use super::target::NamespaceInfo;
+use super::validate;
 
 /// Read-only caches the reconcilers plan from.
 #[derive(Clone)]
@@ -73,14 +74,18 @@ impl Credentials {
     pub fn rivals(&self, me: &CredentialRef, created: Option<Timestamp>, secret_name: &str) -> Vec<plan::Rival> {
         let (clusters, namespaced) = (self.clusters.state(), self.namespaced.state());
         let (clusters, namespaced) = (readable(&clusters), readable(&namespaced));
+        // The name first (cheap): only the few credentials of the same name are validated.
+        let wants = |name: String, explicit: Option<&str>| validate::secret_name_of(&name, explicit) == secret_name;
         let candidates = clusters
             .iter()
             .filter(|c| c.meta().deletion_timestamp.is_none())
+            .filter(|c| wants(c.name_any(), c.spec.target.secret_name.as_deref()))
             .map(|c| (c.reference(), c.meta().creation_timestamp.as_ref(), c.validate()))
             .chain(
                 namespaced
                     .iter()
                     .filter(|r| r.meta().deletion_timestamp.is_none())
+                    .filter(|r| wants(r.name_any(), r.spec.target.secret_name.as_deref()))
                     .map(|r| (r.reference(), r.meta().creation_timestamp.as_ref(), r.validate())),
             );
         let mut rivals = candidates
