@@ -16,6 +16,7 @@ pub fn client(config: kube::Config, metrics: &Arc<Metrics>) -> Result<Client, ku
     let m = metrics.clone();
     let counting = tower::util::MapRequestLayer::new(move |req: ::http::Request<kube::client::Body>| {
         m.observe_api_request(req.method());
+        tracing::trace!(target: "pullkeeper::api", method = %req.method(), uri = %req.uri(), "request");
         req
     });
     Ok(kube::client::ClientBuilder::try_from(config)?

@@ -144,7 +144,10 @@ impl Operator {
     /// Starts `pullkeeper controller` with its defaults and waits until it is ready.
     pub async fn start(kubeconfig: &Path) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_pullkeeper"))
+        // PULLKEEPER_BENCH_BIN compares another build (e.g. another allocator) on the same
+        // benchmark; by default the release binary of this checkout.
+        let bin = std::env::var_os("PULLKEEPER_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pullkeeper").into());
+        let child = Command::new(bin)
             .arg("controller")
             .env("KUBECONFIG", kubeconfig)
             .env("PULLKEEPER_METRICS_ADDR", &addr)

@@ -51,7 +51,16 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
         rivals: &[],
     };
     let plan = plan::cleanup(owner, &snapshot);
-    let done = apply::execute(&ctx.client, owner, "", None, &plan, ctx.write_concurrency).await;
+    let done = apply::execute(
+        &ctx.client,
+        &ctx.accounts,
+        owner,
+        "",
+        None,
+        &plan,
+        ctx.write_concurrency,
+    )
+    .await;
     if let Some(f) = done.failures.first() {
         return Err(Error::CleanupIncomplete {
             kind: who.kind(),

@@ -13,7 +13,7 @@ use kube::runtime::reflector;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, admission, backoff, cache, credential, sources, verify, watches};
+use super::{Context, accounts, admission, backoff, cache, credential, sources, verify, watches};
 
 /// One expected request: method, path and query must match; `check` sees the body.
 pub struct Expect {
@@ -120,6 +120,17 @@ fn normalized(uri: &str) -> (String, Vec<(String, String)>) {
     (url.path().to_owned(), query)
 }
 
+/// A ServiceAccount writer whose cache holds `accounts` (JSON ServiceAccounts).
+pub fn accounts(client: &Client, accounts: &[Value]) -> accounts::Accounts {
+    let (store, mut writer) = reflector::store();
+    for sa in accounts {
+        let sa: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(sa.clone()).expect("a ServiceAccount");
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(sa));
+    }
+    accounts::Accounts::new(client.clone(), store)
+}
+
 /// An apiserver `Status` error body.
 pub fn status_error(code: u16, reason: &str) -> Value {
     serde_json::json!({
@@ -153,6 +164,7 @@ pub fn context(client: Client) -> Arc<Context> {
         client: client.clone(),
         metrics: Arc::default(),
         backoffs: backoff::Backoffs::default(),
+        accounts: accounts::Accounts::new(client.clone(), service_accounts.clone()),
         caches: watches::Caches {
             namespaces,
             secrets,
@@ -177,7 +189,7 @@ pub fn context(client: Client) -> Arc<Context> {
 mod tests {
     use super::*;
     use crate::controller::identity::CredentialRef;
-    use crate::controller::plan::{Delete, Plan, SaPatch, Write};
+    use crate::controller::plan::{Delete, Plan, SaChange, Write};
     use crate::controller::secret::{self, Owner};
     use crate::controller::{apply, reconcile};
     use crate::crd::ClusterRegistryCredential;
@@ -199,6 +211,18 @@ mod tests {
             expires_at: None,
         };
         secret::content(&owner(), &RegistryHost::parse("ghcr.io").expect("host"), &credential)
+    }
+
+    /// Carries out `plan` for the credential of [`owner`] (Secret `pull`), one write at a
+    /// time, with the `default` ServiceAccount of [`default_sa`] in the cache.
+    async fn execute(client: &Client, plan: &Plan) -> apply::Outcome {
+        let accounts = accounts(client, &[default_sa()]);
+        apply::execute(client, &accounts, &owner(), "pull", Some(&content()), plan, 1).await
+    }
+
+    fn default_sa() -> Value {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "default", "namespace": "a", "resourceVersion": "7"}})
     }
 
     fn secret_answer(ns: &str) -> Value {
@@ -242,11 +266,7 @@ mod tests {
         let plan = Plan {
             targeted: vec!["a".into()],
             writes: vec![Write::Create("a".into())],
-            sa_patches: vec![SaPatch {
-                namespace: "a".into(),
-                name: "default".into(),
-                patch: sa_patch,
-            }],
+            sa_changes: vec![entry("pull")],
             deletes: vec![Delete {
                 namespace: "b".into(),
                 name: "old".into(),
@@ -254,7 +274,7 @@ mod tests {
             }],
             ..Plan::default()
         };
-        let done = apply::execute(&client, &owner(), "pull", Some(&content()), &plan, 1).await;
+        let done = execute(&client, &plan).await;
         server.await.expect("the apiserver saw what it expected");
         assert_eq!(done.written, vec!["a".to_owned()]);
         assert!(done.failures.is_empty(), "{:?}", done.failures);
@@ -283,14 +303,10 @@ mod tests {
         let plan = Plan {
             targeted: vec!["a".into()],
             writes: vec![Write::Create("a".into())],
-            sa_patches: vec![SaPatch {
-                namespace: "a".into(),
-                name: "default".into(),
-                patch: json!([]),
-            }],
+            sa_changes: vec![entry("pull")],
             ..Plan::default()
         };
-        let done = apply::execute(&client, &owner(), "pull", Some(&content()), &plan, 1).await;
+        let done = execute(&client, &plan).await;
         server.await.expect("the apiserver saw what it expected");
         assert!(!done.retryable, "a conflict waits for a change");
         assert_eq!(done.failures.len(), 1);
@@ -334,7 +350,7 @@ mod tests {
             writes: vec![Write::Apply("a".into()), Write::Apply("b".into())],
             ..Plan::default()
         };
-        let done = apply::execute(&client, &owner(), "pull", Some(&content()), &plan, 1).await;
+        let done = execute(&client, &plan).await;
         server.await.expect("the apiserver saw what it expected");
         assert_eq!(done.written, vec!["a".to_owned()]);
         assert_eq!(done.failures[0].reason, "Forbidden");
@@ -481,6 +497,69 @@ mod tests {
             .await
             .expect("cleaned up");
         server.await.expect("the apiserver saw what it expected");
+    }
+
+    fn sa_answer(rv: &str, entries: &[&str]) -> Value {
+        let list: Vec<Value> = entries.iter().map(|e| json!({"name": e})).collect();
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "default", "namespace": "a", "resourceVersion": rv},
+               "imagePullSecrets": list})
+    }
+
+    fn entry(secret: &str) -> SaChange {
+        SaChange {
+            namespace: "a".into(),
+            name: "default".into(),
+            secret: secret.into(),
+            add: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_waiting_for_one_service_account_share_a_patch_made_from_the_last_answer() {
+        const SA: &str = "/api/v1/namespaces/a/serviceaccounts/default?";
+        let (client, server) = apiserver(vec![
+            Expect::new("PATCH", SA, 200, sa_answer("8", &["pull-a"]))
+                .content_type(JSON_PATCH)
+                .check(|body| {
+                    assert_eq!(body[0]["value"], "7", "from the cached copy");
+                    assert_eq!(body[1]["value"], json!([{"name": "pull-a"}]));
+                }),
+            Expect::new("PATCH", SA, 200, sa_answer("9", &["pull-a", "pull-b", "pull-c"])).check(|body| {
+                assert_eq!(body[0]["value"], "8", "from the answer, newer than the cache");
+                let added: Vec<&Value> = body.as_array().expect("ops")[1..]
+                    .iter()
+                    .map(|op| &op["value"]["name"])
+                    .collect();
+                assert_eq!(added, vec!["pull-b", "pull-c"], "both waiting entries in one patch");
+            }),
+        ]);
+        let accounts = accounts(&client, &[default_sa()]);
+        let (a, b, c) = tokio::join!(
+            accounts.change(entry("pull-a")),
+            accounts.change(entry("pull-b")),
+            accounts.change(entry("pull-c")),
+        );
+        server.await.expect("the apiserver saw what it expected");
+        assert!(a.0.is_ok() && b.0.is_ok() && c.0.is_ok());
+        assert_eq!(a.1 + b.1 + c.1, 2, "two requests for three entries");
+    }
+
+    #[tokio::test]
+    async fn a_service_account_changed_by_someone_else_is_read_again_and_patched_once_more() {
+        const SA: &str = "/api/v1/namespaces/a/serviceaccounts/default";
+        let (client, server) = apiserver(vec![
+            Expect::new("PATCH", format!("{SA}?"), 422, status_error(422, "Invalid")),
+            Expect::new("GET", SA, 200, sa_answer("12", &["theirs"])),
+            Expect::new("PATCH", format!("{SA}?"), 200, sa_answer("13", &["theirs", "pull-a"])).check(|body| {
+                assert_eq!(body[0]["value"], "12");
+                assert_eq!(body[1]["path"], "/imagePullSecrets/-", "appended after theirs");
+            }),
+        ]);
+        let (answer, requests) = accounts(&client, &[default_sa()]).change(entry("pull-a")).await;
+        server.await.expect("the apiserver saw what it expected");
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(requests, 3);
     }
 
     fn url_encoded(s: &str) -> String {

@@ -6,6 +6,7 @@ use kube::ResourceExt;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
+use super::CredentialKind;
 use super::identity::CredentialRef;
 use super::target::{self, NamespaceInfo};
 use super::validate;
@@ -46,19 +47,49 @@ pub fn namespace_concerns(
     out
 }
 
-/// The credentials a change of a managed Secret concerns: the one that wrote it, and with
-/// `rivals` (a Secret written or deleted), the credentials that want a Secret of that name
-/// in its namespace (one waiting names the holder in its status; on a deletion the next
-/// in line takes the name over).
+/// What happened to a managed Secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretEvent {
+    /// Seen in a watch's initial list.
+    Listed,
+    /// Created or changed.
+    Written,
+    /// Deleted.
+    Deleted,
+}
+
+/// The credentials a change of a managed Secret concerns: the one that wrote it (unless
+/// the change is its own write, the Secret holding the content its status names), and for
+/// a Secret written or deleted, the credentials that want a Secret of that name in its
+/// namespace (one waiting names the holder in its status; on a deletion the next in line
+/// takes the name over).
 pub fn secret_concerns(
     meta: &ObjectMeta,
-    rivals: bool,
+    event: SecretEvent,
     clusters: &[&ClusterRegistryCredential],
     namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
     let holder = CredentialRef::holder_of(meta);
-    let mut out: Vec<CredentialRef> = holder.iter().cloned().collect();
-    if !rivals {
+    let hash = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::secret::HASH_ANNOTATION));
+    let its_own_write = |who: &CredentialRef| {
+        let status = clusters
+            .iter()
+            .find(|c| c.reference() == *who)
+            .map(|c| c.status.as_ref())
+            .or_else(|| {
+                namespaced
+                    .iter()
+                    .find(|r| r.reference() == *who)
+                    .map(|r| r.status.as_ref())
+            });
+        let written = status.flatten().and_then(|s| s.content_hash.as_ref());
+        event == SecretEvent::Written && written.is_some() && written == hash
+    };
+    let mut out: Vec<CredentialRef> = holder.iter().filter(|who| !its_own_write(who)).cloned().collect();
+    if event == SecretEvent::Listed {
         return out;
     }
     let (namespace, name) = (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
@@ -245,17 +276,34 @@ mod tests {
             ..ObjectMeta::default()
         };
         assert_eq!(
-            secret_concerns(&meta, false, &refs(&clusters), &refs(&namespaced)),
+            secret_concerns(&meta, SecretEvent::Listed, &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("holder")],
             "an initial list concerns its writer only"
         );
         assert_eq!(
-            secret_concerns(&meta, true, &refs(&clusters), &refs(&namespaced)),
+            secret_concerns(&meta, SecretEvent::Deleted, &refs(&clusters), &refs(&namespaced)),
             vec![
                 CredentialRef::cluster("holder"),
                 CredentialRef::cluster("next"),
                 CredentialRef::namespaced("web", "own"),
             ]
+        );
+        // Its own write (the content its status names) costs the writer no reconcile; an
+        // edit (another digest) does.
+        let mut clusters = clusters;
+        std::sync::Arc::make_mut(&mut clusters[0]).status = Some(crate::crd::RegistryCredentialStatus {
+            content_hash: Some("h1".into()),
+            ..Default::default()
+        });
+        let written = |hash: &str| {
+            let mut meta = meta.clone();
+            meta.annotations = Some([(crate::controller::secret::HASH_ANNOTATION.to_owned(), hash.to_owned())].into());
+            secret_concerns(&meta, SecretEvent::Written, &refs(&clusters), &[])
+        };
+        assert_eq!(written("h1"), vec![CredentialRef::cluster("next")]);
+        assert_eq!(
+            written("h0"),
+            vec![CredentialRef::cluster("holder"), CredentialRef::cluster("next")]
         );
     }
 

@@ -3,6 +3,7 @@
 //! Reconcile is a short pipeline (see [`reconcile`]): validate (pure) → issue credential
 //! (provider I/O) → compute status (pure) → patch status (API I/O).
 
+pub mod accounts;
 pub mod admission;
 pub mod apply;
 pub mod backoff;
@@ -63,6 +64,8 @@ pub struct Context {
     pub backoffs: backoff::Backoffs,
     /// Namespaces, managed Secrets, ServiceAccounts.
     pub caches: watches::Caches,
+    /// Writes ServiceAccount entries, one writer per ServiceAccount.
+    pub accounts: accounts::Accounts,
     /// Every credential object of both kinds (the controllers' stores).
     pub objects: watches::Credentials,
     /// Watches on referenced source Secrets.
@@ -188,6 +191,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         client: client.clone(),
         metrics,
         backoffs: backoff::Backoffs::default(),
+        accounts: accounts::Accounts::new(client.clone(), caches.service_accounts.clone()),
         caches,
         objects: credentials,
         sources: sources::SourceWatches::new(client.clone(), requests.clone(), issued.clone(), shutdown.clone()),

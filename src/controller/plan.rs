@@ -7,7 +7,6 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use serde_json::Value;
 
 use super::identity::CredentialRef;
 use super::secret::{self, Content, Owner, State};
@@ -65,15 +64,19 @@ pub fn senior(a: (Option<Timestamp>, &CredentialRef), b: (Option<Timestamp>, &Cr
     key(a) < key(b)
 }
 
-/// A ServiceAccount patch.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SaPatch {
+/// An entry to add to or remove from a ServiceAccount's `imagePullSecrets`. The patch is
+/// made when it is written, from the freshest copy of the ServiceAccount, together with
+/// the other credentials' entries for it (see [`super::accounts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaChange {
     /// Namespace.
     pub namespace: String,
     /// ServiceAccount name.
     pub name: String,
-    /// JSON patch.
-    pub patch: Value,
+    /// The Secret the entry names.
+    pub secret: String,
+    /// Add the entry (else remove it).
+    pub add: bool,
 }
 
 /// Everything one reconcile will do.
@@ -90,8 +93,8 @@ pub struct Plan {
     pub conflicts: Vec<Conflict>,
     /// Our Secrets that must go (namespace left the target, or the name changed).
     pub deletes: Vec<Delete>,
-    /// ServiceAccount patches.
-    pub sa_patches: Vec<SaPatch>,
+    /// ServiceAccount entries to add or remove.
+    pub sa_changes: Vec<SaChange>,
 }
 
 /// Cached cluster state a plan is computed from.
@@ -134,6 +137,7 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
         ..Plan::default()
     };
 
+    let infos: BTreeMap<&str, &NamespaceInfo> = snap.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
     for ns in &targeted {
         let existing = by_ns_name.get(&(ns.as_str(), spec.secret_name.as_str())).copied();
         let state = match content {
@@ -152,7 +156,7 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
                 continue;
             }
             State::Missing if content.is_some() => {
-                let info = snap.namespaces.iter().find(|n| n.name == *ns);
+                let info = infos.get(ns.as_str());
                 if let Some(rival) = snap
                     .rivals
                     .iter()
@@ -172,16 +176,13 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
         }
         for sa in sas_by_ns.get(ns.as_str()).into_iter().flatten() {
             let name = sa.metadata.name.clone().unwrap_or_default();
-            let patch = if spec.service_accounts.contains(&name) {
-                service_account::add_patch(sa, &spec.secret_name)
-            } else {
-                service_account::remove_patch(sa, &spec.secret_name)
-            };
-            if let Some(patch) = patch {
-                plan.sa_patches.push(SaPatch {
+            let add = spec.service_accounts.contains(&name);
+            if add != service_account::has_entry(sa, &spec.secret_name) {
+                plan.sa_changes.push(SaChange {
                     namespace: ns.clone(),
                     name,
-                    patch,
+                    secret: spec.secret_name.clone(),
+                    add,
                 });
             }
         }
@@ -199,12 +200,8 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
             uid: meta.uid.clone(),
         });
         for sa in sas_by_ns.get(ns).into_iter().flatten() {
-            if let Some(patch) = service_account::remove_patch(sa, name) {
-                plan.sa_patches.push(SaPatch {
-                    namespace: ns.to_owned(),
-                    name: sa.metadata.name.clone().unwrap_or_default(),
-                    patch,
-                });
+            if service_account::has_entry(sa, name) {
+                plan.sa_changes.push(removal(ns, sa, name));
             }
         }
     }
@@ -223,12 +220,8 @@ pub fn cleanup(owner: &Owner, snap: &Snapshot<'_>) -> Plan {
             .iter()
             .filter(|sa| sa.metadata.namespace.as_deref() == Some(ns.as_str()))
         {
-            if let Some(patch) = service_account::remove_patch(sa, &name) {
-                plan.sa_patches.push(SaPatch {
-                    namespace: ns.clone(),
-                    name: sa.metadata.name.clone().unwrap_or_default(),
-                    patch,
-                });
+            if service_account::has_entry(sa, &name) {
+                plan.sa_changes.push(removal(&ns, sa, &name));
             }
         }
         plan.deletes.push(Delete {
@@ -238,6 +231,15 @@ pub fn cleanup(owner: &Owner, snap: &Snapshot<'_>) -> Plan {
         });
     }
     plan
+}
+
+fn removal(namespace: &str, sa: &ServiceAccount, secret: &str) -> SaChange {
+    SaChange {
+        namespace: namespace.to_owned(),
+        name: sa.metadata.name.clone().unwrap_or_default(),
+        secret: secret.to_owned(),
+        add: false,
+    }
 }
 
 #[cfg(test)]
@@ -366,7 +368,7 @@ mod tests {
             rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
-        assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
+        assert!(plan.writes.is_empty() && plan.sa_changes.is_empty() && plan.deletes.is_empty());
     }
 
     #[test]
@@ -393,7 +395,7 @@ mod tests {
                 holder: Some(CredentialRef::cluster("other")),
             }]
         );
-        assert!(plan.writes.is_empty() && plan.sa_patches.is_empty() && plan.deletes.is_empty());
+        assert!(plan.writes.is_empty() && plan.sa_changes.is_empty() && plan.deletes.is_empty());
     }
 
     #[test]
@@ -468,8 +470,8 @@ mod tests {
         let plan = compute(&owner(), &spec(scope), Some(&c), &snap);
         assert_eq!(plan.deletes.len(), 1);
         assert_eq!(plan.deletes[0].namespace, "gone");
-        assert_eq!(plan.sa_patches.len(), 1);
-        assert_eq!(plan.sa_patches[0].patch[1]["op"], "remove");
+        assert_eq!(plan.sa_changes.len(), 1);
+        assert!(!plan.sa_changes[0].add, "a removal");
     }
 
     #[test]
@@ -504,7 +506,7 @@ mod tests {
             rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
-        let touched: Vec<_> = plan.sa_patches.iter().map(|p| p.name.as_str()).collect();
+        let touched: Vec<_> = plan.sa_changes.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(touched, vec!["default", "builder"]);
     }
 
@@ -528,7 +530,15 @@ mod tests {
         let plan = cleanup(&owner(), &snap);
         assert_eq!(plan.deletes.len(), 1);
         assert_eq!(plan.deletes[0].name, "pullkeeper-ghcr");
-        assert_eq!(plan.sa_patches.len(), 1);
-        assert_eq!(plan.sa_patches[0].patch[0]["path"], "/imagePullSecrets/1/name");
+        assert_eq!(
+            plan.sa_changes,
+            vec![SaChange {
+                namespace: "a".into(),
+                name: "default".into(),
+                secret: "pullkeeper-ghcr".into(),
+                add: false,
+            }],
+            "only its own entry goes"
+        );
     }
 }

@@ -75,12 +75,24 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
         return report::finish(obj, ctx, &Outcome::Suspended, Action::await_change()).await;
     }
     ctx.sources.sync(&obj.reference(), &source_secrets(&spec.provider));
-    let issued = credential::obtain(obj, ctx, &spec).await;
+    let mut issued = credential::obtain(obj, ctx, &spec).await;
     let owner = obj.owner();
     let content = issued
         .as_ref()
         .ok()
         .map(|c| secret::content(&owner, &spec.registry, &c.credential));
+    if let (Ok(c), Some(content)) = (&mut issued, &content) {
+        let (status, generation) = (obj.current_status(), obj.meta().generation);
+        let mints = spec.provider.mints();
+        if let Some((at, refresh)) =
+            credential::unchanged_schedule(status, generation, mints, &content.hash, c, Timestamp::now())
+        {
+            (c.issued_at, c.refresh_at) = (at, refresh);
+            ctx.credentials.put(obj.reference(), generation, c.clone());
+            ctx.metrics
+                .set_next_attempt(&obj.metric_labels(), Some(refresh.as_second() as f64));
+        }
+    }
     let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, content.as_ref()).await;
     let now = Timestamp::now();
     let quick_retry = if retryable {
@@ -167,6 +179,7 @@ async fn fan_out<K: CredentialKind>(
     let plan = plan::compute(owner, spec, content, &snapshot);
     let done = apply::execute(
         &ctx.client,
+        &ctx.accounts,
         owner,
         &spec.secret_name,
         content,

@@ -16,26 +16,46 @@ pub fn has_entry(sa: &ServiceAccount, secret: &str) -> bool {
 
 /// A JSON patch appending `secret`, or `None` if it is already there.
 pub fn add_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
-    if has_entry(sa, secret) {
-        return None;
-    }
-    let rv = sa.metadata.resource_version.clone().unwrap_or_default();
-    let add = match &sa.image_pull_secrets {
-        Some(_) => json!({"op": "add", "path": "/imagePullSecrets/-", "value": {"name": secret}}),
-        None => json!({"op": "add", "path": "/imagePullSecrets", "value": [{"name": secret}]}),
-    };
-    Some(json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, add]))
+    patch(sa, &[secret], &[])
 }
 
 /// A JSON patch removing every entry naming `secret`, or `None` if there is none.
 pub fn remove_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
-    let entries = sa.image_pull_secrets.as_ref()?;
+    patch(sa, &[], &[secret])
+}
+
+/// One JSON patch that removes every entry naming one of `remove` and appends each of
+/// `add` not listed yet, or `None` when there is nothing to do. Removals test the entry
+/// they remove (from the end, so earlier indices stay valid); appending also tests the
+/// resourceVersion it was computed from, so two writers never append the same entry.
+pub fn patch(sa: &ServiceAccount, add: &[&str], remove: &[&str]) -> Option<Value> {
+    let entries = sa.image_pull_secrets.as_deref().unwrap_or_default();
     let mut ops = Vec::new();
-    // Remove from the end so earlier indices stay valid.
     for (i, r) in entries.iter().enumerate().rev() {
-        if r.name.as_str() == secret {
-            ops.push(json!({"op": "test", "path": format!("/imagePullSecrets/{i}/name"), "value": secret}));
+        if remove.contains(&r.name.as_str()) {
+            ops.push(json!({"op": "test", "path": format!("/imagePullSecrets/{i}/name"), "value": r.name}));
             ops.push(json!({"op": "remove", "path": format!("/imagePullSecrets/{i}")}));
+        }
+    }
+    let mut missing: Vec<&str> = Vec::new();
+    for secret in add {
+        if !has_entry(sa, secret) && !missing.contains(secret) && !remove.contains(secret) {
+            missing.push(secret);
+        }
+    }
+    if !missing.is_empty() {
+        let rv = sa.metadata.resource_version.clone().unwrap_or_default();
+        ops.insert(
+            0,
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+        );
+        if sa.image_pull_secrets.is_none() {
+            let all: Vec<Value> = missing.iter().map(|s| json!({"name": s})).collect();
+            ops.push(json!({"op": "add", "path": "/imagePullSecrets", "value": all}));
+        } else {
+            for s in missing {
+                ops.push(json!({"op": "add", "path": "/imagePullSecrets/-", "value": {"name": s}}));
+            }
         }
     }
     (!ops.is_empty()).then_some(Value::Array(ops))
@@ -99,5 +119,37 @@ mod tests {
         assert_eq!(apply(&s, &p), vec!["a", "b"]);
         assert_eq!(remove_patch(&sa(Some(&["a"])), "pullkeeper-x"), None);
         assert_eq!(remove_patch(&sa(None), "pullkeeper-x"), None);
+    }
+
+    #[test]
+    fn one_patch_removes_and_appends_for_several_credentials() {
+        let s = sa(Some(&["theirs", "old", "pullkeeper-a"]));
+        let p = patch(
+            &s,
+            &["pullkeeper-a", "pullkeeper-b", "pullkeeper-c", "pullkeeper-b"],
+            &["old"],
+        )
+        .expect("patch");
+        assert_eq!(p[0]["op"], "test", "appending is guarded by the resourceVersion");
+        assert_eq!(
+            apply(&s, &p),
+            vec!["theirs", "pullkeeper-a", "pullkeeper-b", "pullkeeper-c"],
+            "each missing entry once, after everyone else's"
+        );
+        let none = sa(None);
+        let p = patch(&none, &["a", "b"], &["c"]).expect("patch");
+        assert_eq!(apply(&none, &p), vec!["a", "b"]);
+        assert_eq!(patch(&s, &["pullkeeper-a"], &["gone"]), None, "nothing to do");
+    }
+
+    #[test]
+    fn a_removal_alone_is_not_guarded_by_the_resource_version() {
+        let p = remove_patch(&sa(Some(&["x"])), "x").expect("patch");
+        assert!(
+            p.as_array()
+                .expect("ops")
+                .iter()
+                .all(|op| op["path"] != "/metadata/resourceVersion")
+        );
     }
 }

@@ -26,7 +26,7 @@ use kube::Resource;
 
 use super::CredentialKind;
 use super::identity::CredentialRef;
-use super::mappers::{namespace_concerns, secret_concerns, service_account_concerns};
+use super::mappers::{SecretEvent, namespace_concerns, secret_concerns, service_account_concerns};
 use super::plan;
 pub use super::requests::{RequestStreams, Requests};
 use super::secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
@@ -153,8 +153,9 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
             // A Secret written or deleted concerns the credentials that want its name there
             // too (one waiting for it reports the holder, or takes the name over); the
             // initial list concerns only the writers.
-            watcher::Event::Apply(s) | watcher::Event::Delete(s) => Some((s, true)),
-            watcher::Event::InitApply(s) => Some((s, false)),
+            watcher::Event::Apply(s) => Some((s, SecretEvent::Written)),
+            watcher::Event::Delete(s) => Some((s, SecretEvent::Deleted)),
+            watcher::Event::InitApply(s) => Some((s, SecretEvent::Listed)),
             watcher::Event::Init | watcher::Event::InitDone => None,
         })
     });
@@ -164,10 +165,10 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         managed,
         requests.clone(),
         shutdown,
-        move |(s, deleted)| {
+        move |(s, event)| {
             secret_concerns(
                 &s.metadata,
-                deleted,
+                event,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
             )

@@ -964,3 +964,73 @@ async fn faults_two_hundred_hostile_credentials_stay_small_quiet_and_fair_to_goo
         "propagation took {propagation:?}"
     );
 }
+
+/// A restart with nothing to change sends no write: stored credentials read again
+/// unchanged keep the schedule in their status, and the admission policies and bindings in
+/// place are kept as they are. Two credentials, so their entries share each ServiceAccount.
+#[tokio::test]
+async fn faults_a_restart_with_nothing_to_change_writes_nothing() {
+    let env = support::env();
+    let s = Shard::start(&env.kubeconfig, "frestart").await;
+    let mut namespaces = Vec::new();
+    for _ in 0..4 {
+        namespaces.push(s.target("frestart").await);
+    }
+    let login = json!({"name": "login", "namespace": namespaces[0]});
+    support::put_secret(
+        &s.client,
+        &namespaces[0],
+        "login",
+        json!({"username": "robot", "password": "pw"}),
+    )
+    .await;
+    let names = [support::unique("frestart-a"), support::unique("frestart-b")];
+    for (i, name) in names.iter().enumerate() {
+        let spec = json!({"registry": format!("r{i}.example.com"), "provider": {"basic": {"secretRef": login}}});
+        s.apply(name, spec).await;
+    }
+    for name in &names {
+        support::wait_ready(&s.client, name, "True", "Synced").await;
+    }
+    let wanted: Vec<String> = names.iter().map(|n| format!("pullkeeper-{n}")).collect();
+    let listed = eventually(Duration::from_secs(30), || async {
+        for ns in &namespaces {
+            let sa = Api::<ServiceAccount>::namespaced(s.client.clone(), ns)
+                .get("default")
+                .await
+                .ok()?;
+            let entries: Vec<String> = sa
+                .image_pull_secrets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            if !wanted.iter().all(|w| entries.iter().filter(|e| *e == w).count() == 1) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(listed.is_some(), "every default ServiceAccount lists both Secrets once");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = s.kill().start(&env.kubeconfig, "restarted");
+    // Both credentials are reconciled (read again) within a few seconds of the start.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut writes = 0.0;
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let label = format!("method=\"{method}\"");
+        writes += metric_with(&s.op.addr, "pullkeeper_api_requests_total", &label)
+            .await
+            .unwrap_or(0.0);
+    }
+    let reads = metric_with(&s.op.addr, "pullkeeper_api_requests_total", "method=\"GET\"").await;
+    assert!(reads.unwrap_or(0.0) > 0.0, "the restarted operator did not run");
+    assert_eq!(
+        writes,
+        0.0,
+        "writes after a restart with nothing to change; log:\n{}",
+        s.op.log_text()
+    );
+    s.delete(&names).await;
+}

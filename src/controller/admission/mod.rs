@@ -172,13 +172,31 @@ pub async fn served(client: &Client) -> Result<bool, Error> {
     }
 }
 
+/// Server-side applies `body` unless the object in place already holds all of it (a
+/// restart with nothing to change writes nothing).
 async fn apply(client: &Client, kind: &'static str, body: &Value) -> Result<(), Error> {
     let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &gvk(kind));
+    // Unreadable (e.g. no `get`): the apply below says what is wrong.
+    if let Ok(Some(current)) = api.get_opt(&name).await
+        && serde_json::to_value(&current).is_ok_and(|current| holds(&current, body))
+    {
+        return Ok(());
+    }
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body))
         .await
         .map(|_| ())
         .map_err(|source| Error::Apply { kind, name, source })
+}
+
+/// Whether `current` holds every field of `wanted` with the same value (fields the
+/// apiserver defaulted or others wrote may be there too; lists must match item by item).
+pub fn holds(current: &Value, wanted: &Value) -> bool {
+    match (current, wanted) {
+        (Value::Object(c), Value::Object(w)) => w.iter().all(|(k, wv)| c.get(k).is_some_and(|cv| holds(cv, wv))),
+        (Value::Array(c), Value::Array(w)) => c.len() == w.len() && c.iter().zip(w).all(|(cv, wv)| holds(cv, wv)),
+        (c, w) => c == w,
+    }
 }
 
 /// Decides the route at start-up. For [`Route::Policy`] the policies must be in place:
@@ -281,6 +299,20 @@ mod tests {
     use crate::crd::{ClusterRegistryCredentialSpec, RegistryCredentialSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use serde_json::json;
+
+    #[test]
+    fn an_object_holds_what_was_applied_when_every_field_is_there_with_its_value() {
+        let wanted = json!({"metadata": {"name": "b", "labels": {"a": "1"}}, "spec": {"list": [{"x": 1}], "n": 2}});
+        let current = json!({"metadata": {"name": "b", "uid": "u", "labels": {"a": "1", "b": "2"}},
+                             "spec": {"list": [{"x": 1, "defaulted": true}], "n": 2, "other": 3}});
+        assert!(holds(&current, &wanted), "defaulted and foreign fields are fine");
+        let changed = json!({"metadata": {"name": "b"}, "spec": {"list": [{"x": 2}], "n": 2}});
+        assert!(!holds(&changed, &wanted));
+        let longer =
+            json!({"metadata": {"name": "b", "labels": {"a": "1"}}, "spec": {"list": [{"x": 1}, {"x": 1}], "n": 2}});
+        assert!(!holds(&longer, &wanted), "a list must match item by item");
+        assert!(!holds(&json!({"metadata": {"name": "b"}}), &wanted), "missing fields");
+    }
 
     fn cluster_spec(target: Value) -> ValidSpec {
         let spec: ClusterRegistryCredentialSpec = serde_json::from_value(json!({

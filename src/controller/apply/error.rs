@@ -137,7 +137,7 @@ impl Error {
     }
 }
 
-pub(super) fn status_code(e: &kube::Error) -> Option<u16> {
+pub(crate) fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(ae) => Some(ae.code),
         _ => None,

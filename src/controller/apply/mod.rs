@@ -1,22 +1,25 @@
 //! I/O step: carry out a [`Plan`] with bounded concurrency, collecting per-namespace
 //! failures instead of stopping at the first one.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client};
-use serde_json::Value;
 
 use crate::crd::NamespaceFailure;
 
 use super::OBJECT_MANAGER;
+use super::accounts::Accounts;
 use super::identity::CredentialRef;
-use super::plan::{Delete, Plan, SaPatch, Write};
+use super::plan::{Delete, Plan, SaChange, Write};
 use super::secret::{self, Content, Owner};
 
 mod error;
 pub use error::Error;
-use error::status_code;
+pub(crate) use error::status_code;
 
 /// What happened to a plan.
 #[derive(Debug, Default)]
@@ -31,16 +34,22 @@ pub struct Outcome {
     pub retryable: bool,
 }
 
-enum Step {
-    Write(Write),
-    Delete(Delete),
-    Sa(SaPatch),
+/// What one namespace needs, in order: its Secret, then its ServiceAccount entries (so no
+/// ServiceAccount names a Secret that is not there yet, and none trails behind the
+/// Secrets of other namespaces), then deletions.
+#[derive(Default)]
+struct Unit {
+    write: Option<Write>,
+    sa_changes: Vec<SaChange>,
+    deletes: Vec<Delete>,
 }
 
-/// Executes the plan: secrets first, then ServiceAccounts (so no SA points at a Secret
-/// that is not there yet), then deletions.
+/// Executes the plan, namespaces concurrently (at most `concurrency` at once), each
+/// namespace's steps in order; a namespace whose Secret could not be written gets no
+/// ServiceAccount entry.
 pub async fn execute(
     client: &Client,
+    accounts: &Accounts,
     owner: &Owner,
     secret_name: &str,
     content: Option<&Content>,
@@ -56,34 +65,30 @@ pub async fn execute(
         };
         out.failures.push(conflict.to_failure());
     }
-    let mut failed_ns = std::collections::BTreeSet::new();
-    for phase in 0..3 {
-        let steps: Vec<Step> = match phase {
-            0 => plan.writes.iter().cloned().map(Step::Write).collect(),
-            1 => plan
-                .sa_patches
-                .iter()
-                .filter(|p| !failed_ns.contains(&p.namespace))
-                .cloned()
-                .map(Step::Sa)
-                .collect(),
-            _ => plan.deletes.iter().cloned().map(Step::Delete).collect(),
-        };
-        let results: Vec<StepResult> = futures::stream::iter(steps)
-            .map(|step| run(client, owner, secret_name, content, step))
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for (result, requests) in results {
-            out.requests += requests;
-            match result {
-                Ok(Some(written)) => out.written.push(written),
-                Ok(None) => {}
-                Err(e) => {
-                    out.retryable |= e.retryable();
-                    failed_ns.insert(e.namespace().to_owned());
-                    out.failures.push(e.to_failure());
-                }
+    let mut units: BTreeMap<&str, Unit> = BTreeMap::new();
+    for w in &plan.writes {
+        let (Write::Create(ns) | Write::Apply(ns)) = w;
+        units.entry(ns).or_default().write = Some(w.clone());
+    }
+    for c in &plan.sa_changes {
+        units.entry(&c.namespace).or_default().sa_changes.push(c.clone());
+    }
+    for d in &plan.deletes {
+        units.entry(&d.namespace).or_default().deletes.push(d.clone());
+    }
+    let results: Vec<Vec<StepResult>> = futures::stream::iter(units.into_values())
+        .map(|unit| run_unit(client, accounts, owner, secret_name, content, unit))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for (result, requests) in results.into_iter().flatten() {
+        out.requests += requests;
+        match result {
+            Ok(Some(written)) => out.written.push(written),
+            Ok(None) => {}
+            Err(e) => {
+                out.retryable |= e.retryable();
+                out.failures.push(e.to_failure());
             }
         }
     }
@@ -92,71 +97,58 @@ pub async fn execute(
 }
 
 /// The namespace written (if any), or why not; and the requests made.
-type StepResult = (Result<Option<String>, Error>, usize);
+type StepResult = (Result<Option<String>, Arc<Error>>, usize);
 
-async fn run(client: &Client, owner: &Owner, name: &str, content: Option<&Content>, step: Step) -> StepResult {
-    match step {
-        Step::Write(w) => {
-            let (ns, create) = match &w {
-                Write::Create(ns) => (ns, true),
-                Write::Apply(ns) => (ns, false),
-            };
-            let Some(content) = content else {
-                return (Ok(None), 0);
-            };
-            let (res, n) = write_secret(client, owner, name, ns, content, create).await;
-            (res.map(|()| Some(ns.clone())), n)
-        }
-        Step::Sa(p) => {
-            let api = Api::<ServiceAccount>::namespaced(client.clone(), &p.namespace);
-            let patch: json_patch::Patch = match serde_json::from_value(p.patch.clone()) {
-                Ok(p) => p,
-                Err(source) => {
-                    return (
-                        Err(Error::Body {
-                            namespace: p.namespace.clone(),
-                            source,
-                        }),
-                        0,
-                    );
-                }
-            };
-            let res = api
-                .patch(&p.name, &PatchParams::default(), &Patch::<Value>::Json(patch))
-                .await;
-            let r = match res {
-                Ok(_) => Ok(None),
-                // Gone meanwhile: nothing to do.
-                Err(e) if status_code(&e) == Some(404) => Ok(None),
-                Err(source) => Err(Error::PatchServiceAccount {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    source,
-                }),
-            };
-            (r, 1)
-        }
-        Step::Delete(d) => {
-            let api = Api::<Secret>::namespaced(client.clone(), &d.namespace);
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: d.uid.clone(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            let r = match api.delete(&d.name, &dp).await {
-                Ok(_) => Ok(None),
-                Err(e) if matches!(status_code(&e), Some(404 | 409)) => Ok(None),
-                Err(source) => Err(Error::Delete {
-                    namespace: d.namespace.clone(),
-                    name: d.name.clone(),
-                    source,
-                }),
-            };
-            (r, 1)
+async fn run_unit(
+    client: &Client,
+    accounts: &Accounts,
+    owner: &Owner,
+    name: &str,
+    content: Option<&Content>,
+    unit: Unit,
+) -> Vec<StepResult> {
+    let mut results = Vec::new();
+    if let (Some(w), Some(content)) = (unit.write, content) {
+        let (ns, create) = match &w {
+            Write::Create(ns) => (ns, true),
+            Write::Apply(ns) => (ns, false),
+        };
+        let (res, n) = write_secret(client, owner, name, ns, content, create).await;
+        let failed = res.is_err();
+        results.push((res.map(|()| Some(ns.clone())).map_err(Arc::new), n));
+        if failed {
+            return results;
         }
     }
+    for change in unit.sa_changes {
+        let (res, n) = accounts.change(change).await;
+        results.push((res.map(|()| None), n));
+    }
+    for d in unit.deletes {
+        results.push(delete(client, &d).await);
+    }
+    results
+}
+
+async fn delete(client: &Client, d: &Delete) -> StepResult {
+    let api = Api::<Secret>::namespaced(client.clone(), &d.namespace);
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: d.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    let r = match api.delete(&d.name, &dp).await {
+        Ok(_) => Ok(None),
+        Err(e) if matches!(status_code(&e), Some(404 | 409)) => Ok(None),
+        Err(source) => Err(Arc::new(Error::Delete {
+            namespace: d.namespace.clone(),
+            name: d.name.clone(),
+            source,
+        })),
+    };
+    (r, 1)
 }
 
 async fn write_secret(
