@@ -82,7 +82,11 @@ impl Accounts {
         self.release(&key, slot);
         let answer = match carried {
             Some(answer) => answer,
-            None => rx.await.unwrap_or(Ok(())),
+            // The writer carrying it was cancelled (shutdown): not written.
+            None => rx.await.unwrap_or_else(|_| {
+                let cancelled = std::io::Error::other("the patch carrying this entry was cancelled");
+                Err(patch_error(&key.0, &key.1, kube::Error::Service(Box::new(cancelled))))
+            }),
         };
         (answer, requests)
     }

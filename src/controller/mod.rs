@@ -16,6 +16,7 @@ pub mod fixtures;
 pub mod identity;
 pub mod kind;
 pub mod mappers;
+pub mod passes;
 pub mod plan;
 pub mod reconcile;
 pub mod report;

@@ -2,16 +2,18 @@
 //! validate (pure) → issue credential (provider I/O, once) → plan (pure) → apply (API I/O)
 //! → status (pure) → patch status and publish Events (API I/O).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use tracing::{Instrument, info_span};
 
 use super::backoff::Step;
+use super::passes::{self, Pass};
 use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, SyncReport};
@@ -54,6 +56,7 @@ pub async fn reconcile<K: CredentialKind>(obj: Arc<K>, ctx: Arc<Context>) -> Res
 }
 
 async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let pending = ctx.requests.passes().take(&obj.reference());
     let valid = obj
         .validate()
         .and_then(|s| validate::confine_sources(s, ctx.source_secret_namespace.as_deref()))
@@ -93,7 +96,23 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
                 .set_next_attempt(&obj.metric_labels(), Some(refresh.as_second() as f64));
         }
     }
-    let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, content.as_ref()).await;
+    let (generation, who) = (obj.meta().generation, obj.reference());
+    let last = ctx.requests.passes().last(&who);
+    if let Some(content) = &content
+        && let Pass::Namespaces(namespaces, due) =
+            passes::choose(pending, last.as_ref(), generation, &content.hash, Instant::now())
+    {
+        let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, Some(content), Some(&namespaces)).await;
+        let clean = sync.failures.is_empty() && !retryable;
+        ctx.requests.passes().namespaces_done(&who, due, clean);
+        let wait = due.saturating_duration_since(Instant::now());
+        return Ok(Action::requeue(wait.max(passes::SOON)));
+    }
+    let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, content.as_ref(), None).await;
+    if let Some(content) = &content {
+        let clean = sync.failures.is_empty() && !retryable && sync.synced == sync.targeted;
+        ctx.requests.passes().full_done(&who, generation, &content.hash, clean);
+    }
     let now = Timestamp::now();
     let quick_retry = if retryable {
         let current_expiry = obj.current_status().and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
@@ -142,32 +161,44 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
     report::finish(obj, ctx, &outcome, Action::requeue(delay)).await
 }
 
-/// The credential to write: cached until its refresh time, recovered from the Secrets
-/// Plans from the caches and writes what differs; returns how it went and whether a
-/// failure deserves a quick retry. Without a credential nothing is written.
+/// Plans from the caches and writes what differs, in every namespace or only `within`
+/// those; returns how it went and whether a failure deserves a quick retry. Without a
+/// credential nothing is written.
 async fn fan_out<K: CredentialKind>(
     obj: &K,
     owner: &secret::Owner,
     ctx: &Context,
     spec: &ValidSpec,
     content: Option<&secret::Content>,
+    within: Option<&BTreeSet<String>>,
 ) -> (SyncReport, bool) {
-    let namespaces: Vec<NamespaceInfo> = ctx
-        .caches
-        .namespaces
-        .state()
-        .iter()
-        .map(|n| NamespaceInfo::from_meta(&n.metadata))
-        .collect();
+    let inside = |ns: Option<&str>| within.is_none_or(|w| ns.is_some_and(|ns| w.contains(ns)));
+    let namespaces: Vec<NamespaceInfo> = match within {
+        // A few namespaces: looked up, not the whole list.
+        Some(names) => names
+            .iter()
+            .filter_map(|n| ctx.caches.namespaces.get(&ObjectRef::new(n)))
+            .map(|n| NamespaceInfo::from_meta(&n.metadata))
+            .collect(),
+        None => ctx
+            .caches
+            .namespaces
+            .state()
+            .iter()
+            .map(|n| NamespaceInfo::from_meta(&n.metadata))
+            .collect(),
+    };
     let secrets = ctx.caches.secrets.state();
     // Only what concerns this credential: Secrets of its name (its own or in the way) and
     // its own Secrets of another name (to delete). Thousands of others are no input.
     let metas: Vec<_> = secrets
         .iter()
         .map(|s| &s.metadata)
+        .filter(|m| inside(m.namespace.as_deref()))
         .filter(|m| m.name.as_deref() == Some(spec.secret_name.as_str()) || owner.owns(m))
         .collect();
-    let sas = ctx.caches.service_accounts.state();
+    let mut sas = ctx.caches.service_accounts.state();
+    sas.retain(|sa| inside(sa.metadata.namespace.as_deref()));
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let rivals = ctx.objects.rivals(&obj.reference(), created, &spec.secret_name);
     let snapshot = Snapshot {
@@ -207,6 +238,7 @@ async fn fan_out<K: CredentialKind>(
 async fn cleanup<K: CredentialKind>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_expiry(&obj.metric_labels(), None);
     ctx.metrics.set_next_attempt(&obj.metric_labels(), None);
+    ctx.requests.passes().forget(&obj.reference());
     cleanup::remove_everything(&obj.reference(), &obj.owner(), ctx).await?;
     Ok(Action::await_change())
 }

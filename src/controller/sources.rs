@@ -82,7 +82,7 @@ impl SourceWatches {
             for c in &concerned {
                 credentials.invalidate(c);
             }
-            concerned
+            (None, concerned)
         });
         Watch { referrers, stop }
     }

@@ -133,12 +133,13 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
     let (creds, secrets) = (credentials.clone(), caches.secrets.clone());
     drive("namespaces", namespaces, requests.clone(), shutdown, move |ns| {
         let info = NamespaceInfo::from_meta(&ns.metadata);
-        namespace_concerns(
+        let concerns = namespace_concerns(
             &info,
             &readable(&creds.clusters.state()),
             &readable(&creds.namespaced.state()),
             |who, name| holds(&secrets, who, &info.name, name),
-        )
+        );
+        (Some(info.name), concerns)
     });
 
     let managed = watcher(
@@ -166,12 +167,13 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         requests.clone(),
         shutdown,
         move |(s, event)| {
-            secret_concerns(
+            let concerns = secret_concerns(
                 &s.metadata,
                 event,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
-            )
+            );
+            (s.metadata.namespace.clone(), concerns)
         },
     );
 
@@ -203,13 +205,15 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
                 .flatten()
                 .map(|r| r.name.as_str())
                 .collect();
-            service_account_concerns(
-                &sa.namespace().unwrap_or_default(),
+            let namespace = sa.namespace().unwrap_or_default();
+            let concerns = service_account_concerns(
+                &namespace,
                 &sa.name_any(),
                 &listed,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
-            )
+            );
+            (Some(namespace), concerns)
         },
     );
     caches
@@ -222,7 +226,9 @@ fn holds(secrets: &Store<PartialObjectMeta<Secret>>, who: &CredentialRef, namesp
         .is_some_and(|s| CredentialRef::holder_of(&s.metadata).as_ref() == Some(who))
 }
 
-/// Feeds what each event of `stream` concerns to the controllers until `shutdown`.
+/// Feeds what each event of `stream` concerns to the controllers until `shutdown`:
+/// `concerns` says the credentials and the namespace the event is about (`None`: about
+/// everything of theirs).
 pub(super) fn drive<K, S, F>(
     what: &'static str,
     stream: S,
@@ -231,10 +237,11 @@ pub(super) fn drive<K, S, F>(
     concerns: F,
 ) where
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    F: Fn(K) -> Vec<CredentialRef> + Send + 'static,
+    F: Fn(K) -> (Option<String>, Vec<CredentialRef>) + Send + 'static,
 {
     spawn_watch(what, stream, shutdown, move |object| {
-        concerns(object).iter().all(|who| requests.send(who))
+        let (namespace, who) = concerns(object);
+        who.iter().all(|who| requests.send_about(who, namespace.as_deref()))
     });
 }
 
