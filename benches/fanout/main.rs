@@ -170,6 +170,9 @@ async fn run_size(n: usize, a: &Args, kubectl: &Path) -> Row {
 
     eprintln!("[{n}x{k}] {} new namespaces one by one", a.new);
     let new = track::new_namespaces(&c, &mut tracker, "late", "fan", a.new).await;
+    // The status counts follow new namespaces within seconds: let them land, so the
+    // restart below really has nothing to change.
+    op.settle(Duration::from_secs(3)).await;
     let rss_mib = op.peak_rss_mib();
     drop(op);
     drop(tracker);

@@ -44,7 +44,7 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
         .map_err(|source| cleanup_failed(who, source))?;
     let metas: Vec<_> = secrets.items.iter().map(|s| &s.metadata).collect();
     let sas = ctx.caches.service_accounts.state();
-    let snapshot = Snapshot {
+    let snapshot: Snapshot<'_> = Snapshot {
         namespaces: &[],
         managed_secrets: &metas,
         service_accounts: &sas,

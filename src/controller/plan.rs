@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::identity::CredentialRef;
 use super::secret::{self, Content, Owner, State};
 use super::service_account;
-use super::target::{self, NamespaceInfo};
+use super::target::{self, NamespaceInfo, NamespaceLike};
 use super::validate::{Scope, ValidSpec};
 
 /// A Secret to create or rewrite.
@@ -98,9 +98,9 @@ pub struct Plan {
 }
 
 /// Cached cluster state a plan is computed from.
-pub struct Snapshot<'a> {
+pub struct Snapshot<'a, N: NamespaceLike = NamespaceInfo> {
     /// Every namespace.
-    pub namespaces: &'a [NamespaceInfo],
+    pub namespaces: &'a [N],
     /// Metadata of every pullkeeper-managed Secret (any credential).
     pub managed_secrets: &'a [&'a ObjectMeta],
     /// ServiceAccounts, any namespace.
@@ -112,7 +112,12 @@ pub struct Snapshot<'a> {
 /// Computes the plan. With `content` absent (the provider failed), nothing is written or
 /// rewritten, so working secrets stay; Secrets in namespaces that left the target are
 /// still removed.
-pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap: &Snapshot<'_>) -> Plan {
+pub fn compute<N: NamespaceLike>(
+    owner: &Owner,
+    spec: &ValidSpec,
+    content: Option<&Content>,
+    snap: &Snapshot<'_, N>,
+) -> Plan {
     let targeted = target::targeted(&spec.scope, snap.namespaces);
     let targeted_set: BTreeSet<&str> = targeted.iter().map(String::as_str).collect();
     let by_ns_name: BTreeMap<(&str, &str), &ObjectMeta> = snap
@@ -137,7 +142,7 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
         ..Plan::default()
     };
 
-    let infos: BTreeMap<&str, &NamespaceInfo> = snap.namespaces.iter().map(|n| (n.name.as_str(), n)).collect();
+    let infos: BTreeMap<&str, &N> = snap.namespaces.iter().map(|n| (n.name(), n)).collect();
     for ns in &targeted {
         let existing = by_ns_name.get(&(ns.as_str(), spec.secret_name.as_str())).copied();
         let state = match content {
@@ -160,7 +165,7 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
                 if let Some(rival) = snap
                     .rivals
                     .iter()
-                    .find(|r| info.is_some_and(|n| target::is_targeted(&r.scope, n)))
+                    .find(|r| info.is_some_and(|n| target::is_targeted(&r.scope, *n)))
                 {
                     plan.conflicts.push(Conflict {
                         namespace: ns.clone(),
@@ -210,7 +215,7 @@ pub fn compute(owner: &Owner, spec: &ValidSpec, content: Option<&Content>, snap:
 
 /// The cleanup plan when the credential is deleted: every Secret it wrote and every
 /// `imagePullSecrets` entry naming one of them.
-pub fn cleanup(owner: &Owner, snap: &Snapshot<'_>) -> Plan {
+pub fn cleanup<N: NamespaceLike>(owner: &Owner, snap: &Snapshot<'_, N>) -> Plan {
     let mut plan = Plan::default();
     for meta in snap.managed_secrets.iter().filter(|m| owner.owns(m)) {
         let ns = meta.namespace.clone().unwrap_or_default();
@@ -521,7 +526,7 @@ mod tests {
             managed(&other, "a", "pullkeeper-other", "h"),
         ];
         let sas = [sa("a", "default", &["pullkeeper-other", "pullkeeper-ghcr"])];
-        let snap = Snapshot {
+        let snap: Snapshot<'_> = Snapshot {
             namespaces: &[],
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
             service_accounts: &sas,

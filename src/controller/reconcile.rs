@@ -17,7 +17,6 @@ use super::passes::{self, Pass};
 use super::plan::{self, Snapshot};
 use super::secret;
 use super::status::{self, Outcome, SyncReport};
-use super::target::NamespaceInfo;
 use super::validate::{self, ValidSpec};
 use super::{Context, CredentialKind, Error, apply, cleanup, credential, report, schedule, verify};
 
@@ -173,20 +172,13 @@ async fn fan_out<K: CredentialKind>(
     within: Option<&BTreeSet<String>>,
 ) -> (SyncReport, bool) {
     let inside = |ns: Option<&str>| within.is_none_or(|w| ns.is_some_and(|ns| w.contains(ns)));
-    let namespaces: Vec<NamespaceInfo> = match within {
+    let namespaces = match within {
         // A few namespaces: looked up, not the whole list.
         Some(names) => names
             .iter()
             .filter_map(|n| ctx.caches.namespaces.get(&ObjectRef::new(n)))
-            .map(|n| NamespaceInfo::from_meta(&n.metadata))
             .collect(),
-        None => ctx
-            .caches
-            .namespaces
-            .state()
-            .iter()
-            .map(|n| NamespaceInfo::from_meta(&n.metadata))
-            .collect(),
+        None => ctx.caches.namespaces.state(),
     };
     let secrets = ctx.caches.secrets.state();
     // Only what concerns this credential: Secrets of its name (its own or in the way) and

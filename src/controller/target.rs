@@ -34,34 +34,127 @@ impl NamespaceInfo {
     }
 }
 
+/// Trims a namespace's metadata to what targeting reads (name, labels, pullkeeper's own
+/// annotations, deletion), so a cache of 10,000 namespaces stays small whatever else
+/// they carry (`kubectl.kubernetes.io/last-applied-configuration`, managed fields).
+pub fn slim_for_cache(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.uid = None;
+    meta.creation_timestamp = None;
+    meta.generate_name = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k.starts_with("pullkeeper.io/"));
+    }
+}
+
+/// What targeting reads of a namespace: a [`NamespaceInfo`], or the cached metadata itself
+/// (a full pass over 10,000 namespaces copies none of them).
+pub trait NamespaceLike {
+    /// Name.
+    fn name(&self) -> &str;
+    /// Labels.
+    fn labels(&self) -> &BTreeMap<String, String>;
+    /// An annotation's value.
+    fn annotation(&self, key: &str) -> Option<&str>;
+    /// Deletion has started.
+    fn terminating(&self) -> bool;
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl NamespaceLike for NamespaceInfo {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.get(key).map(String::as_str)
+    }
+    fn terminating(&self) -> bool {
+        self.terminating
+    }
+}
+
+impl NamespaceLike for k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        self.labels.as_ref().unwrap_or(&NO_LABELS)
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+    fn terminating(&self) -> bool {
+        self.deletion_timestamp.is_some()
+    }
+}
+
+impl<K: kube::Resource> NamespaceLike for kube::core::PartialObjectMeta<K> {
+    fn name(&self) -> &str {
+        self.metadata.name()
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        self.metadata.labels()
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.annotation(key)
+    }
+    fn terminating(&self) -> bool {
+        self.metadata.terminating()
+    }
+}
+
+impl<T: NamespaceLike> NamespaceLike for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        (**self).labels()
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        (**self).annotation(key)
+    }
+    fn terminating(&self) -> bool {
+        (**self).terminating()
+    }
+}
+
 /// Whether `ns` is targeted: not terminating, in the allow-list (if any), matching the
 /// selector (if any), not excluded by name or by the `pullkeeper.io/exclude: "true"`
 /// annotation. The namespaced kind targets exactly its own namespace.
-pub fn is_targeted(scope: &Scope, ns: &NamespaceInfo) -> bool {
-    if ns.terminating {
+pub fn is_targeted(scope: &Scope, ns: &impl NamespaceLike) -> bool {
+    if ns.terminating() {
         return false;
     }
+    let name = ns.name();
     match scope {
-        Scope::Namespace(own) => *own == ns.name,
+        Scope::Namespace(own) => own == name,
         Scope::Cluster {
             selector,
             namespaces,
             exclude,
         } => {
-            namespaces.as_ref().is_none_or(|allowed| allowed.contains(&ns.name))
-                && selector.as_ref().is_none_or(|s| s.matches(&ns.labels))
-                && !exclude.contains(&ns.name)
-                && ns.annotations.get(EXCLUDE_ANNOTATION).map(String::as_str) != Some("true")
+            namespaces
+                .as_ref()
+                .is_none_or(|allowed| allowed.iter().any(|a| a == name))
+                && selector.as_ref().is_none_or(|s| s.matches(ns.labels()))
+                && !exclude.iter().any(|e| e == name)
+                && ns.annotation(EXCLUDE_ANNOTATION) != Some("true")
         }
     }
 }
 
 /// The targeted namespace names, sorted.
-pub fn targeted<'a>(scope: &Scope, namespaces: impl IntoIterator<Item = &'a NamespaceInfo>) -> Vec<String> {
+pub fn targeted<'a, N: NamespaceLike + 'a>(scope: &Scope, namespaces: impl IntoIterator<Item = &'a N>) -> Vec<String> {
     let mut out: Vec<String> = namespaces
         .into_iter()
-        .filter(|ns| is_targeted(scope, ns))
-        .map(|ns| ns.name.clone())
+        .filter(|ns| is_targeted(scope, *ns))
+        .map(|ns| ns.name().to_owned())
         .collect();
     out.sort();
     out
@@ -91,6 +184,48 @@ mod tests {
             namespaces: namespaces.map(|n| n.iter().map(|s| (*s).to_owned()).collect()),
             exclude: exclude.iter().map(|s| (*s).to_owned()).collect(),
         }
+    }
+
+    #[test]
+    fn a_cached_namespace_keeps_what_targeting_reads() {
+        let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("web".into()),
+            uid: Some("u".into()),
+            labels: Some([("team".to_owned(), "a".to_owned())].into()),
+            annotations: Some(
+                [
+                    (EXCLUDE_ANNOTATION.to_owned(), "true".to_owned()),
+                    (
+                        "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                        "{...}".to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let before = NamespaceInfo::from_meta(&meta);
+        slim_for_cache(&mut meta);
+        assert_eq!(meta.uid, None);
+        assert_eq!(meta.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert_eq!(
+            is_targeted(
+                &Scope::Cluster {
+                    selector: None,
+                    namespaces: None,
+                    exclude: vec![]
+                },
+                &NamespaceInfo::from_meta(&meta)
+            ),
+            is_targeted(
+                &Scope::Cluster {
+                    selector: None,
+                    namespaces: None,
+                    exclude: vec![]
+                },
+                &before
+            ),
+        );
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         watcher::Config::default(),
     )
     .default_backoff()
-    .modify(|ns| ns.managed_fields_mut().clear())
+    .modify(|ns| super::target::slim_for_cache(&mut ns.metadata))
     .reflect(ns_writer)
     .touched_objects();
     let (creds, secrets) = (credentials.clone(), caches.secrets.clone());
