@@ -223,6 +223,8 @@ pub struct RegistryClient {
 struct Memory {
     plain: std::sync::Mutex<HashMap<String, bool>>,
     auth: std::sync::Mutex<HashMap<(String, String, String), Remembered>>,
+    /// The last `ratelimit-remaining` each registry sent (Docker Hub).
+    ratelimit: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone)]
@@ -325,6 +327,17 @@ impl RegistryClient {
 
     fn count(&self) {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The pulls each registry said were left in its rate-limit window, from the last
+    /// `ratelimit-remaining` header it sent (Docker Hub sends `100;w=21600`).
+    pub fn ratelimit_remaining(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = crate::lock(&self.memory.ratelimit)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Resolves `reference` with `login` (anonymous if `None`) and checks `platforms`.
@@ -437,6 +450,11 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
+}
+
+/// The count of a `ratelimit-remaining: 100;w=21600` header.
+fn ratelimit_remaining(h: &HeaderMap) -> Option<u64> {
+    header(h, "ratelimit-remaining")?.parse().ok()
 }
 
 /// A server-chosen header shown to people (Retry-After): short and clean.
@@ -701,6 +719,9 @@ impl<'a> Session<'a> {
             }
             self.client.count();
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
+            if let Some(left) = ratelimit_remaining(resp.headers()) {
+                crate::lock(&self.client.memory.ratelimit).insert(self.registry(), left);
+            }
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.remembered {
                 // The remembered authorization no longer works: forget it, start over.
@@ -896,6 +917,16 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_hubs_ratelimit_remaining_is_read_without_its_window() {
+        let mut h = HeaderMap::new();
+        assert_eq!(ratelimit_remaining(&h), None);
+        h.insert("ratelimit-remaining", "97;w=21600".parse().expect("value"));
+        assert_eq!(ratelimit_remaining(&h), Some(97));
+        h.insert("ratelimit-remaining", "lots".parse().expect("value"));
+        assert_eq!(ratelimit_remaining(&h), None);
+    }
 
     #[test]
     fn platforms_match_with_and_without_variant() {

@@ -74,6 +74,20 @@ fn service_account(spec: &PodSpec) -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
+/// What a check of `w` depends on in the cluster: its pod spec and, for a template, the
+/// pull Secret names of its ServiceAccount. A workload whose fingerprint is unchanged
+/// needs no new check before the next full round.
+pub fn fingerprint(w: &Workload, sas: &BTreeMap<Key, Vec<String>>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&w.spec).unwrap_or_default().hash(&mut h);
+    match secret_names(w, sas) {
+        Ok((names, source)) => (names, source).hash(&mut h),
+        Err(missing) => missing.hash(&mut h),
+    }
+    h.finish()
+}
+
 /// The pull Secrets every pod spec of `workloads` names, directly or through its
 /// ServiceAccount: what a reader must fetch.
 pub fn secrets_to_read(workloads: &[Workload], sas: &BTreeMap<Key, Vec<String>>) -> Vec<Key> {
@@ -387,6 +401,29 @@ mod tests {
                 ("ns".to_owned(), "own".to_owned()),
                 ("ns".to_owned(), "sa-pull".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_the_template_and_the_service_accounts_secrets() {
+        let w = workload(
+            WorkloadKind::Deployment,
+            json!({"containers": [{"name": "c", "image": "reg.example.com/a:v1"}]}),
+        );
+        let v = view(vec![], vec![]);
+        let before = fingerprint(&w, &v.service_accounts);
+        assert_eq!(before, fingerprint(&w.clone(), &v.service_accounts));
+        let mut sas = v.service_accounts.clone();
+        sas.insert(("ns".into(), "default".into()), vec!["sa-pull".into(), "more".into()]);
+        assert_ne!(before, fingerprint(&w, &sas), "the ServiceAccount's Secrets changed");
+        let changed = workload(
+            WorkloadKind::Deployment,
+            json!({"containers": [{"name": "c", "image": "reg.example.com/a:v2"}]}),
+        );
+        assert_ne!(
+            before,
+            fingerprint(&changed, &v.service_accounts),
+            "the template changed"
         );
     }
 

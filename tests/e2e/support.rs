@@ -84,6 +84,7 @@ pub fn env() -> &'static Env {
                         // own cloud identity.
                         namespaced_ambient_credentials: false,
                         endpoints: pullkeeper::provider::Endpoints::default(),
+                        workload_checks: None,
                     };
                     // Runs for the life of the test binary.
                     let _ =

@@ -1,0 +1,235 @@
+//! The operator's workload checks (opt-in, `--workload-checks`; the leader runs them
+//! beside the controllers). A round is the CLI's pipeline fed from watches: the workloads
+//! of the namespaces pullkeeper's credentials target ([`select`]), the pod specs that are
+//! new or changed ([`Tracker::dirty`]; every one in a full round, each
+//! `--workload-check-interval`), their pull Secrets read, [`plan::checks`], one shared
+//! [`resolver::Resolver`] per round, and what changed published ([`publish`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::ResourceExt as _;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::track::{Tracker, WorkloadKey};
+use super::{cluster, images, plan, platforms, publish, resolver, select, watch};
+use crate::controller::CredentialKind as _;
+use crate::controller::identity::CredentialRef;
+use crate::controller::target::NamespaceInfo;
+use crate::controller::watches::{Caches, Credentials, readable};
+use crate::crd::WorkloadSummary;
+use crate::metrics::Metrics;
+use crate::registry::{AddressPolicy, Cidr, RegistryClient, TlsOptions};
+
+/// How the operator runs workload checks.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Every workload is checked again this often (a changed one at once).
+    pub interval: Duration,
+    /// Ranges never contacted, on top of the link-local and cloud metadata addresses.
+    pub deny_registry_cidrs: Vec<Cidr>,
+}
+
+/// A changed workload is checked this long after the change, so that a burst (a rollout,
+/// a `kubectl apply` of many objects) makes one round.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// What the rounds read from: the controllers' caches and credential stores.
+pub struct Inputs {
+    /// API client.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Namespaces, managed Secrets and ServiceAccounts.
+    pub caches: Caches,
+    /// Both kinds of credentials.
+    pub credentials: Credentials,
+    /// Reporter instance for Events (the pod name).
+    pub instance: Option<String>,
+}
+
+struct Rounds {
+    inputs: Inputs,
+    stores: watch::Stores,
+    registry: RegistryClient,
+    recorder: Recorder,
+    tracker: Tracker,
+    written: BTreeMap<CredentialRef, WorkloadSummary>,
+}
+
+/// Runs the checks until `shutdown`: a full round at once and every `interval`, and a
+/// round of the changed workloads soon after any workload changes.
+pub async fn run(inputs: Inputs, settings: Settings, shutdown: CancellationToken) {
+    let registry = match RegistryClient::with_policy(
+        &TlsOptions::default(),
+        AddressPolicy::new(settings.deny_registry_cidrs.clone()),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "workload checks cannot start: no registry client");
+            return;
+        }
+    };
+    let changed = Arc::new(Notify::new());
+    let stores = watch::start(&inputs.client, &changed, &shutdown);
+    tokio::select! {
+        () = stores.ready() => {}
+        () = shutdown.cancelled() => return,
+    }
+    let recorder = Recorder::new(
+        inputs.client.clone(),
+        Reporter {
+            controller: crate::OPERATOR_NAME.to_owned(),
+            instance: inputs.instance.clone(),
+        },
+    );
+    let written = written_summaries(&inputs.credentials);
+    let mut rounds = Rounds {
+        inputs,
+        stores,
+        registry,
+        recorder,
+        tracker: Tracker::default(),
+        written,
+    };
+    tracing::info!(interval = ?settings.interval, "workload checks started");
+    let mut next_full = Instant::now();
+    loop {
+        let full = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(next_full) => true,
+            () = changed.notified() => {
+                tokio::time::sleep(SETTLE).await;
+                false
+            }
+        };
+        if full {
+            next_full = Instant::now() + settings.interval;
+        }
+        rounds.round(full).await;
+    }
+}
+
+/// The summaries the credentials' status holds already (written before a restart, or by
+/// another leader), so that one no longer true is removed.
+fn written_summaries(credentials: &Credentials) -> BTreeMap<CredentialRef, WorkloadSummary> {
+    let clusters = credentials.clusters.state();
+    let namespaced = credentials.namespaced.state();
+    let c = readable(&clusters)
+        .into_iter()
+        .filter_map(|c| Some((c.reference(), c.current_status()?.workloads.clone()?)));
+    let n = readable(&namespaced)
+        .into_iter()
+        .filter_map(|c| Some((c.reference(), c.current_status()?.workloads.clone()?)));
+    c.chain(n).collect()
+}
+
+impl Rounds {
+    /// The namespaces to check, from the namespace cache and every readable credential.
+    fn namespaces(&self) -> BTreeSet<String> {
+        let clusters = self.inputs.credentials.clusters.state();
+        let namespaced = self.inputs.credentials.namespaced.state();
+        let scopes: Vec<_> = readable(&clusters)
+            .into_iter()
+            .filter_map(|c| c.validate().ok())
+            .chain(readable(&namespaced).into_iter().filter_map(|c| c.validate().ok()))
+            .map(|v| v.scope)
+            .collect();
+        let infos: Vec<NamespaceInfo> = self
+            .inputs
+            .caches
+            .namespaces
+            .state()
+            .iter()
+            .map(|ns| NamespaceInfo::from_meta(&ns.metadata))
+            .collect();
+        select::checked_namespaces(&infos, &scopes)
+    }
+
+    /// Each ServiceAccount's `imagePullSecrets` names, in `namespaces`.
+    fn service_accounts(&self, namespaces: &BTreeSet<String>) -> BTreeMap<plan::Key, Vec<String>> {
+        self.inputs
+            .caches
+            .service_accounts
+            .state()
+            .iter()
+            .filter_map(|sa| {
+                let ns = sa.namespace()?;
+                namespaces.contains(&ns).then(|| {
+                    let names = sa.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
+                    ((ns, sa.name_any()), names)
+                })
+            })
+            .collect()
+    }
+
+    /// `namespace/name` of every pullkeeper Secret, and who wrote it.
+    fn managed(&self) -> BTreeMap<String, CredentialRef> {
+        self.inputs
+            .caches
+            .secrets
+            .state()
+            .iter()
+            .filter_map(|s| {
+                let who = CredentialRef::holder_of(&s.metadata)?;
+                Some((format!("{}/{}", s.namespace()?, s.name_any()), who))
+            })
+            .collect()
+    }
+
+    async fn round(&mut self, full: bool) {
+        let namespaces = self.namespaces();
+        let service_accounts = self.service_accounts(&namespaces);
+        let all = images::workloads(&self.stores.objects(&namespaces));
+        let current: BTreeMap<WorkloadKey, u64> = all
+            .iter()
+            .map(|w| (select::workload_key(w), plan::fingerprint(w, &service_accounts)))
+            .collect();
+        let dirty = self.tracker.dirty(&current, full);
+        let workloads: Vec<images::Workload> = all
+            .into_iter()
+            .filter(|w| dirty.contains(&select::workload_key(w)))
+            .collect();
+        let secrets = cluster::read_secrets(
+            &self.inputs.client,
+            plan::secrets_to_read(&workloads, &service_accounts),
+        )
+        .await;
+        let view = plan::View {
+            workloads,
+            service_accounts,
+            secrets,
+            nodes: platforms::node_platforms(&self.stores.nodes()),
+        };
+        let checks = plan::checks(&view);
+        let resolver = resolver::Resolver::new(
+            self.registry.clone(),
+            resolver::DEFAULT_PER_HOST,
+            resolver::DEFAULT_MAX_WAIT,
+            checks.iter().any(|c| !c.platforms.is_empty()),
+        );
+        let findings = resolver.run(&checks).await;
+        let records = select::records(&checks, findings, &self.managed());
+        let changes = self.tracker.update(&current, &dirty, records);
+        let m = &self.inputs.metrics;
+        m.observe_workload_round(if full { "full" } else { "changed" }, resolver.resolutions());
+        for (registry, left) in self.registry.ratelimit_remaining() {
+            m.set_ratelimit_remaining(&registry, left);
+        }
+        publish::changes(&self.recorder, m, &changes).await;
+        publish::summaries(&self.inputs.client, &mut self.written, self.tracker.summaries()).await;
+        tracing::debug!(
+            full,
+            workloads = dirty.len(),
+            images = checks.len(),
+            resolutions = resolver.resolutions(),
+            changes = changes.len(),
+            "workload check round"
+        );
+    }
+}

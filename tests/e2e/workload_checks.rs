@@ -1,0 +1,360 @@
+//! The operator's workload checks (`--workload-checks`) against the real control plane and
+//! the test registry, with an operator process of the test's own: each kind of broken
+//! workload gets a Warning Event with the right reason and one metric series on the right
+//! container, the credential's status sums them up, fixing each removes its series and
+//! records a Normal Event, and no secret value appears in the operator's logs, Events,
+//! metrics or status. No node is needed: pods stay Pending.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+use crate::support::{self, SHARD_LABEL};
+use crate::workloads::{apply, cron_job, delete_image, deployment, pod, pull_secret};
+
+/// `(workload, container, reason)` of every `pullkeeper_workload_image_unpullable` series of
+/// `namespace`, from the operator's `/metrics` text.
+fn series(metrics: &str, namespace: &str) -> BTreeSet<(String, String, String)> {
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_owned())
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pullkeeper_workload_image_unpullable{"))
+        .filter(|l| l.contains(&format!("namespace=\"{namespace}\"")))
+        .filter_map(|l| {
+            Some((
+                format!("{}/{}", label(l, "kind")?, label(l, "workload")?),
+                label(l, "container")?,
+                label(l, "reason")?,
+            ))
+        })
+        .collect()
+}
+
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    buf
+}
+
+/// pullkeeper's Events in `namespace` as `(kind/name, type, reason, note, count)`.
+async fn events(client: &Client, namespace: &str) -> Vec<(String, String, String, String, i32)> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.reporting_component.as_deref() == Some("pullkeeper"))
+        .map(|e| {
+            let o = &e.involved_object;
+            (
+                format!(
+                    "{}/{}",
+                    o.kind.clone().unwrap_or_default(),
+                    o.name.clone().unwrap_or_default()
+                ),
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+                e.series.and_then(|s| s.count).or(e.count).unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+fn row(workload: &str, container: &str, reason: &str) -> (String, String, String) {
+    (workload.into(), container.into(), reason.into())
+}
+
+/// The broken workloads of the issue, each with the reason it must get.
+fn broken(r: &str, multi: &str, nightly: &str) -> (Vec<Value>, Value) {
+    let demo = format!("{r}/demo:v1");
+    let deployments = vec![
+        deployment("missing-tag", pod(None, &format!("{r}/demo:no-such-tag"))),
+        deployment("sa-lacks-secret", {
+            let mut p = pod(None, &demo);
+            p["serviceAccountName"] = json!("bare");
+            p
+        }),
+        deployment("wrong-password", pod(Some("stale"), &demo)),
+        deployment("init", {
+            let mut p = pod(None, &demo);
+            p["initContainers"] = json!([{"name": "setup", "image": format!("{r}/no-such-repo:v1")}]);
+            p
+        }),
+        deployment("s390x", {
+            let mut p = pod(None, &format!("{r}/{multi}:v1"));
+            p["nodeSelector"] = json!({"kubernetes.io/arch": "s390x"});
+            p
+        }),
+        deployment("healthy", pod(None, &demo)),
+    ];
+    (
+        deployments,
+        cron_job("nightly", pod(None, &format!("{r}/{nightly}:v1"))),
+    )
+}
+
+/// Applies the fix of each broken workload.
+async fn fix(client: &Client, ns: &str, reg: &support::Registry, multi: &str, nightly: &str) {
+    let r = &reg.addr;
+    let demo = format!("{r}/demo:v1");
+    apply::<Deployment>(client, ns, deployment("missing-tag", pod(None, &demo))).await;
+    // A Secret of the team's own: pullkeeper keeps its own Secret on the ServiceAccounts
+    // its credential targets only.
+    apply::<Secret>(client, ns, pull_secret("pull", r, &reg.user, &reg.password)).await;
+    apply::<ServiceAccount>(
+        client,
+        ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bare"}, "imagePullSecrets": [{"name": "pull"}]}),
+    )
+    .await;
+    apply::<Secret>(client, ns, pull_secret("stale", r, &reg.user, &reg.password)).await;
+    let mut p = pod(None, &demo);
+    p["initContainers"] = json!([{"name": "setup", "image": demo}]);
+    apply::<Deployment>(client, ns, deployment("init", p)).await;
+    let mut p = pod(None, &format!("{r}/{multi}:v1"));
+    p["nodeSelector"] = json!({"kubernetes.io/arch": "arm64"});
+    apply::<Deployment>(client, ns, deployment("s390x", p)).await;
+    support::push_index(r, &reg.user, &reg.password, nightly, "v1").await;
+}
+
+#[tokio::test]
+async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them() {
+    let reg = support::registry();
+    let client = support::client().await;
+    let r = &reg.addr;
+    let shard = support::unique("wlc");
+    let ns = support::namespace(&client, "wlc", &[]).await;
+    let quiet = support::namespace(&client, "wlc-quiet", &[]).await;
+    let annotate = json!({"metadata": {"annotations": {"pullkeeper.io/exclude-workload-checks": "true"}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(
+            &quiet,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&annotate),
+        )
+        .await
+        .expect("opt-out annotation");
+    let (multi, nightly) = (support::unique("multi"), support::unique("nightly"));
+    support::push_index(r, &reg.user, &reg.password, &multi, "v1").await;
+    support::push_index(r, &reg.user, &reg.password, &nightly, "v1").await;
+    delete_image(reg, &nightly, "v1").await;
+    let login = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
+                       "stringData": {"username": reg.user, "password": reg.password}});
+    apply::<Secret>(&client, &ns, login).await;
+    apply::<Secret>(&client, &ns, pull_secret("stale", r, &reg.user, "not-the-password")).await;
+    apply::<ServiceAccount>(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bare"}}),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = support::start(
+        &support::env().kubeconfig,
+        &shard,
+        &[
+            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "2s"),
+            ("PULLKEEPER_LOG", "trace"),
+        ],
+        dir.path(),
+        "workload-checks",
+    );
+    let credential = support::unique("wlc");
+    support::apply_credential(
+        &client,
+        &credential,
+        json!({SHARD_LABEL: shard}),
+        json!({"registry": r, "provider": {"basic": {"secretRef": {"name": "login", "namespace": ns}}},
+               "target": {"namespaces": [ns, quiet]}}),
+    )
+    .await;
+    let secret = format!("pullkeeper-{credential}");
+    support::wait_service_account_has(&client, &ns, &secret).await;
+
+    let (deployments, cron) = broken(r, &multi, &nightly);
+    for d in deployments {
+        apply::<Deployment>(&client, &ns, d.clone()).await;
+        apply::<Deployment>(&client, &quiet, d).await;
+    }
+    apply::<CronJob>(&client, &ns, cron).await;
+
+    let want = BTreeSet::from([
+        row("CronJob/nightly", "app", "NotFound"),
+        row("Deployment/init", "setup", "NotFound"),
+        row("Deployment/missing-tag", "app", "NotFound"),
+        row("Deployment/s390x", "app", "PlatformMissing"),
+        row("Deployment/sa-lacks-secret", "app", "Unauthorized"),
+        row("Deployment/wrong-password", "app", "Unauthorized"),
+    ]);
+    let seen = support::eventually(Duration::from_secs(60), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "series: {:?}\nlog tail: {}",
+        series(&metrics_text(&op.addr).await, &ns),
+        tail(&op.log_text())
+    );
+    let warnings = support::eventually(Duration::from_secs(30), || async {
+        let got: BTreeSet<(String, String)> = events(&client, &ns)
+            .await
+            .into_iter()
+            .filter(|e| e.1 == "Warning")
+            .map(|e| (e.0, e.2))
+            .collect();
+        (got.len() == want.len()).then_some(got)
+    })
+    .await
+    .expect("a Warning Event per broken workload");
+    let expected: BTreeSet<(String, String)> = want.iter().map(|(w, _, reason)| (w.clone(), reason.clone())).collect();
+    assert_eq!(warnings, expected);
+    let all = events(&client, &ns).await;
+    let note = |w: &str| all.iter().find(|e| e.0 == w).map(|e| e.3.clone()).unwrap_or_default();
+    assert!(
+        note("Deployment/init").starts_with(&format!(
+            "initContainer setup: image {r}/no-such-repo:v1 would not pull (NotFound)"
+        )),
+        "{all:?}"
+    );
+    assert!(
+        note("Deployment/wrong-password").contains("fix the password"),
+        "{all:?}"
+    );
+
+    // Further rounds change nothing: no new or repeated Events, the same series.
+    let rounds = support::metric(&op.addr, "pullkeeper_workload_check_rounds_total")
+        .await
+        .unwrap_or(0.0);
+    support::eventually(Duration::from_secs(30), || async {
+        let now = support::metric(&op.addr, "pullkeeper_workload_check_rounds_total").await?;
+        (now >= rounds + 2.0).then_some(())
+    })
+    .await
+    .expect("more rounds");
+    let again = events(&client, &ns).await;
+    assert_eq!(again.len(), want.len(), "{again:?}");
+    assert!(again.iter().all(|e| e.4 == 1), "an Event was repeated: {again:?}");
+    assert!(
+        series(&metrics_text(&op.addr).await, &quiet).is_empty(),
+        "an opted-out namespace was checked"
+    );
+    assert!(
+        events(&client, &quiet).await.is_empty(),
+        "an opted-out namespace got Events"
+    );
+
+    // The credential's status: the images pulled with its Secret, and those that fail.
+    let summary = support::eventually(Duration::from_secs(30), || async {
+        let s = support::credential_status(&client, &credential).await?.workloads?;
+        (s.unpullable == 4).then_some(s)
+    })
+    .await
+    .expect("status.workloads");
+    assert_eq!(summary.images, 6, "{summary:?}");
+    let examples: BTreeSet<(String, String)> = summary
+        .examples
+        .iter()
+        .map(|e| (format!("{}/{}", e.kind, e.name), e.reason.clone()))
+        .collect();
+    assert_eq!(
+        examples,
+        BTreeSet::from([
+            ("CronJob/nightly".to_owned(), "NotFound".to_owned()),
+            ("Deployment/init".to_owned(), "NotFound".to_owned()),
+            ("Deployment/missing-tag".to_owned(), "NotFound".to_owned()),
+            ("Deployment/s390x".to_owned(), "PlatformMissing".to_owned()),
+        ])
+    );
+    // The reconciler's own status writes leave it alone.
+    let ready = support::wait_ready(&client, &credential, "True", "Synced").await;
+    assert!(ready.workloads.is_some());
+
+    fix(&client, &ns, reg, &multi, &nightly).await;
+    let cleared = support::eventually(Duration::from_secs(60), || async {
+        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        cleared.is_some(),
+        "series left: {:?}",
+        series(&metrics_text(&op.addr).await, &ns)
+    );
+    let fixed = support::eventually(Duration::from_secs(30), || async {
+        let got: BTreeSet<String> = events(&client, &ns)
+            .await
+            .into_iter()
+            .filter(|e| e.1 == "Normal" && e.2 == "Pullable")
+            .map(|e| e.0)
+            .collect();
+        (got.len() == want.len()).then_some(got)
+    })
+    .await;
+    let expected: BTreeSet<String> = want.iter().map(|(w, _, _)| w.clone()).collect();
+    assert_eq!(fixed, Some(expected), "{:?}", events(&client, &ns).await);
+    let summary = support::eventually(Duration::from_secs(30), || async {
+        let s = support::credential_status(&client, &credential).await?.workloads?;
+        (s.unpullable == 0 && s.images == 6).then_some(s)
+    })
+    .await;
+    assert!(
+        summary.is_some_and(|s| s.examples.is_empty()),
+        "{:?}",
+        support::credential_status(&client, &credential).await
+    );
+
+    // No secret value anywhere people look.
+    let status = serde_json::to_string(&support::credential_status(&client, &credential).await).expect("json");
+    let metrics = metrics_text(&op.addr).await;
+    let notes = format!("{:?}", events(&client, &ns).await);
+    let log = op.log_text();
+    assert!(log.contains("workload checks started"), "{}", tail(&log));
+    for (what, text) in [
+        ("status", &status),
+        ("metrics", &metrics),
+        ("Events", &notes),
+        ("log", &log),
+    ] {
+        assert!(!text.contains(&reg.password), "the password is in the {what}");
+        assert!(
+            !text.contains("not-the-password"),
+            "the stale password is in the {what}"
+        );
+    }
+
+    support::delete_credential(&client, &credential).await;
+    support::eventually(Duration::from_secs(30), || async {
+        support::credential_status(&client, &credential)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+    support::delete_namespace(&client, &quiet).await;
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
