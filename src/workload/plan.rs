@@ -142,7 +142,7 @@ pub fn pod_credentials(w: &Workload, view: &View) -> Result<PodCredentials, Bloc
                 return Err(Blocked {
                     reason: reasons::SECRET_FORBIDDEN,
                     message: format!(
-                        "pull Secret {id} could not be read with your credentials, so which credential the kubelet would use cannot be told: run with get access to Secrets in {}",
+                        "pull Secret {id} may not be read, so which credential the kubelet would use cannot be told: grant get on Secrets in {} to whoever checks (for the operator with the chart value sourceSecrets.namespace, list the namespace in workloadChecks.pullSecretNamespaces)",
                         w.namespace
                     ),
                     fails: false,

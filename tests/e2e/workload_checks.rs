@@ -155,9 +155,6 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
     support::push_index(r, &reg.user, &reg.password, &multi, "v1").await;
     support::push_index(r, &reg.user, &reg.password, &nightly, "v1").await;
     delete_image(reg, &nightly, "v1").await;
-    let login = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
-                       "stringData": {"username": reg.user, "password": reg.password}});
-    apply::<Secret>(&client, &ns, login).await;
     apply::<Secret>(&client, &ns, pull_secret("stale", r, &reg.user, "not-the-password")).await;
     apply::<ServiceAccount>(
         &client,
@@ -178,15 +175,7 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
         dir.path(),
         "workload-checks",
     );
-    let credential = support::unique("wlc");
-    support::apply_credential(
-        &client,
-        &credential,
-        json!({SHARD_LABEL: shard}),
-        json!({"registry": r, "provider": {"basic": {"secretRef": {"name": "login", "namespace": ns}}},
-               "target": {"namespaces": [ns, quiet]}}),
-    )
-    .await;
+    let credential = credential(&client, reg, &shard, &ns, &[&ns, &quiet]).await;
     let secret = format!("pullkeeper-{credential}");
     support::wait_service_account_has(&client, &ns, &secret).await;
 
@@ -341,20 +330,124 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
         );
     }
 
-    support::delete_credential(&client, &credential).await;
-    support::eventually(Duration::from_secs(30), || async {
-        support::credential_status(&client, &credential)
-            .await
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    delete(&client, &credential).await;
     drop(op);
     support::delete_namespace(&client, &ns).await;
     support::delete_namespace(&client, &quiet).await;
 }
 
+/// Applies a registry login Secret in `source` and a ClusterRegistryCredential of `shard`
+/// that reads it and targets `targets`; returns the credential's name.
+async fn credential(
+    client: &Client,
+    reg: &support::Registry,
+    shard: &str,
+    source: &str,
+    targets: &[&String],
+) -> String {
+    let login = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
+                       "stringData": {"username": reg.user, "password": reg.password}});
+    apply::<Secret>(client, source, login).await;
+    let name = support::unique("wlc");
+    support::apply_credential(
+        client,
+        &name,
+        json!({SHARD_LABEL: shard}),
+        json!({"registry": reg.addr, "provider": {"basic": {"secretRef": {"name": "login", "namespace": source}}},
+               "target": {"namespaces": targets}}),
+    )
+    .await;
+    name
+}
+
+/// Deletes a credential and waits (30 s) until its finalizer has run.
+async fn delete(client: &Client, name: &str) {
+    support::delete_credential(client, name).await;
+    support::eventually(Duration::from_secs(30), || async {
+        support::credential_status(client, name).await.is_none().then_some(())
+    })
+    .await;
+}
+
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// With the chart's RBAC and `sourceSecrets.namespace`, the operator may read pull
+/// Secrets only where `workloadChecks.pullSecretNamespaces` lets it: there a wrong password
+/// is found, elsewhere the pull Secret is reported as SecretForbidden, and the round goes on.
+#[tokio::test]
+async fn with_the_charts_rbac_an_unreadable_pull_secret_is_reported_not_fatal() {
+    let reg = support::registry();
+    let env = support::env();
+    let client = support::client().await;
+    let r = &reg.addr;
+    let shard = support::unique("wlc-rbac");
+    let home = support::namespace(&client, "wlc-home", &[]).await;
+    let readable = support::namespace(&client, "wlc-readable", &[]).await;
+    let hidden = support::namespace(&client, "wlc-hidden", &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sets = [
+        "workloadChecks.enabled=true".to_owned(),
+        format!("sourceSecrets.namespace={home}"),
+        format!("workloadChecks.pullSecretNamespaces={{{readable}}}"),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let kubeconfig = support::chart_identity(&env.kubeconfig, &shard, &home, dir.path(), &sets).await;
+    let op = support::start(
+        &kubeconfig,
+        &shard,
+        &[
+            ("PULLKEEPER_SOURCE_SECRET_NAMESPACE", home.as_str()),
+            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "2s"),
+        ],
+        dir.path(),
+        "workload-checks-rbac",
+    );
+    for ns in [&readable, &hidden] {
+        apply::<Secret>(&client, ns, pull_secret("stale", r, &reg.user, "not-the-password")).await;
+        apply::<Deployment>(
+            &client,
+            ns,
+            deployment("own-secret", pod(Some("stale"), &format!("{r}/demo:v1"))),
+        )
+        .await;
+    }
+    let credential = credential(&client, reg, &shard, &home, &[&readable, &hidden]).await;
+    let want = |reason: &str| BTreeSet::from([row("Deployment/own-secret", "app", reason)]);
+    let seen = support::eventually(Duration::from_secs(60), || async {
+        let m = metrics_text(&op.addr).await;
+        (series(&m, &readable) == want("Unauthorized") && series(&m, &hidden) == want("SecretForbidden")).then_some(())
+    })
+    .await;
+    let m = metrics_text(&op.addr).await;
+    assert!(
+        seen.is_some(),
+        "readable: {:?}, hidden: {:?}\nlog tail: {}",
+        series(&m, &readable),
+        series(&m, &hidden),
+        tail(&op.log_text())
+    );
+    let forbidden = support::eventually(Duration::from_secs(30), || async {
+        events(&client, &hidden)
+            .await
+            .into_iter()
+            .find(|e| e.2 == "SecretForbidden")
+    })
+    .await
+    .expect("a SecretForbidden Event");
+    assert!(
+        forbidden.3.contains(&format!("{hidden}/stale")) && forbidden.3.contains("workloadChecks.pullSecretNamespaces"),
+        "{forbidden:?}"
+    );
+    support::wait_ready(&client, &credential, "True", "Synced").await;
+    let log = op.log_text();
+    assert!(!log.contains(&reg.password) && !log.contains("not-the-password"));
+    delete(&client, &credential).await;
+    drop(op);
+    for ns in [&home, &readable, &hidden] {
+        support::delete_namespace(&client, ns).await;
+    }
 }
