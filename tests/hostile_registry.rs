@@ -459,3 +459,48 @@ async fn a_realm_on_the_metadata_service_is_refused_before_it_is_asked() {
         );
     }
 }
+
+/// Docker Hub's `ratelimit-remaining` (`76;w=21600`) is kept per registry as a number; a
+/// value that is no number is ignored rather than shown.
+#[tokio::test]
+async fn the_pulls_a_registry_says_are_left_are_kept_as_a_number() {
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let (addr, _) = serve("127.0.0.1", move |req: Request, _| {
+        let digest = digest.clone();
+        async move {
+            let left = if req.uri().path().contains("/noisy/") {
+                "plenty;w=21600"
+            } else {
+                "76;w=21600"
+            };
+            let headers = [
+                (header::CONTENT_TYPE.as_str(), OCI_MANIFEST.to_owned()),
+                ("docker-content-digest", digest),
+                ("ratelimit-limit", "100;w=21600".to_owned()),
+                ("ratelimit-remaining", left.to_owned()),
+            ];
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (k.parse::<header::HeaderName>(), v.parse()) {
+                    h.insert(k, v);
+                }
+            }
+            (StatusCode::OK, h).into_response()
+        }
+    })
+    .await;
+    let c = client();
+    assert!(c.ratelimit_remaining().is_empty());
+    c.inspect(&reference(addr, "library/app"), None, false)
+        .await
+        .expect("resolves");
+    assert_eq!(c.ratelimit_remaining(), vec![(addr.to_string(), 76)]);
+    c.inspect(&reference(addr, "noisy/app"), None, false)
+        .await
+        .expect("resolves");
+    assert_eq!(
+        c.ratelimit_remaining(),
+        vec![(addr.to_string(), 76)],
+        "the last number stays"
+    );
+}

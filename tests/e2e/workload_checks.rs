@@ -451,3 +451,60 @@ async fn with_the_charts_rbac_an_unreadable_pull_secret_is_reported_not_fatal() 
         support::delete_namespace(&client, ns).await;
     }
 }
+
+/// With leader election only the leader checks: the standby sends no resolution and
+/// publishes nothing until it takes over.
+#[tokio::test]
+async fn only_the_leader_checks_workloads() {
+    let reg = support::registry();
+    let env = support::env();
+    let client = support::client().await;
+    let shard = support::unique("wlc-ha");
+    let ns = support::namespace(&client, "wlc-ha", &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_vars = [
+        ("PULLKEEPER_LEADER_ELECT", "true"),
+        ("POD_NAMESPACE", ns.as_str()),
+        ("PULLKEEPER_LEADER_ELECTION_ID", shard.as_str()),
+        ("PULLKEEPER_LEASE_DURATION_SECONDS", "4"),
+        ("PULLKEEPER_LEASE_RENEW_SECONDS", "1"),
+        ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+        ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "2s"),
+    ];
+    let a = support::start(&env.kubeconfig, &shard, &env_vars, dir.path(), "wlc-replica-a");
+    let leading = support::eventually(Duration::from_secs(30), || async {
+        (support::metric(&a.addr, "pullkeeper_leader").await? == 1.0).then_some(())
+    })
+    .await;
+    assert!(leading.is_some(), "{}", tail(&a.log_text()));
+    let b = support::start(&env.kubeconfig, &shard, &env_vars, dir.path(), "wlc-replica-b");
+    let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    let image = format!("{}/demo:no-such-tag", reg.addr);
+    apply::<Deployment>(&client, &ns, deployment("missing-tag", pod(None, &image))).await;
+    let want = BTreeSet::from([row("Deployment/missing-tag", "app", "NotFound")]);
+    let seen = support::eventually(Duration::from_secs(60), || async {
+        (series(&metrics_text(&a.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{}", tail(&a.log_text()));
+    // The standby is up (it serves metrics) and has run no round.
+    let standby = metrics_text(&b.addr).await;
+    assert!(standby.contains("pullkeeper_leader 0"), "{standby}");
+    assert!(series(&standby, &ns).is_empty(), "{standby}");
+    assert_eq!(
+        support::metric(&b.addr, "pullkeeper_workload_check_rounds_total").await,
+        Some(0.0),
+        "the standby ran a round"
+    );
+
+    // The leader goes; the standby takes over and reports the same.
+    drop(a);
+    let taken_over = support::eventually(Duration::from_secs(60), || async {
+        (series(&metrics_text(&b.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(taken_over.is_some(), "{}", tail(&b.log_text()));
+    delete(&client, &credential).await;
+    drop(b);
+    support::delete_namespace(&client, &ns).await;
+}
