@@ -77,8 +77,14 @@ pub async fn run(inputs: Inputs, settings: Settings, shutdown: CancellationToken
     };
     let changed = Arc::new(Notify::new());
     let stores = watch::start(&inputs.client, &changed, &shutdown);
+    // The credentials decide which namespaces are checked: their stores must be listed too.
+    let listed = async {
+        stores.ready().await;
+        let _ = inputs.credentials.clusters.wait_until_ready().await;
+        let _ = inputs.credentials.namespaced.wait_until_ready().await;
+    };
     tokio::select! {
-        () = stores.ready() => {}
+        () = listed => {}
         () = shutdown.cancelled() => return,
     }
     let recorder = Recorder::new(
@@ -98,9 +104,13 @@ pub async fn run(inputs: Inputs, settings: Settings, shutdown: CancellationToken
         written,
     };
     tracing::info!(interval = ?settings.interval, "workload checks started");
-    let mut next_full = Instant::now();
+    // The first round is a full one; the changes the watches saw while listing find
+    // nothing left to check after it.
+    rounds.round(true).await;
+    let mut next_full = Instant::now() + settings.interval;
     loop {
         let full = tokio::select! {
+            biased;
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(next_full) => true,
             () = changed.notified() => {

@@ -508,3 +508,81 @@ async fn only_the_leader_checks_workloads() {
     drop(b);
     support::delete_namespace(&client, &ns).await;
 }
+
+/// Between full rounds (an hour apart here) a changed pod template is checked at once, a
+/// deleted workload's series goes without an Event, and a round resolves each image once
+/// per credential however many workloads use it.
+#[tokio::test]
+async fn a_changed_template_is_checked_at_once_and_images_are_resolved_once_per_round() {
+    let reg = support::registry();
+    let env = support::env();
+    let client = support::client().await;
+    let r = &reg.addr;
+    let shard = support::unique("wlc-watch");
+    let ns = support::namespace(&client, "wlc-watch", &[]).await;
+    apply::<Secret>(&client, &ns, pull_secret("pull", r, &reg.user, &reg.password)).await;
+    let (good, missing) = (format!("{r}/demo:v1"), format!("{r}/demo:no-such-tag"));
+    for (name, image) in [
+        ("a", &good),
+        ("b", &good),
+        ("c", &good),
+        ("broken", &missing),
+        ("gone", &missing),
+    ] {
+        apply::<Deployment>(&client, &ns, deployment(name, pod(Some("pull"), image))).await;
+    }
+    let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = support::start(
+        &env.kubeconfig,
+        &shard,
+        &[
+            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "1h"),
+        ],
+        dir.path(),
+        "workload-checks-watch",
+    );
+    let want = BTreeSet::from([
+        row("Deployment/broken", "app", "NotFound"),
+        row("Deployment/gone", "app", "NotFound"),
+    ]);
+    let seen = support::eventually(Duration::from_secs(60), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{}", tail(&op.log_text()));
+    // Five workloads, two images, one credential: two resolutions in the first round.
+    let resolutions = support::metric(&op.addr, "pullkeeper_workload_check_resolutions_total").await;
+    assert_eq!(resolutions, Some(2.0), "{}", metrics_text(&op.addr).await);
+
+    apply::<Deployment>(&client, &ns, deployment("broken", pod(Some("pull"), &good))).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .delete("gone", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete");
+    let cleared = support::eventually(Duration::from_secs(20), || async {
+        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    let normal: Vec<String> = events(&client, &ns)
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "Normal")
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        normal,
+        vec!["Deployment/broken".to_owned()],
+        "no Event for a deleted workload"
+    );
+    assert_eq!(
+        support::metric(&op.addr, "pullkeeper_workload_check_rounds_total{round=\"full\"}").await,
+        Some(1.0),
+        "one full round only"
+    );
+    delete(&client, &credential).await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
