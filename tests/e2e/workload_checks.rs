@@ -509,11 +509,11 @@ async fn only_the_leader_checks_workloads() {
     support::delete_namespace(&client, &ns).await;
 }
 
-/// Between full rounds (an hour apart here) a changed pod template is checked at once, a
-/// deleted workload's series goes without an Event, and a round resolves each image once
-/// per credential however many workloads use it.
+/// Between full rounds (an hour apart here) a changed pod template and a new workload are
+/// checked at once, a deleted workload's series goes without an Event, and a round
+/// resolves each image once per credential however many workloads use it.
 #[tokio::test]
-async fn a_changed_template_is_checked_at_once_and_images_are_resolved_once_per_round() {
+async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_once_per_round() {
     let reg = support::registry();
     let env = support::env();
     let client = support::client().await;
@@ -577,6 +577,14 @@ async fn a_changed_template_is_checked_at_once_and_images_are_resolved_once_per_
         vec!["Deployment/broken".to_owned()],
         "no Event for a deleted workload"
     );
+    // A workload created between full rounds is checked at once too.
+    apply::<Deployment>(&client, &ns, deployment("late", pod(Some("pull"), &missing))).await;
+    let late = BTreeSet::from([row("Deployment/late", "app", "NotFound")]);
+    let seen = support::eventually(Duration::from_secs(20), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == late).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
     assert_eq!(
         support::metric(&op.addr, "pullkeeper_workload_check_rounds_total{round=\"full\"}").await,
         Some(1.0),
