@@ -20,7 +20,7 @@ use crate::workloads::{apply, cron_job, delete_image, deployment, pod, pull_secr
 
 /// `(workload, container, reason)` of every `pullkeeper_workload_image_unpullable` series of
 /// `namespace`, from the operator's `/metrics` text.
-fn series(metrics: &str, namespace: &str) -> BTreeSet<(String, String, String)> {
+pub(crate) fn series(metrics: &str, namespace: &str) -> BTreeSet<(String, String, String)> {
     let label = |line: &str, name: &str| {
         let start = line.find(&format!("{name}=\""))? + name.len() + 2;
         let len = line[start..].find('"')?;
@@ -40,7 +40,7 @@ fn series(metrics: &str, namespace: &str) -> BTreeSet<(String, String, String)> 
         .collect()
 }
 
-async fn metrics_text(addr: &str) -> String {
+pub(crate) async fn metrics_text(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return String::new();
@@ -77,7 +77,7 @@ async fn events(client: &Client, namespace: &str) -> Vec<(String, String, String
         .collect()
 }
 
-fn row(workload: &str, container: &str, reason: &str) -> (String, String, String) {
+pub(crate) fn row(workload: &str, container: &str, reason: &str) -> (String, String, String) {
     (workload.into(), container.into(), reason.into())
 }
 
