@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::track::{Tracker, WorkloadKey};
-use super::{cluster, images, plan, platforms, publish, resolver, select, watch};
+use super::{cluster, images, plan, platforms, publish, resolver, select, track, watch};
 use crate::controller::CredentialKind as _;
 use crate::controller::identity::CredentialRef;
 use crate::controller::target::NamespaceInfo;
@@ -38,6 +38,9 @@ pub struct Settings {
 /// A changed workload is checked this long after the change, so that a burst (a rollout,
 /// a `kubectl apply` of many objects) makes one round.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// How often the workloads' fingerprints are compared between watch events.
+const RESCAN: Duration = Duration::from_secs(5);
 
 /// What the rounds read from: the controllers' caches and credential stores.
 pub struct Inputs {
@@ -103,11 +106,13 @@ pub async fn run(inputs: Inputs, settings: Settings, shutdown: CancellationToken
         tracker: Tracker::default(),
         written,
     };
-    tracing::info!(interval = ?settings.interval, "workload checks started");
+    // A round a second at most, however short the interval asked for.
+    let interval = settings.interval.max(Duration::from_secs(1));
+    tracing::info!(?interval, "workload checks started");
     // The first round is a full one; the changes the watches saw while listing find
     // nothing left to check after it.
     rounds.round(true).await;
-    let mut next_full = Instant::now() + settings.interval;
+    let mut next_full = Instant::now() + interval;
     loop {
         let full = tokio::select! {
             biased;
@@ -117,9 +122,12 @@ pub async fn run(inputs: Inputs, settings: Settings, shutdown: CancellationToken
                 tokio::time::sleep(SETTLE).await;
                 false
             }
+            // What no workload watch shows (a ServiceAccount's pull Secrets) is looked at
+            // this often; a look that finds nothing changed costs no request.
+            () = tokio::time::sleep(RESCAN) => false,
         };
         if full {
-            next_full = Instant::now() + settings.interval;
+            next_full = Instant::now() + interval;
         }
         rounds.round(full).await;
     }
@@ -178,15 +186,24 @@ impl Rounds {
             .collect()
     }
 
-    /// `namespace/name` of every pullkeeper Secret, and who wrote it.
+    /// `namespace/name` of every pullkeeper Secret written by a credential this operator
+    /// reconciles (with `--credential-selector`, another shard's credentials are its
+    /// operator's to report on), and who wrote it.
     fn managed(&self) -> BTreeMap<String, CredentialRef> {
+        let clusters = self.inputs.credentials.clusters.state();
+        let namespaced = self.inputs.credentials.namespaced.state();
+        let ours: BTreeSet<CredentialRef> = readable(&clusters)
+            .into_iter()
+            .map(|c| c.reference())
+            .chain(readable(&namespaced).into_iter().map(|c| c.reference()))
+            .collect();
         self.inputs
             .caches
             .secrets
             .state()
             .iter()
             .filter_map(|s| {
-                let who = CredentialRef::holder_of(&s.metadata)?;
+                let who = CredentialRef::holder_of(&s.metadata).filter(|w| ours.contains(w))?;
                 Some((format!("{}/{}", s.namespace()?, s.name_any()), who))
             })
             .collect()
@@ -205,6 +222,39 @@ impl Rounds {
             .into_iter()
             .filter(|w| dirty.contains(&select::workload_key(w)))
             .collect();
+        let (records, resolutions) = if workloads.is_empty() && !full {
+            // Nothing changed: only what was deleted, if anything, is forgotten.
+            (BTreeMap::new(), None)
+        } else {
+            let (records, resolutions) = self.check(workloads, service_accounts).await;
+            (records, Some(resolutions))
+        };
+        let changes = self.tracker.update(&current, &dirty, records);
+        let m = &self.inputs.metrics;
+        if let Some(n) = resolutions {
+            m.observe_workload_round(if full { "full" } else { "changed" }, n);
+            tracing::debug!(
+                full,
+                workloads = dirty.len(),
+                resolutions = n,
+                changes = changes.len(),
+                "workload check round"
+            );
+        }
+        for (registry, left) in self.registry.ratelimit_remaining() {
+            m.set_ratelimit_remaining(&registry, left);
+        }
+        publish::changes(&self.recorder, m, &changes).await;
+        publish::summaries(&self.inputs.client, &mut self.written, self.tracker.summaries()).await;
+    }
+
+    /// Checks `workloads`: their pull Secrets read, one resolution per image and
+    /// credential. Returns a record per container and the resolutions sent.
+    async fn check(
+        &self,
+        workloads: Vec<images::Workload>,
+        service_accounts: BTreeMap<plan::Key, Vec<String>>,
+    ) -> (BTreeMap<track::ContainerKey, track::Record>, usize) {
         let secrets = cluster::read_secrets(
             &self.inputs.client,
             plan::secrets_to_read(&workloads, &service_accounts),
@@ -224,22 +274,9 @@ impl Rounds {
             checks.iter().any(|c| !c.platforms.is_empty()),
         );
         let findings = resolver.run(&checks).await;
-        let records = select::records(&checks, findings, &self.managed());
-        let changes = self.tracker.update(&current, &dirty, records);
-        let m = &self.inputs.metrics;
-        m.observe_workload_round(if full { "full" } else { "changed" }, resolver.resolutions());
-        for (registry, left) in self.registry.ratelimit_remaining() {
-            m.set_ratelimit_remaining(&registry, left);
-        }
-        publish::changes(&self.recorder, m, &changes).await;
-        publish::summaries(&self.inputs.client, &mut self.written, self.tracker.summaries()).await;
-        tracing::debug!(
-            full,
-            workloads = dirty.len(),
-            images = checks.len(),
-            resolutions = resolver.resolutions(),
-            changes = changes.len(),
-            "workload check round"
-        );
+        (
+            select::records(&checks, findings, &self.managed()),
+            resolver.resolutions(),
+        )
     }
 }

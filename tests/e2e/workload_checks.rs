@@ -369,6 +369,31 @@ async fn delete(client: &Client, name: &str) {
     .await;
 }
 
+/// The test registry, an admin client, a fresh shard, and a namespace holding the pull
+/// Secret `pull` with the registry's right password.
+async fn with_pull_secret(prefix: &str) -> (&'static support::Registry, Client, String, String) {
+    let reg = support::registry();
+    let client = support::client().await;
+    let shard = support::unique(prefix);
+    let ns = support::namespace(&client, prefix, &[]).await;
+    apply::<Secret>(&client, &ns, pull_secret("pull", &reg.addr, &reg.user, &reg.password)).await;
+    (reg, client, shard, ns)
+}
+
+/// An operator process for `shard` with workload checks whose full rounds are an hour apart.
+fn hourly(shard: &str, dir: &std::path::Path, name: &str) -> support::Operator {
+    support::start(
+        &support::env().kubeconfig,
+        shard,
+        &[
+            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "1h"),
+        ],
+        dir,
+        name,
+    )
+}
+
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
@@ -514,13 +539,8 @@ async fn only_the_leader_checks_workloads() {
 /// resolves each image once per credential however many workloads use it.
 #[tokio::test]
 async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_once_per_round() {
-    let reg = support::registry();
-    let env = support::env();
-    let client = support::client().await;
+    let (reg, client, shard, ns) = with_pull_secret("wlc-watch").await;
     let r = &reg.addr;
-    let shard = support::unique("wlc-watch");
-    let ns = support::namespace(&client, "wlc-watch", &[]).await;
-    apply::<Secret>(&client, &ns, pull_secret("pull", r, &reg.user, &reg.password)).await;
     let (good, missing) = (format!("{r}/demo:v1"), format!("{r}/demo:no-such-tag"));
     for (name, image) in [
         ("a", &good),
@@ -533,16 +553,7 @@ async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_o
     }
     let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let op = support::start(
-        &env.kubeconfig,
-        &shard,
-        &[
-            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
-            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "1h"),
-        ],
-        dir.path(),
-        "workload-checks-watch",
-    );
+    let op = hourly(&shard, dir.path(), "workload-checks-watch");
     let want = BTreeSet::from([
         row("Deployment/broken", "app", "NotFound"),
         row("Deployment/gone", "app", "NotFound"),
@@ -591,6 +602,71 @@ async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_o
         "one full round only"
     );
     delete(&client, &credential).await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// A ServiceAccount whose pull Secrets change is looked at again within seconds, even an
+/// hour from the next full round; and a credential of another operator (another shard)
+/// gets no `status.workloads` from this one, though its Secret is tried too.
+#[tokio::test]
+async fn a_service_account_change_is_checked_soon_and_other_shards_credentials_are_left_alone() {
+    let (reg, client, shard, ns) = with_pull_secret("wlc-sa").await;
+    let r = &reg.addr;
+    apply::<ServiceAccount>(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "late"}}),
+    )
+    .await;
+    // One credential of this test's operator, one of the in-process operator's.
+    let mine = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    let theirs = support::unique("wlc-theirs");
+    support::apply_credential(
+        &client,
+        &theirs,
+        json!({}),
+        json!({"registry": r, "provider": {"basic": {"secretRef": {"name": "login", "namespace": ns}}},
+               "target": {"namespaces": [ns]}}),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = hourly(&shard, dir.path(), "workload-checks-sa");
+    support::wait_service_account_has(&client, &ns, &format!("pullkeeper-{mine}")).await;
+    support::wait_service_account_has(&client, &ns, &format!("pullkeeper-{theirs}")).await;
+    let demo = format!("{r}/demo:v1");
+    apply::<Deployment>(&client, &ns, deployment("by-default", pod(None, &demo))).await;
+    let mut late = pod(None, &demo);
+    late["serviceAccountName"] = json!("late");
+    apply::<Deployment>(&client, &ns, deployment("by-late", late)).await;
+    let want = BTreeSet::from([row("Deployment/by-late", "app", "Unauthorized")]);
+    let seen = support::eventually(Duration::from_secs(30), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+
+    apply::<ServiceAccount>(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "late"}, "imagePullSecrets": [{"name": "pull"}]}),
+    )
+    .await;
+    let cleared = support::eventually(Duration::from_secs(20), || async {
+        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    let summary = support::eventually(Duration::from_secs(20), || async {
+        support::credential_status(&client, &mine).await?.workloads
+    })
+    .await
+    .expect("status.workloads of this operator's credential");
+    assert_eq!((summary.images, summary.unpullable), (1, 0), "{summary:?}");
+    let other = support::credential_status(&client, &theirs).await.expect("status");
+    assert!(other.workloads.is_none(), "{other:?}");
+    support::delete_credential(&client, &theirs).await;
+    delete(&client, &mine).await;
     drop(op);
     support::delete_namespace(&client, &ns).await;
 }
