@@ -670,3 +670,48 @@ async fn a_service_account_change_is_checked_soon_and_other_shards_credentials_a
     drop(op);
     support::delete_namespace(&client, &ns).await;
 }
+
+/// The pulls a registry says are left (Docker Hub's `ratelimit-remaining`) reach the
+/// operator's metric, per registry.
+#[tokio::test]
+async fn a_registrys_ratelimit_remaining_is_a_metric() {
+    let (reg, client, shard, ns) = with_pull_secret("wlc-limit").await;
+    // A registry that answers every manifest like Docker Hub, rate-limit headers included.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let limited = listener.local_addr().expect("addr").to_string();
+    let digest = format!("sha256:{}", "b".repeat(64));
+    let app = axum::Router::new().fallback(move || {
+        let digest = digest.clone();
+        async move {
+            axum::http::Response::builder()
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .header("docker-content-digest", digest)
+                .header("ratelimit-limit", "100;w=21600")
+                .header("ratelimit-remaining", "42;w=21600")
+                .body(axum::body::Body::empty())
+                .expect("response")
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = hourly(&shard, dir.path(), "workload-checks-limit");
+    apply::<Deployment>(
+        &client,
+        &ns,
+        deployment("hub", pod(None, &format!("{limited}/library/app:v1"))),
+    )
+    .await;
+    let labels = format!("registry=\"{limited}\"");
+    let left = support::eventually(Duration::from_secs(30), || async {
+        support::metric_with(&op.addr, "pullkeeper_registry_ratelimit_remaining", &labels)
+            .await
+            .filter(|n| *n > 0.0)
+    })
+    .await;
+    assert_eq!(left, Some(42.0), "{}", metrics_text(&op.addr).await);
+    assert!(series(&metrics_text(&op.addr).await, &ns).is_empty(), "it pulls");
+    delete(&client, &credential).await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
