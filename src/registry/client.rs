@@ -225,7 +225,14 @@ struct Memory {
     auth: std::sync::Mutex<HashMap<(String, String, String), Remembered>>,
     /// The last `ratelimit-remaining` each registry sent (Docker Hub).
     ratelimit: std::sync::Mutex<HashMap<String, u64>>,
+    /// The platforms of each manifest digest read so far, per registry host: content never
+    /// changes under a digest, and Docker Hub counts every manifest GET as a pull. Keyed by
+    /// host too, so that one registry's answer never stands for another's.
+    platforms: std::sync::Mutex<HashMap<(String, String), Vec<String>>>,
 }
+
+/// Digests whose platforms are remembered at most; past it the memory starts over.
+const MAX_REMEMBERED_DIGESTS: usize = 10_000;
 
 #[derive(Clone)]
 struct Remembered {
@@ -375,8 +382,16 @@ impl RegistryClient {
         // The digest goes into status: only a well-formed one is taken from the server.
         let mut digest = header(&headers, "docker-content-digest").filter(|d| valid_digest(d));
         let is_index = INDEX_TYPES.iter().any(|t| media_type.starts_with(t));
+        let host = reference.api_host().to_owned();
+        let known = digest.as_ref().filter(|_| read_platforms).and_then(|d| {
+            crate::lock(&self.memory.platforms)
+                .get(&(host.clone(), d.clone()))
+                .cloned()
+        });
         let mut found = Vec::new();
-        if read_platforms || digest.is_none() {
+        if let Some(platforms) = known {
+            found = platforms;
+        } else if read_platforms || digest.is_none() {
             let resp = s.send(reqwest::Method::GET, &url, Some(MANIFEST_ACCEPT)).await?;
             let body = s.read(resp, "manifest", MANIFEST_CAP).await?;
             if digest.is_none() {
@@ -405,6 +420,13 @@ impl RegistryClient {
             }
         }
         found.truncate(MAX_PLATFORMS);
+        if let (true, Some(d)) = (read_platforms, &digest) {
+            let mut remembered = crate::lock(&self.memory.platforms);
+            if remembered.len() >= MAX_REMEMBERED_DIGESTS {
+                remembered.clear();
+            }
+            remembered.insert((host, d.clone()), found.clone());
+        }
         Ok(Resolved {
             digest: digest.unwrap_or_default(),
             media_type: untrusted::bounded(&media_type, 100),
