@@ -406,6 +406,13 @@ helm_q install --dry-run=client "$release" "$chart" -n "$ns" --set sourceSecrets
   >"$work/notes-src" 2>&1 || true
 check "sourceSecrets.namespace: the notes' example reads from that namespace" \
   rendered "$work/notes-src" 'secretRef: \{name: ghcr-login, namespace: creds\}'
+helm_q install --dry-run=client "$release" "$chart" -n "$ns" --set workloadChecks.enabled=true \
+  --set sourceSecrets.namespace=creds >"$work/notes-wlc" 2>&1 || true
+check "workloadChecks.enabled: the notes show where the findings go" \
+  rendered "$work/notes-wlc" "jsonpath='\{.status.workloads\}'"
+check "... and, with sourceSecrets.namespace and no pullSecretNamespaces, what will be SecretForbidden" \
+  rendered "$work/notes-wlc" 'reported as SecretForbidden'
+check "by default the notes say nothing of workload checks" not_rendered "$work/notes-src" 'status.workloads'
 check "by default no source-secrets Role and no PULLKEEPER_SOURCE_SECRET_NAMESPACE" \
   not_rendered "$work/render-default" 'pullkeeper-source-secrets|PULLKEEPER_SOURCE_SECRET_NAMESPACE'
 template_with --set workloadChecks.enabled=true --set workloadChecks.interval=5m >"$work/render-wlc" 2>&1 || true
