@@ -186,6 +186,19 @@ impl Rounds {
             .collect()
     }
 
+    /// The resourceVersion of every pullkeeper Secret (from the controllers' metadata
+    /// cache): one written, renewed or repaired changes the fingerprints of the workloads
+    /// that use it.
+    fn managed_versions(&self) -> BTreeMap<plan::Key, String> {
+        self.inputs
+            .caches
+            .secrets
+            .state()
+            .iter()
+            .filter_map(|s| Some(((s.namespace()?, s.name_any()), s.resource_version()?)))
+            .collect()
+    }
+
     /// `namespace/name` of every pullkeeper Secret written by a credential this operator
     /// reconciles (with `--credential-selector`, another shard's credentials are its
     /// operator's to report on), and who wrote it.
@@ -213,9 +226,15 @@ impl Rounds {
         let namespaces = self.namespaces();
         let service_accounts = self.service_accounts(&namespaces);
         let all = images::workloads(&self.stores.objects(&namespaces));
+        let versions = self.managed_versions();
         let current: BTreeMap<WorkloadKey, u64> = all
             .iter()
-            .map(|w| (select::workload_key(w), plan::fingerprint(w, &service_accounts)))
+            .map(|w| {
+                (
+                    select::workload_key(w),
+                    plan::fingerprint(w, &service_accounts, &versions),
+                )
+            })
             .collect();
         let dirty = self.tracker.dirty(&current, full);
         let workloads: Vec<images::Workload> = all

@@ -74,15 +74,21 @@ fn service_account(spec: &PodSpec) -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
-/// What a check of `w` depends on in the cluster: its pod spec and, for a template, the
-/// pull Secret names of its ServiceAccount. A workload whose fingerprint is unchanged
-/// needs no new check before the next full round.
-pub fn fingerprint(w: &Workload, sas: &BTreeMap<Key, Vec<String>>) -> u64 {
+/// What a check of `w` depends on in the cluster: its pod spec, for a template the pull
+/// Secret names of its ServiceAccount, and the version of each of those Secrets that
+/// `versions` knows (those pullkeeper writes: a renewed or repaired one changes it). A
+/// workload whose fingerprint is unchanged needs no new check before the next full round.
+pub fn fingerprint(w: &Workload, sas: &BTreeMap<Key, Vec<String>>, versions: &BTreeMap<Key, String>) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     serde_json::to_string(&w.spec).unwrap_or_default().hash(&mut h);
     match secret_names(w, sas) {
-        Ok((names, source)) => (names, source).hash(&mut h),
+        Ok((names, source)) => {
+            for n in &names {
+                versions.get(&(w.namespace.clone(), n.clone())).hash(&mut h);
+            }
+            (names, source).hash(&mut h);
+        }
         Err(missing) => missing.hash(&mut h),
     }
     h.finish()
@@ -405,25 +411,43 @@ mod tests {
     }
 
     #[test]
-    fn a_fingerprint_changes_with_the_template_and_the_service_accounts_secrets() {
+    fn a_fingerprint_changes_with_the_template_the_service_accounts_secrets_and_their_versions() {
         let w = workload(
             WorkloadKind::Deployment,
             json!({"containers": [{"name": "c", "image": "reg.example.com/a:v1"}]}),
         );
         let v = view(vec![], vec![]);
-        let before = fingerprint(&w, &v.service_accounts);
-        assert_eq!(before, fingerprint(&w.clone(), &v.service_accounts));
+        let mut versions = BTreeMap::from([(("ns".to_owned(), "sa-pull".to_owned()), "1".to_owned())]);
+        let before = fingerprint(&w, &v.service_accounts, &versions);
+        assert_eq!(before, fingerprint(&w.clone(), &v.service_accounts, &versions));
         let mut sas = v.service_accounts.clone();
         sas.insert(("ns".into(), "default".into()), vec!["sa-pull".into(), "more".into()]);
-        assert_ne!(before, fingerprint(&w, &sas), "the ServiceAccount's Secrets changed");
+        assert_ne!(
+            before,
+            fingerprint(&w, &sas, &versions),
+            "the ServiceAccount's Secrets changed"
+        );
         let changed = workload(
             WorkloadKind::Deployment,
             json!({"containers": [{"name": "c", "image": "reg.example.com/a:v2"}]}),
         );
         assert_ne!(
             before,
-            fingerprint(&changed, &v.service_accounts),
+            fingerprint(&changed, &v.service_accounts, &versions),
             "the template changed"
+        );
+        versions.insert(("ns".into(), "sa-pull".into()), "2".into());
+        assert_ne!(
+            before,
+            fingerprint(&w, &v.service_accounts, &versions),
+            "pullkeeper rewrote the Secret"
+        );
+        versions.insert(("ns".into(), "sa-pull".into()), "1".into());
+        versions.insert(("ns".into(), "unrelated".into()), "7".into());
+        assert_eq!(
+            before,
+            fingerprint(&w, &v.service_accounts, &versions),
+            "a Secret it does not use"
         );
     }
 

@@ -345,9 +345,7 @@ async fn credential(
     source: &str,
     targets: &[&String],
 ) -> String {
-    let login = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
-                       "stringData": {"username": reg.user, "password": reg.password}});
-    apply::<Secret>(client, source, login).await;
+    apply::<Secret>(client, source, login(reg, &reg.password)).await;
     let name = support::unique("wlc");
     support::apply_credential(
         client,
@@ -358,6 +356,12 @@ async fn credential(
     )
     .await;
     name
+}
+
+/// The source Secret `login` of the test's credentials, with this password.
+fn login(reg: &support::Registry, password: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
+           "stringData": {"username": reg.user, "password": password}})
 }
 
 /// Deletes a credential and waits (30 s) until its finalizer has run.
@@ -711,6 +715,37 @@ async fn a_registrys_ratelimit_remaining_is_a_metric() {
     .await;
     assert_eq!(left, Some(42.0), "{}", metrics_text(&op.addr).await);
     assert!(series(&metrics_text(&op.addr).await, &ns).is_empty(), "it pulls");
+    delete(&client, &credential).await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// A pull Secret pullkeeper rewrites (here once its source's password is fixed) has the
+/// workloads that use it checked again within seconds, an hour from the next full round.
+#[tokio::test]
+async fn a_rewritten_pull_secret_has_its_workloads_checked_again_soon() {
+    let (reg, client, shard, ns) = with_pull_secret("wlc-rewrite").await;
+    let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    apply::<Secret>(&client, &ns, login(reg, "not-the-password")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = hourly(&shard, dir.path(), "workload-checks-rewrite");
+    support::wait_service_account_has(&client, &ns, &format!("pullkeeper-{credential}")).await;
+    let demo = format!("{}/demo:v1", reg.addr);
+    apply::<Deployment>(&client, &ns, deployment("app", pod(None, &demo))).await;
+    let want = BTreeSet::from([row("Deployment/app", "app", "Unauthorized")]);
+    let seen = support::eventually(Duration::from_secs(30), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    apply::<Secret>(&client, &ns, login(reg, &reg.password)).await;
+    let cleared = support::eventually(Duration::from_secs(20), || async {
+        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    let log = op.log_text();
+    assert!(!log.contains(&reg.password) && !log.contains("not-the-password"));
     delete(&client, &credential).await;
     drop(op);
     support::delete_namespace(&client, &ns).await;
