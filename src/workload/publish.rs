@@ -6,9 +6,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client};
+#[cfg(test)]
+use serde_json::Value;
 use serde_json::json;
 
 use super::images::WorkloadKind;
@@ -142,23 +144,73 @@ async fn write(client: &Client, c: &CredentialRef, summary: Option<&WorkloadSumm
         "status": status,
     });
     let params = PatchParams::apply(STATUS_MANAGER).force();
-    match &c.namespace {
-        None => Api::<ClusterRegistryCredential>::all(client.clone())
-            .patch_status(&c.name, &params, &Patch::Apply(&body))
-            .await
-            .map(drop),
-        Some(ns) => Api::<RegistryCredential>::namespaced(client.clone(), ns)
-            .patch_status(&c.name, &params, &Patch::Apply(&body))
-            .await
-            .map(drop),
-    }
+    // Whatever the answer holds is not read: a credential this version cannot parse still
+    // takes the write, and is not written again every round.
+    let api: Api<DynamicObject> = match &c.namespace {
+        None => Api::all_with(client.clone(), &ApiResource::erase::<ClusterRegistryCredential>(&())),
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<RegistryCredential>(&())),
+    };
+    api.patch_status(&c.name, &params, &Patch::Apply(&body)).await.map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures::{Expect, apiserver, status_error};
     use crate::workload::images::ContainerKind;
     use crate::workload::plan::{Finding, Target};
+
+    #[tokio::test]
+    async fn summaries_are_applied_by_their_own_manager_only_when_they_change() {
+        let summary = WorkloadSummary {
+            images: 3,
+            unpullable: 1,
+            examples: vec![],
+        };
+        let uri = |path: &str| {
+            format!(
+                "/apis/pullkeeper.io/v1alpha1/{path}/status?fieldManager=pullkeeper.io%2Fworkload-checks&force=true"
+            )
+        };
+        let status = |expected: Value| {
+            move |body: &Value| {
+                assert_eq!(body["status"], expected, "{body}");
+                assert_eq!(body["apiVersion"], "pullkeeper.io/v1alpha1");
+            }
+        };
+        // In the order of the credentials: the cluster kind first, then by name.
+        let (client, script) = apiserver(vec![
+            // A new summary for the cluster kind.
+            Expect::new("PATCH", uri("clusterregistrycredentials/ghcr"), 200, json!({}))
+                .content_type("application/apply-patch+yaml")
+                .check(status(json!({"workloads": {"images": 3, "unpullable": 1}}))),
+            // One that is gone is forgotten.
+            Expect::new(
+                "PATCH",
+                uri("clusterregistrycredentials/gone"),
+                404,
+                status_error(404, "NotFound"),
+            ),
+            // One no longer involved gives the field up: the apiserver removes it.
+            Expect::new("PATCH", uri("namespaces/team/registrycredentials/old"), 200, json!({}))
+                .check(status(json!({}))),
+        ]);
+        let (ghcr, old, gone) = (
+            CredentialRef::cluster("ghcr"),
+            CredentialRef::namespaced("team", "old"),
+            CredentialRef::cluster("gone"),
+        );
+        let unchanged = CredentialRef::cluster("same");
+        let mut written = BTreeMap::from([
+            (old.clone(), summary.clone()),
+            (gone.clone(), summary.clone()),
+            (unchanged.clone(), summary.clone()),
+        ]);
+        let now = BTreeMap::from([(ghcr.clone(), summary.clone()), (unchanged.clone(), summary.clone())]);
+        summaries(&client, &mut written, now).await;
+        script.await.expect("every request as scripted");
+        assert_eq!(written, BTreeMap::from([(ghcr, summary.clone()), (unchanged, summary)]));
+    }
 
     #[test]
     fn events_carry_the_reason_and_the_advice_and_forgetting_says_nothing() {
