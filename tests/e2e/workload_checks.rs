@@ -274,6 +274,19 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
             ("Deployment/s390x".to_owned(), "PlatformMissing".to_owned()),
         ])
     );
+    // `kubectl get crc -o wide` shows the count.
+    let wide = std::process::Command::new(support::tools().join("kubectl"))
+        .env("KUBECONFIG", &support::env().kubeconfig)
+        .args(["get", "crc", &credential, "-o", "wide"])
+        .output()
+        .expect("kubectl");
+    let wide = String::from_utf8_lossy(&wide.stdout).into_owned();
+    let column = |line: &str, header: &str| {
+        let at = wide.lines().next().and_then(|h| h.find(header))?;
+        line.get(at..)?.split_whitespace().next().map(str::to_owned)
+    };
+    let row = wide.lines().nth(1).unwrap_or_default();
+    assert_eq!(column(row, "UNPULLABLE").as_deref(), Some("4"), "{wide}");
     // The reconciler's own status writes leave it alone.
     let ready = support::wait_ready(&client, &credential, "True", "Synced").await;
     assert!(ready.workloads.is_some());
