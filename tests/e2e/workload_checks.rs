@@ -11,8 +11,9 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
+use pullkeeper::crd::ClusterRegistryCredential;
 use serde_json::{Value, json};
 
 use crate::support::{self, SHARD_LABEL};
@@ -287,9 +288,34 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
     };
     let row = wide.lines().nth(1).unwrap_or_default();
     assert_eq!(column(row, "UNPULLABLE").as_deref(), Some("4"), "{wide}");
-    // The reconciler's own status writes leave it alone.
-    let ready = support::wait_ready(&client, &credential, "True", "Synced").await;
-    assert!(ready.workloads.is_some());
+    // The reconciler's own status writes leave it alone: a new generation makes it write
+    // status again, and status.workloads stays, owned by the workload checks' manager only.
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let refresh = json!({"spec": {"refresh": {"interval": "2h"}}});
+    api.patch(&credential, &PatchParams::default(), &Patch::Merge(&refresh))
+        .await
+        .expect("a new generation");
+    let observed = support::eventually(Duration::from_secs(30), || async {
+        let c = api.get(&credential).await.ok()?;
+        let s = c.status.clone()?;
+        (s.observed_generation == c.metadata.generation).then_some(c)
+    })
+    .await
+    .expect("the reconciler wrote the new generation's status");
+    assert_eq!(observed.status.and_then(|s| s.workloads), Some(summary.clone()));
+    let owners: Vec<String> = observed
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.to_string().contains("f:workloads"))
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(owners, vec!["pullkeeper.io/workload-checks".to_owned()]);
 
     fix(&client, &ns, reg, &multi, &nightly).await;
     let cleared = support::eventually(Duration::from_secs(60), || async {
