@@ -789,3 +789,57 @@ async fn a_rewritten_pull_secret_has_its_workloads_checked_again_soon() {
     drop(op);
     support::delete_namespace(&client, &ns).await;
 }
+
+/// A team's own RegistryCredential: the workloads of its namespace are checked, and its
+/// status gets the summary.
+#[tokio::test]
+async fn a_registry_credentials_namespace_is_checked_and_its_status_summed_up() {
+    let (reg, client, shard, ns) = with_pull_secret("wlc-team").await;
+    apply::<Secret>(&client, &ns, login(reg, &reg.password)).await;
+    let name = support::unique("team");
+    support::apply_namespaced(
+        &client,
+        &ns,
+        &name,
+        json!({SHARD_LABEL: shard}),
+        json!({"registry": reg.addr, "provider": {"basic": {"secretRef": {"name": "login"}}}}),
+    )
+    .await
+    .expect("RegistryCredential applied");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = hourly(&shard, dir.path(), "workload-checks-team");
+    support::wait_service_account_has(&client, &ns, &format!("pullkeeper-{name}")).await;
+    let r = &reg.addr;
+    apply::<Deployment>(&client, &ns, deployment("ok", pod(None, &format!("{r}/demo:v1")))).await;
+    apply::<Deployment>(
+        &client,
+        &ns,
+        deployment("missing", pod(None, &format!("{r}/demo:gone"))),
+    )
+    .await;
+    let summary = support::eventually(Duration::from_secs(30), || async {
+        let s = support::namespaced_status(&client, &ns, &name).await?.workloads?;
+        (s.images == 2).then_some(s)
+    })
+    .await;
+    let status = support::namespaced_status(&client, &ns, &name).await;
+    let summary = summary.unwrap_or_else(|| panic!("{status:?}\n{}", tail(&op.log_text())));
+    assert_eq!(summary.unpullable, 1, "{summary:?}");
+    assert_eq!(summary.examples[0].name, "missing", "{summary:?}");
+    assert_eq!(
+        series(&metrics_text(&op.addr).await, &ns),
+        BTreeSet::from([row("Deployment/missing", "app", "NotFound")])
+    );
+    let _ = Api::<pullkeeper::crd::RegistryCredential>::namespaced(client.clone(), &ns)
+        .delete(&name, &kube::api::DeleteParams::default())
+        .await;
+    support::eventually(Duration::from_secs(30), || async {
+        support::namespaced_status(&client, &ns, &name)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
