@@ -719,19 +719,26 @@ async fn a_service_account_change_is_checked_soon_and_other_shards_credentials_a
 #[tokio::test]
 async fn a_registrys_ratelimit_remaining_is_a_metric() {
     let (reg, client, shard, ns) = with_pull_secret("wlc-limit").await;
-    // A registry that answers every manifest like Docker Hub, rate-limit headers included.
+    // A registry that answers every manifest like Docker Hub, rate-limit headers included:
+    // an index of the platforms nodes may have (the node tests register one).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let limited = listener.local_addr().expect("addr").to_string();
-    let digest = format!("sha256:{}", "b".repeat(64));
+    let platform = |arch: &str| {
+        json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 2,
+               "digest": format!("sha256:{}", "c".repeat(64)), "platform": {"os": "linux", "architecture": arch}})
+    };
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": [platform("amd64"), platform("arm64")]})
+    .to_string();
     let app = axum::Router::new().fallback(move || {
-        let digest = digest.clone();
+        let index = index.clone();
         async move {
             axum::http::Response::builder()
-                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-                .header("docker-content-digest", digest)
+                .header("content-type", "application/vnd.oci.image.index.v1+json")
+                .header("docker-content-digest", format!("sha256:{}", "b".repeat(64)))
                 .header("ratelimit-limit", "100;w=21600")
                 .header("ratelimit-remaining", "42;w=21600")
-                .body(axum::body::Body::empty())
+                .body(axum::body::Body::from(index))
                 .expect("response")
         }
     });
@@ -753,7 +760,8 @@ async fn a_registrys_ratelimit_remaining_is_a_metric() {
     })
     .await;
     assert_eq!(left, Some(42.0), "{}", metrics_text(&op.addr).await);
-    assert!(series(&metrics_text(&op.addr).await, &ns).is_empty(), "it pulls");
+    let m = metrics_text(&op.addr).await;
+    assert!(series(&m, &ns).is_empty(), "it pulls: {m}");
     delete(&client, &credential).await;
     drop(op);
     support::delete_namespace(&client, &ns).await;
