@@ -334,7 +334,7 @@ async fn a_gcp_token_renewed_twice_keeps_every_new_pod_pulling() {
 /// find pullable runs on the node, and the two they report unpullable (a ServiceAccount
 /// without the Secret, a missing tag) fail to pull there, for the reason they give.
 #[tokio::test]
-async fn what_the_workload_checks_report_is_what_the_kubelet_does() {
+async fn what_the_operators_image_checks_report_is_what_the_kubelet_does() {
     use crate::workload_checks::{metrics_text, row, series};
     let reg = support::registry();
     let image = support::push_runnable_image(&reg.addr, &reg.user, &reg.password, "node/checked:v1", None);
