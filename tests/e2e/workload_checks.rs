@@ -851,3 +851,77 @@ async fn a_registry_credentials_namespace_is_checked_and_its_status_summed_up() 
     drop(op);
     support::delete_namespace(&client, &ns).await;
 }
+
+/// Every kind the watches hold is checked: StatefulSets, DaemonSets, Jobs and bare Pods,
+/// each once (the Pods a Deployment made are not reported again).
+#[tokio::test]
+async fn every_kind_is_checked_once() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Pod;
+    let (reg, client, shard, ns) = with_pull_secret("wlc-kinds").await;
+    let credential = credential(&client, reg, &shard, &ns, &[&ns]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = hourly(&shard, dir.path(), "workload-checks-kinds");
+    let missing = format!("{}/demo:no-such-tag", reg.addr);
+    let spec = pod(Some("pull"), &missing);
+    let template = |name: &str| json!({"metadata": {"labels": {"app": name}}, "spec": spec.clone()});
+    let selector = |name: &str| json!({"matchLabels": {"app": name}});
+    apply::<StatefulSet>(
+        &client,
+        &ns,
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+        "spec": {"serviceName": "db", "selector": selector("db"), "template": template("db")}}),
+    )
+    .await;
+    apply::<DaemonSet>(
+        &client,
+        &ns,
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+        "spec": {"selector": selector("agent"), "template": template("agent")}}),
+    )
+    .await;
+    let mut job = spec.clone();
+    job["restartPolicy"] = json!("Never");
+    apply::<Job>(
+        &client,
+        &ns,
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+        "spec": {"template": {"spec": job}}}),
+    )
+    .await;
+    apply::<Pod>(
+        &client,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "debug"}, "spec": spec}),
+    )
+    .await;
+    apply::<Deployment>(&client, &ns, deployment("web", pod(Some("pull"), &missing))).await;
+    let want = BTreeSet::from([
+        row("DaemonSet/agent", "app", "NotFound"),
+        row("Deployment/web", "app", "NotFound"),
+        row("Job/once", "app", "NotFound"),
+        row("Pod/debug", "app", "NotFound"),
+        row("StatefulSet/db", "app", "NotFound"),
+    ]);
+    let seen = support::eventually(Duration::from_secs(30), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    // The Pods the Deployment's ReplicaSet and the Job made (Pending: no node) stay unreported.
+    let made = support::eventually(Duration::from_secs(30), || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        (pods.items.len() >= 3).then_some(())
+    })
+    .await;
+    assert!(made.is_some(), "the controllers made no Pods");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(series(&metrics_text(&op.addr).await, &ns), want);
+    delete(&client, &credential).await;
+    drop(op);
+    support::delete_namespace(&client, &ns).await;
+}
