@@ -195,16 +195,7 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
         row("Deployment/sa-lacks-secret", "app", "Unauthorized"),
         row("Deployment/wrong-password", "app", "Unauthorized"),
     ]);
-    let seen = support::eventually(Duration::from_secs(60), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(
-        seen.is_some(),
-        "series: {:?}\nlog tail: {}",
-        series(&metrics_text(&op.addr).await, &ns),
-        tail(&op.log_text())
-    );
+    wait_series(&op, &ns, &want, 60).await;
     let warnings = support::eventually(Duration::from_secs(30), || async {
         let got: BTreeSet<(String, String)> = events(&client, &ns)
             .await
@@ -318,15 +309,7 @@ async fn unpullable_workloads_get_events_metrics_and_status_and_fixes_clear_them
     assert_eq!(owners, vec!["pullkeeper.io/workload-checks".to_owned()]);
 
     fix(&client, &ns, reg, &multi, &nightly).await;
-    let cleared = support::eventually(Duration::from_secs(60), || async {
-        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
-    })
-    .await;
-    assert!(
-        cleared.is_some(),
-        "series left: {:?}",
-        series(&metrics_text(&op.addr).await, &ns)
-    );
+    wait_series(&op, &ns, &BTreeSet::new(), 60).await;
     let fixed = support::eventually(Duration::from_secs(30), || async {
         let got: BTreeSet<String> = events(&client, &ns)
             .await
@@ -435,6 +418,21 @@ fn hourly(shard: &str, dir: &std::path::Path, name: &str) -> support::Operator {
         dir,
         name,
     )
+}
+
+/// Waits (up to `secs`) until the operator holds exactly the series `want` for
+/// `namespace`; panics with those it holds and its last log lines otherwise.
+async fn wait_series(op: &support::Operator, namespace: &str, want: &BTreeSet<(String, String, String)>, secs: u64) {
+    let seen = support::eventually(Duration::from_secs(secs), || async {
+        (series(&metrics_text(&op.addr).await, namespace) == *want).then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "series of {namespace}: {:?}, want {want:?}\nlog tail: {}",
+        series(&metrics_text(&op.addr).await, namespace),
+        tail(&op.log_text())
+    );
 }
 
 fn tail(log: &str) -> String {
@@ -550,11 +548,7 @@ async fn only_the_leader_checks_workloads() {
     let image = format!("{}/demo:no-such-tag", reg.addr);
     apply::<Deployment>(&client, &ns, deployment("missing-tag", pod(None, &image))).await;
     let want = BTreeSet::from([row("Deployment/missing-tag", "app", "NotFound")]);
-    let seen = support::eventually(Duration::from_secs(60), || async {
-        (series(&metrics_text(&a.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{}", tail(&a.log_text()));
+    wait_series(&a, &ns, &want, 60).await;
     // The standby is up (it serves metrics) and has run no round.
     let standby = metrics_text(&b.addr).await;
     assert!(standby.contains("pullkeeper_leader 0"), "{standby}");
@@ -567,11 +561,7 @@ async fn only_the_leader_checks_workloads() {
 
     // The leader goes; the standby takes over and reports the same.
     drop(a);
-    let taken_over = support::eventually(Duration::from_secs(60), || async {
-        (series(&metrics_text(&b.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(taken_over.is_some(), "{}", tail(&b.log_text()));
+    wait_series(&b, &ns, &want, 60).await;
     delete(&client, &credential).await;
     drop(b);
     support::delete_namespace(&client, &ns).await;
@@ -601,11 +591,7 @@ async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_o
         row("Deployment/broken", "app", "NotFound"),
         row("Deployment/gone", "app", "NotFound"),
     ]);
-    let seen = support::eventually(Duration::from_secs(60), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{}", tail(&op.log_text()));
+    wait_series(&op, &ns, &want, 60).await;
     // Five workloads, two images, one credential: two resolutions in the first round.
     let resolutions = support::metric(&op.addr, "pullkeeper_workload_check_resolutions_total").await;
     assert_eq!(resolutions, Some(2.0), "{}", metrics_text(&op.addr).await);
@@ -615,11 +601,7 @@ async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_o
         .delete("gone", &kube::api::DeleteParams::default())
         .await
         .expect("delete");
-    let cleared = support::eventually(Duration::from_secs(20), || async {
-        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
-    })
-    .await;
-    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &BTreeSet::new(), 20).await;
     let normal: Vec<String> = events(&client, &ns)
         .await
         .into_iter()
@@ -634,11 +616,7 @@ async fn changed_and_new_workloads_are_checked_at_once_and_images_are_resolved_o
     // A workload created between full rounds is checked at once too.
     apply::<Deployment>(&client, &ns, deployment("late", pod(Some("pull"), &missing))).await;
     let late = BTreeSet::from([row("Deployment/late", "app", "NotFound")]);
-    let seen = support::eventually(Duration::from_secs(20), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == late).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &late, 20).await;
     assert_eq!(
         support::metric(&op.addr, "pullkeeper_workload_check_rounds_total{round=\"full\"}").await,
         Some(1.0),
@@ -683,11 +661,7 @@ async fn a_service_account_change_is_checked_soon_and_other_shards_credentials_a
     late["serviceAccountName"] = json!("late");
     apply::<Deployment>(&client, &ns, deployment("by-late", late)).await;
     let want = BTreeSet::from([row("Deployment/by-late", "app", "Unauthorized")]);
-    let seen = support::eventually(Duration::from_secs(30), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &want, 30).await;
 
     apply::<ServiceAccount>(
         &client,
@@ -695,11 +669,7 @@ async fn a_service_account_change_is_checked_soon_and_other_shards_credentials_a
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "late"}, "imagePullSecrets": [{"name": "pull"}]}),
     )
     .await;
-    let cleared = support::eventually(Duration::from_secs(20), || async {
-        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
-    })
-    .await;
-    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &BTreeSet::new(), 20).await;
     let summary = support::eventually(Duration::from_secs(20), || async {
         support::credential_status(&client, &mine).await?.workloads
     })
@@ -780,17 +750,9 @@ async fn a_rewritten_pull_secret_has_its_workloads_checked_again_soon() {
     let demo = format!("{}/demo:v1", reg.addr);
     apply::<Deployment>(&client, &ns, deployment("app", pod(None, &demo))).await;
     let want = BTreeSet::from([row("Deployment/app", "app", "Unauthorized")]);
-    let seen = support::eventually(Duration::from_secs(30), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &want, 30).await;
     apply::<Secret>(&client, &ns, login(reg, &reg.password)).await;
-    let cleared = support::eventually(Duration::from_secs(20), || async {
-        series(&metrics_text(&op.addr).await, &ns).is_empty().then_some(())
-    })
-    .await;
-    assert!(cleared.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &BTreeSet::new(), 20).await;
     let log = op.log_text();
     assert!(!log.contains(&reg.password) && !log.contains("not-the-password"));
     delete(&client, &credential).await;
@@ -904,11 +866,7 @@ async fn every_kind_is_checked_once() {
         row("Pod/debug", "app", "NotFound"),
         row("StatefulSet/db", "app", "NotFound"),
     ]);
-    let seen = support::eventually(Duration::from_secs(30), || async {
-        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
-    })
-    .await;
-    assert!(seen.is_some(), "{:?}", series(&metrics_text(&op.addr).await, &ns));
+    wait_series(&op, &ns, &want, 30).await;
     // The Pods the Deployment's ReplicaSet and the Job made (Pending: no node) stay unreported.
     let made = support::eventually(Duration::from_secs(30), || async {
         let pods = Api::<Pod>::namespaced(client.clone(), &ns)
