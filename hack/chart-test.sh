@@ -170,6 +170,9 @@ schema_rejects() {
 
 template_with() { helm_q template "$release" "$chart" -n "$ns" "$@"; }
 
+# env_value FILE NAME VALUE: the rendered container sets environment variable NAME to VALUE.
+env_value() { grep -A1 "name: $2\$" "$1" | grep -qxF "              value: \"$3\""; }
+
 kube_version_refused() {
   ! template_with --kube-version "$1" >"$work/kube-version" 2>&1 || { echo "rendered for $1"; return 1; }
   cat "$work/kube-version"
@@ -403,8 +406,36 @@ helm_q install --dry-run=client "$release" "$chart" -n "$ns" --set sourceSecrets
   >"$work/notes-src" 2>&1 || true
 check "sourceSecrets.namespace: the notes' example reads from that namespace" \
   rendered "$work/notes-src" 'secretRef: \{name: ghcr-login, namespace: creds\}'
+helm_q install --dry-run=client "$release" "$chart" -n "$ns" --set workloadChecks.enabled=true \
+  --set sourceSecrets.namespace=creds >"$work/notes-wlc" 2>&1 || true
+check "workloadChecks.enabled: the notes show where the findings go" \
+  rendered "$work/notes-wlc" "jsonpath='\{.status.workloads\}'"
+check "... and, with sourceSecrets.namespace and no pullSecretNamespaces, what will be SecretForbidden" \
+  rendered "$work/notes-wlc" 'reported as SecretForbidden'
+check "by default the notes say nothing of workload checks" not_rendered "$work/notes-src" 'status.workloads'
 check "by default no source-secrets Role and no PULLKEEPER_SOURCE_SECRET_NAMESPACE" \
   not_rendered "$work/render-default" 'pullkeeper-source-secrets|PULLKEEPER_SOURCE_SECRET_NAMESPACE'
+template_with --set workloadChecks.enabled=true --set workloadChecks.interval=5m >"$work/render-wlc" 2>&1 || true
+check "workloadChecks.enabled grants list and watch on Deployments, StatefulSets, DaemonSets, ReplicaSets" \
+  rendered "$work/render-wlc" 'resources: \["deployments", "statefulsets", "daemonsets", "replicasets"\]'
+check "... on Jobs and CronJobs" rendered "$work/render-wlc" 'resources: \["jobs", "cronjobs"\]'
+check "... on Pods and Nodes" rendered "$work/render-wlc" 'resources: \["pods", "nodes"\]'
+check "workloadChecks.enabled sets PULLKEEPER_WORKLOAD_CHECKS=true" \
+  env_value "$work/render-wlc" PULLKEEPER_WORKLOAD_CHECKS true
+check "workloadChecks.interval sets PULLKEEPER_WORKLOAD_CHECK_INTERVAL" \
+  env_value "$work/render-wlc" PULLKEEPER_WORKLOAD_CHECK_INTERVAL 5m
+check "by default no workload checks, and no access to workloads, Pods or Nodes" \
+  not_rendered "$work/render-default" 'PULLKEEPER_WORKLOAD_CHECK|"cronjobs"|"nodes"|pull-secrets'
+template_with --set workloadChecks.enabled=true --set sourceSecrets.namespace=creds \
+  --set 'workloadChecks.pullSecretNamespaces={team-a,team-b}' >"$work/render-wlc-src" 2>&1 || true
+check "workloadChecks.pullSecretNamespaces with sourceSecrets.namespace: get on Secrets there" \
+  grep -Pzo 'kind: Role\nmetadata:\n  name: pullkeeper-pull-secrets\n  namespace: team-b\n' "$work/render-wlc-src"
+check "... and still no get on Secrets in the ClusterRole" \
+  not_rendered "$work/render-wlc-src" 'verbs: \["get", "list", "watch", "create", "patch", "delete"\]'
+template_with --set workloadChecks.enabled=true --set 'workloadChecks.pullSecretNamespaces={team-a}' \
+  >"$work/render-wlc-all" 2>&1 || true
+check "workloadChecks.pullSecretNamespaces without sourceSecrets.namespace renders no Role (get is cluster-wide)" \
+  not_rendered "$work/render-wlc-all" 'pull-secrets'
 check "probes use the health port" rendered "$work/render-default" '^              port: http-health$'
 check "the health port is 8081 on all addresses" \
   grep -A1 'name: PULLKEEPER_HEALTH_ADDR$' "$work/render-default"
@@ -493,7 +524,8 @@ check "certManager.issuerRef: no Issuer of the chart's" count_kind "$work/render
 check "... the Certificate names the given issuer" \
   grep -Pzo 'name: corp-ca\n\s+kind: ClusterIssuer' "$work/render-cm-issuer"
 for opt in "admissionPolicy.enabled=false" "sourceSecrets.namespace=creds" "metrics.auth.enabled=true" \
-  "metrics.bindAddress=127.0.0.1" "aggregateRoles.enabled=false" "podAdmission.webhook.enabled=true"; do
+  "metrics.bindAddress=127.0.0.1" "aggregateRoles.enabled=false" "podAdmission.webhook.enabled=true" \
+  "workloadChecks.enabled=true"; do
   check "helm lint --strict --set $opt" helm_q lint --strict "$chart" --set "$opt"
 done
 
@@ -514,6 +546,9 @@ check "schema rejects an unknown podAdmission.webhook key" schema_rejects certma
   --set podAdmission.webhook.certmanager.enabled=true
 check "schema rejects a certManager.issuerRef.kind other than Issuer or ClusterIssuer" \
   schema_rejects kind --set podAdmission.webhook.certManager.issuerRef.kind=Vault
+check "schema rejects workloadChecks.interval=soon" schema_rejects interval --set workloadChecks.interval=soon
+check "schema rejects a workloadChecks.pullSecretNamespaces entry that is no namespace name" \
+  schema_rejects pullSecretNamespaces --set 'workloadChecks.pullSecretNamespaces={Not_A_Namespace}'
 check "schema accepts a percentage for pdb.minAvailable" \
   template_with --set pdb.enabled=true --set pdb.minAvailable=50%
 
@@ -528,7 +563,8 @@ for set in "${values_sets[@]}"; do
 done
 # Every option at once, policies included (the cluster must accept their CEL).
 template_with --api-versions "$vap_api" --set sourceSecrets.namespace="$ns" --set metrics.auth.enabled=true \
-  --set 'admissionPolicy.extraTokenAudiences={vault}' >"$work/render-all" 2>&1 || true
+  --set 'admissionPolicy.extraTokenAudiences={vault}' --set workloadChecks.enabled=true \
+  --set "workloadChecks.pullSecretNamespaces={$ns}" >"$work/render-all" 2>&1 || true
 check "kubectl apply --dry-run=server accepts the policies and every option" dry_run "$work/render-all"
 template_with --api-versions "$vap_api" --set podAdmission.webhook.enabled=true >"$work/render-wh-dry" 2>&1 || true
 check "kubectl apply --dry-run=server accepts the webhook, its Service and RBAC" dry_run "$work/render-wh-dry"
@@ -628,6 +664,22 @@ check "SA may create subjectaccessreviews" retrying can create subjectaccessrevi
 check "the metrics-reader ClusterRole exists" exists clusterrole "$fullname-metrics-reader"
 check "the Deployment has PULLKEEPER_SOURCE_SECRET_NAMESPACE" deployment_env "PULLKEEPER_SOURCE_SECRET_NAMESPACE=$ns"
 
+echo "--- upgrade to workload checks"
+check "SA may not list deployments before workloadChecks.enabled" cannot list deployments.apps -A
+check "helm upgrade --set workloadChecks.enabled=true --set workloadChecks.pullSecretNamespaces={default}" \
+  helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set workloadChecks.enabled=true \
+  --set 'workloadChecks.pullSecretNamespaces={default}'
+check "the Deployment has PULLKEEPER_WORKLOAD_CHECKS=true" deployment_env "PULLKEEPER_WORKLOAD_CHECKS=true"
+check "the Deployment has PULLKEEPER_WORKLOAD_CHECK_INTERVAL=10m" deployment_env "PULLKEEPER_WORKLOAD_CHECK_INTERVAL=10m"
+for what in deployments.apps statefulsets.apps daemonsets.apps replicasets.apps jobs.batch cronjobs.batch pods; do
+  check "SA may list and watch $what in every namespace" retrying can watch "$what" -A
+done
+check "SA may watch nodes" retrying can watch nodes
+check "SA may still not get pods (list and watch only)" cannot get pods -n default
+check "SA may not change deployments" cannot patch deployments.apps -n default
+check "SA may get the pull Secrets of a listed namespace" retrying can get secrets -n default
+check "SA may not get Secrets in an unlisted namespace" cannot get secrets -n kube-public
+
 echo "--- upgrade to the pod admission webhook"
 check "helm upgrade --set podAdmission.enabled=false --set podAdmission.webhook.enabled=true" \
   helm_q upgrade "$release" "$chart" -n "$ns" --reuse-values --set podAdmission.enabled=false \
@@ -661,6 +713,8 @@ check "ClusterRoles and ClusterRoleBinding are gone" \
   gone clusterrole/"$fullname" clusterrolebinding/"$fullname" clusterrole/"$fullname-view" \
   clusterrole/"$fullname-metrics-reader"
 check "the MutatingWebhookConfiguration is gone" gone mutatingwebhookconfiguration/"$fullname"
+check "the workload checks' pull-secrets Role and RoleBinding are gone" \
+  gone -n default role/"$fullname-pull-secrets" rolebinding/"$fullname-pull-secrets"
 check "the admission policies are gone" gone validatingadmissionpolicy/"$fullname-secrets" \
   validatingadmissionpolicybinding/"$fullname-secrets"
 check "CRDs are kept (Helm never deletes CRDs)" exists crd "${crds[@]}"

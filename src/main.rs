@@ -184,6 +184,16 @@ struct ControllerArgs {
     /// Off: such a credential is refused with reason AmbientCredentialsNotAllowed.
     #[arg(long, env = "PULLKEEPER_NAMESPACED_AMBIENT_CREDENTIALS", default_value_t = false)]
     namespaced_ambient_credentials: bool,
+    /// Check the images that Pods, Deployments, StatefulSets, DaemonSets, Jobs and
+    /// CronJobs in the namespaces pullkeeper's credentials target would pull, with the pull
+    /// Secrets the kubelet would use: an Event on the workload and a metric when one turns
+    /// unpullable (and back), a summary in each credential's status. The leader runs them.
+    #[arg(long, env = "PULLKEEPER_WORKLOAD_CHECKS", default_value_t = false)]
+    workload_checks: bool,
+    /// How often every workload is checked again (a workload whose pod template changes is
+    /// checked at once), as a Go-style duration (`10m`, `90s`).
+    #[arg(long, env = "PULLKEEPER_WORKLOAD_CHECK_INTERVAL", default_value = "10m", value_parser = go_duration)]
+    workload_check_interval: std::time::Duration,
     /// Google OAuth2 token endpoint for service-account keys (private endpoints, tests).
     #[arg(long, env = "PULLKEEPER_GCP_TOKEN_URL", default_value = pullkeeper::provider::gcp::DEFAULT_TOKEN_URL)]
     gcp_token_url: String,
@@ -359,6 +369,12 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let deny_registry_cidrs: Vec<pullkeeper::registry::Cidr> =
+        args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect();
+    let workload_checks = args.workload_checks.then(|| pullkeeper::workload::operator::Settings {
+        interval: args.workload_check_interval,
+        deny_registry_cidrs: deny_registry_cidrs.clone(),
+    });
     let settings = pullkeeper::controller::Settings {
         credential_selector: args.credential_selector,
         leader,
@@ -368,7 +384,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         pod_admission: args.pod_admission_policy,
         pod_admission_webhook: args.pod_admission_webhook,
         source_secret_namespace: args.source_secret_namespace.filter(|ns| !ns.is_empty()),
-        deny_registry_cidrs: args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect(),
+        deny_registry_cidrs,
+        workload_checks,
         namespaced_ambient_credentials: args.namespaced_ambient_credentials,
         endpoints: pullkeeper::provider::Endpoints {
             gcp_token_url: args.gcp_token_url,
@@ -380,6 +397,11 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .context("serving health and metrics")?;
     Ok(())
+}
+
+/// A Go-style duration flag (`10m`, `90s`, `1h30m`).
+fn go_duration(value: &str) -> Result<std::time::Duration, String> {
+    pullkeeper::controller::validate::duration("--workload-check-interval", value).map_err(|e| e.to_string())
 }
 
 /// The operator's namespace: POD_NAMESPACE, or the one of its in-cluster ServiceAccount.

@@ -61,8 +61,77 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of one workload image that would not pull.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct WorkloadImageLabels {
+    /// Namespace of the workload.
+    pub namespace: String,
+    /// Workload kind (`Deployment`, ..., `Pod`).
+    pub kind: &'static str,
+    /// Workload name.
+    pub workload: String,
+    /// Container (or image volume) name.
+    pub container: String,
+    /// CamelCase reason (a fixed set, see the README).
+    pub reason: String,
+}
+
+/// Labels by registry host.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// Registry host as the image names it.
+    pub registry: String,
+}
+
+/// Labels of workload check rounds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoundLabels {
+    /// `full` (every interval) or `changed` (workloads whose pod template changed).
+    pub round: &'static str,
+}
+
+/// Metrics of the workload checks.
+struct WorkloadMetrics {
+    unpullable: Family<WorkloadImageLabels, Gauge>,
+    ratelimit_remaining: Family<RegistryLabels, Gauge>,
+    rounds: Family<RoundLabels, Counter>,
+    resolutions: Counter,
+}
+
+impl WorkloadMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let unpullable = Family::<WorkloadImageLabels, Gauge>::default();
+        registry.register(
+            "workload_image_unpullable",
+            "1 for each workload container whose image would not pull (or cannot be checked), with the reason; no series for healthy ones",
+            unpullable.clone(),
+        );
+        let ratelimit_remaining = Family::<RegistryLabels, Gauge>::default();
+        registry.register(
+            "registry_ratelimit_remaining",
+            "Pulls left in the registry's rate-limit window, from its last ratelimit-remaining header (Docker Hub)",
+            ratelimit_remaining.clone(),
+        );
+        let rounds = Family::<RoundLabels, Counter>::default();
+        registry.register("workload_check_rounds", "Workload check rounds run", rounds.clone());
+        let resolutions = Counter::default();
+        registry.register(
+            "workload_check_resolutions",
+            "Manifest resolutions sent by workload checks (one per image and credential per round)",
+            resolutions.clone(),
+        );
+        Self {
+            unpullable,
+            ratelimit_remaining,
+            rounds,
+            resolutions,
+        }
+    }
+}
+
 /// All metrics of the operator.
 pub struct Metrics {
+    workloads: WorkloadMetrics,
     image_checks: Family<ResultLabels, Counter>,
     leader: Gauge,
     managed_secrets: Gauge,
@@ -149,7 +218,9 @@ impl Default for Metrics {
             "Pullability checks of verify.images by result",
             image_checks.clone(),
         );
+        let workloads = WorkloadMetrics::register(&mut registry);
         Self {
+            workloads,
             image_checks,
             leader,
             managed_secrets,
@@ -252,6 +323,34 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Marks a workload container unpullable for `labels.reason` (`true`), or forgets that
+    /// series (`false`).
+    pub fn set_workload_unpullable(&self, labels: &WorkloadImageLabels, unpullable: bool) {
+        if unpullable {
+            self.workloads.unpullable.get_or_create(labels).set(1);
+        } else {
+            self.workloads.unpullable.remove(labels);
+        }
+    }
+
+    /// Records the pulls a registry says are left.
+    pub fn set_ratelimit_remaining(&self, registry: &str, remaining: u64) {
+        self.workloads
+            .ratelimit_remaining
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one workload check round and the resolutions it sent.
+    pub fn observe_workload_round(&self, round: &'static str, resolutions: usize) {
+        self.workloads.rounds.get_or_create(&RoundLabels { round }).inc();
+        self.workloads
+            .resolutions
+            .inc_by(u64::try_from(resolutions).unwrap_or(u64::MAX));
+    }
+
     /// Text exposition format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -276,5 +375,31 @@ mod tests {
         );
         assert!(text.contains(r#"result="patch_status"} 1"#), "{text}");
         assert!(text.contains("pullkeeper_reconcile_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn an_unpullable_workload_image_has_one_series_until_forgotten() {
+        let m = Metrics::default();
+        let labels = WorkloadImageLabels {
+            namespace: "shop".into(),
+            kind: "Deployment",
+            workload: "web".into(),
+            container: "app".into(),
+            reason: "NotFound".into(),
+        };
+        m.set_workload_unpullable(&labels, true);
+        m.set_ratelimit_remaining("docker.io", 97);
+        let text = m.encode().expect("encodes");
+        assert!(
+            text.contains(r#"pullkeeper_workload_image_unpullable{namespace="shop",kind="Deployment",workload="web",container="app",reason="NotFound"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pullkeeper_registry_ratelimit_remaining{registry="docker.io"} 97"#),
+            "{text}"
+        );
+        m.set_workload_unpullable(&labels, false);
+        let text = m.encode().expect("encodes");
+        assert!(!text.contains("workload=\"web\""), "{text}");
     }
 }

@@ -459,3 +459,103 @@ async fn a_realm_on_the_metadata_service_is_refused_before_it_is_asked() {
         );
     }
 }
+
+/// Docker Hub's `ratelimit-remaining` (`76;w=21600`) is kept per registry as a number; a
+/// value that is no number is ignored rather than shown.
+#[tokio::test]
+async fn the_pulls_a_registry_says_are_left_are_kept_as_a_number() {
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let (addr, _) = serve("127.0.0.1", move |req: Request, _| {
+        let digest = digest.clone();
+        async move {
+            let left = if req.uri().path().contains("/noisy/") {
+                "plenty;w=21600"
+            } else {
+                "76;w=21600"
+            };
+            let headers = [
+                (header::CONTENT_TYPE.as_str(), OCI_MANIFEST.to_owned()),
+                ("docker-content-digest", digest),
+                ("ratelimit-limit", "100;w=21600".to_owned()),
+                ("ratelimit-remaining", left.to_owned()),
+            ];
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (k.parse::<header::HeaderName>(), v.parse()) {
+                    h.insert(k, v);
+                }
+            }
+            (StatusCode::OK, h).into_response()
+        }
+    })
+    .await;
+    let c = client();
+    assert!(c.ratelimit_remaining().is_empty());
+    c.inspect(&reference(addr, "library/app"), None, false)
+        .await
+        .expect("resolves");
+    assert_eq!(c.ratelimit_remaining(), vec![(addr.to_string(), 76)]);
+    c.inspect(&reference(addr, "noisy/app"), None, false)
+        .await
+        .expect("resolves");
+    assert_eq!(
+        c.ratelimit_remaining(),
+        vec![(addr.to_string(), 76)],
+        "the last number stays"
+    );
+}
+
+/// A registry at `ip` whose every manifest is one index, digest `sha256:dd…`, holding
+/// `linux/<arch>`.
+async fn index_registry(ip: &str, arch: &'static str) -> (SocketAddr, Seen) {
+    serve(ip, move |_, _| async move {
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "c".repeat(64)), "size": 2,
+                           "platform": {"os": "linux", "architecture": arch}}]
+        });
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/vnd.oci.image.index.v1+json".parse().expect("type"),
+        );
+        h.insert(
+            "docker-content-digest",
+            format!("sha256:{}", "d".repeat(64)).parse().expect("digest"),
+        );
+        (StatusCode::OK, h, index.to_string()).into_response()
+    })
+    .await
+}
+
+/// Docker Hub counts every manifest GET as a pull: an image's platforms are read once per
+/// digest and registry; later checks of the same digest send only the HEAD, and another
+/// registry's same digest is read from that registry.
+#[tokio::test]
+async fn platforms_are_read_once_per_digest_and_registry() {
+    let (addr, seen) = index_registry("127.0.0.1", "arm64").await;
+    let c = client();
+    let platforms = |addr| {
+        let c = c.clone();
+        async move {
+            c.inspect(&reference(addr, "library/app"), None, true)
+                .await
+                .expect("resolves")
+                .platforms
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(platforms(addr).await, vec!["linux/arm64".to_owned()]);
+    }
+    let gets = |seen: &Seen| {
+        seen.lines()
+            .iter()
+            .filter(|l| l.starts_with("GET /v2/library/app/manifests/"))
+            .count()
+    };
+    assert_eq!(gets(&seen), 1, "{:?}", seen.lines());
+    let (other, other_seen) = index_registry("127.0.0.2", "amd64").await;
+    assert_eq!(platforms(other).await, vec!["linux/amd64".to_owned()]);
+    assert_eq!(gets(&other_seen), 1, "{:?}", other_seen.lines());
+}

@@ -124,6 +124,9 @@ pub struct Settings {
     pub namespaced_ambient_credentials: bool,
     /// Cloud endpoints chosen by the administrator (Google STS, IAM Credentials, token URL).
     pub endpoints: crate::provider::Endpoints,
+    /// Check the images workloads use, beside the controllers (opt-in; see
+    /// [`crate::workload::operator`]).
+    pub workload_checks: Option<crate::workload::operator::Settings>,
 }
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
@@ -180,6 +183,16 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         }
     };
     tracing::info!(?route, "pod admission route");
+    let workload_checks = settings.workload_checks.clone().map(|w| {
+        let inputs = crate::workload::operator::Inputs {
+            client: client.clone(),
+            metrics: metrics.clone(),
+            caches: caches.clone(),
+            credentials: credentials.clone(),
+            instance: settings.instance.clone(),
+        };
+        crate::workload::operator::run(inputs, w, shutdown.clone())
+    });
     let issued = Arc::new(cache::CredentialCache::default());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -233,7 +246,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         )
         .for_each(|res| async move { log_result(res) });
     tracing::info!("controllers started");
-    futures::join!(cluster, namespaced);
+    // Joined, not spawned: a replica that loses the Lease drops them with the controllers.
+    let workload_checks = async move {
+        if let Some(checks) = workload_checks {
+            checks.await;
+        }
+    };
+    futures::join!(cluster, namespaced, workload_checks);
     tracing::info!("controllers stopped");
 }
 

@@ -20,7 +20,13 @@ pub async fn finish<K: CredentialKind>(
     outcome: &Outcome,
     action: Action,
 ) -> Result<Action, Error> {
-    let previous = obj.current_status();
+    // `status.workloads` belongs to the workload checks' own field manager: the
+    // reconciler neither compares nor writes it, so neither clobbers the other.
+    let previous = obj.current_status().map(|s| RegistryCredentialStatus {
+        workloads: None,
+        ..s.clone()
+    });
+    let previous = previous.as_ref();
     let next = status::build(previous, outcome, obj.meta().generation, Timestamp::now());
     if previous != Some(&next) {
         // A burst of new namespaces changes only the counts: one write per interval for

@@ -38,6 +38,7 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Namespaces","type":"integer","jsonPath":".status.namespaces.synced"}"#,
+    printcolumn = r#"{"name":"Unpullable","type":"integer","jsonPath":".status.workloads.unpullable","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -91,6 +92,7 @@ pub struct ClusterRegistryCredentialSpec {
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Namespaces","type":"integer","jsonPath":".status.namespaces.synced"}"#,
+    printcolumn = r#"{"name":"Unpullable","type":"integer","jsonPath":".status.workloads.unpullable","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

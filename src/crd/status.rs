@@ -40,6 +40,45 @@ pub struct RegistryCredentialStatus {
     /// Result of resolving each `verify.images` entry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<ImageStatus>,
+    /// What the operator's workload checks (`--workload-checks`) found for the images that
+    /// workloads pull with this credential's Secret. Written by its own field manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<WorkloadSummary>,
+}
+
+/// At most this many unpullable workload images are named in a credential's status.
+pub const MAX_WORKLOAD_EXAMPLES: usize = 5;
+
+/// The workload images pulled with a credential's Secret, and those that would not pull.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSummary {
+    /// Image uses (container, init or ephemeral container, image volume) whose pull
+    /// Secrets include this credential's Secret.
+    pub images: i32,
+    /// How many of those would not pull.
+    pub unpullable: i32,
+    /// A few of those (at most 5), with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<WorkloadExample>,
+}
+
+/// One workload image that would not pull.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadExample {
+    /// Namespace of the workload.
+    pub namespace: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob` or `Pod`.
+    pub kind: String,
+    /// Name of the workload.
+    pub name: String,
+    /// Container (or image volume) name.
+    pub container: String,
+    /// The image as written.
+    pub image: String,
+    /// CamelCase reason, as in `images[].reason`.
+    pub reason: String,
 }
 
 /// Namespace counts.

@@ -223,7 +223,16 @@ pub struct RegistryClient {
 struct Memory {
     plain: std::sync::Mutex<HashMap<String, bool>>,
     auth: std::sync::Mutex<HashMap<(String, String, String), Remembered>>,
+    /// The last `ratelimit-remaining` each registry sent (Docker Hub).
+    ratelimit: std::sync::Mutex<HashMap<String, u64>>,
+    /// The platforms of each manifest digest read so far, per registry host: content never
+    /// changes under a digest, and Docker Hub counts every manifest GET as a pull. Keyed by
+    /// host too, so that one registry's answer never stands for another's.
+    platforms: std::sync::Mutex<HashMap<(String, String), Vec<String>>>,
 }
+
+/// Digests whose platforms are remembered at most; past it the memory starts over.
+const MAX_REMEMBERED_DIGESTS: usize = 10_000;
 
 #[derive(Clone)]
 struct Remembered {
@@ -327,6 +336,17 @@ impl RegistryClient {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The pulls each registry said were left in its rate-limit window, from the last
+    /// `ratelimit-remaining` header it sent (Docker Hub sends `100;w=21600`).
+    pub fn ratelimit_remaining(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = crate::lock(&self.memory.ratelimit)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Resolves `reference` with `login` (anonymous if `None`) and checks `platforms`.
     pub async fn resolve(
         &self,
@@ -362,8 +382,16 @@ impl RegistryClient {
         // The digest goes into status: only a well-formed one is taken from the server.
         let mut digest = header(&headers, "docker-content-digest").filter(|d| valid_digest(d));
         let is_index = INDEX_TYPES.iter().any(|t| media_type.starts_with(t));
+        let host = reference.api_host().to_owned();
+        let known = digest.as_ref().filter(|_| read_platforms).and_then(|d| {
+            crate::lock(&self.memory.platforms)
+                .get(&(host.clone(), d.clone()))
+                .cloned()
+        });
         let mut found = Vec::new();
-        if read_platforms || digest.is_none() {
+        if let Some(platforms) = known {
+            found = platforms;
+        } else if read_platforms || digest.is_none() {
             let resp = s.send(reqwest::Method::GET, &url, Some(MANIFEST_ACCEPT)).await?;
             let body = s.read(resp, "manifest", MANIFEST_CAP).await?;
             if digest.is_none() {
@@ -392,6 +420,13 @@ impl RegistryClient {
             }
         }
         found.truncate(MAX_PLATFORMS);
+        if let (true, Some(d)) = (read_platforms, &digest) {
+            let mut remembered = crate::lock(&self.memory.platforms);
+            if remembered.len() >= MAX_REMEMBERED_DIGESTS {
+                remembered.clear();
+            }
+            remembered.insert((host, d.clone()), found.clone());
+        }
         Ok(Resolved {
             digest: digest.unwrap_or_default(),
             media_type: untrusted::bounded(&media_type, 100),
@@ -437,6 +472,11 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
+}
+
+/// The count of a `ratelimit-remaining: 100;w=21600` header.
+fn ratelimit_remaining(h: &HeaderMap) -> Option<u64> {
+    header(h, "ratelimit-remaining")?.parse().ok()
 }
 
 /// A server-chosen header shown to people (Retry-After): short and clean.
@@ -701,6 +741,9 @@ impl<'a> Session<'a> {
             }
             self.client.count();
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
+            if let Some(left) = ratelimit_remaining(resp.headers()) {
+                crate::lock(&self.client.memory.ratelimit).insert(self.registry(), left);
+            }
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.remembered {
                 // The remembered authorization no longer works: forget it, start over.
@@ -896,6 +939,16 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_hubs_ratelimit_remaining_is_read_without_its_window() {
+        let mut h = HeaderMap::new();
+        assert_eq!(ratelimit_remaining(&h), None);
+        h.insert("ratelimit-remaining", "97;w=21600".parse().expect("value"));
+        assert_eq!(ratelimit_remaining(&h), Some(97));
+        h.insert("ratelimit-remaining", "lots".parse().expect("value"));
+        assert_eq!(ratelimit_remaining(&h), None);
+    }
 
     #[test]
     fn platforms_match_with_and_without_variant() {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use super::WorkloadError;
 use super::images::{Objects, workloads};
 use super::keyring::read_pull_secret;
-use super::plan::{SecretState, View, secrets_to_read};
+use super::plan::{Key, SecretState, View, secrets_to_read};
 use super::platforms::node_platforms;
 
 /// Which namespaces to read.
@@ -88,19 +88,26 @@ pub async fn read(client: &Client, scope: &Scope) -> Result<View, WorkloadError>
         .collect();
     let workloads = workloads(&objects);
     let wanted = secrets_to_read(&workloads, &service_accounts);
-    let secrets = futures::future::join_all(wanted.into_iter().map(|(ns, name)| async move {
-        let state = secret_state(client, &ns, &name).await;
-        ((ns, name), state)
-    }))
-    .await
-    .into_iter()
-    .collect();
+    let secrets = read_secrets(client, wanted).await;
     Ok(View {
         workloads,
         service_accounts,
         secrets,
         nodes: node_platforms(&nodes),
     })
+}
+
+/// Reads each of the pull Secrets `wanted` (a few at a time).
+pub async fn read_secrets(client: &Client, wanted: Vec<Key>) -> BTreeMap<Key, SecretState> {
+    use futures::StreamExt as _;
+    futures::stream::iter(wanted)
+        .map(|(ns, name)| async move {
+            let state = secret_state(client, &ns, &name).await;
+            ((ns, name), state)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
 }
 
 async fn secret_state(client: &Client, namespace: &str, name: &str) -> SecretState {

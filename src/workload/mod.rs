@@ -7,14 +7,24 @@
 //! [`platforms`]), resolve them ([`resolver::Resolver`], I/O: one resolution per image and
 //! credential for the whole round, bounded per registry host), and judge each
 //! ([`plan::verdict`], pure).
+//!
+//! The operator runs the same pipeline from its watches ([`operator`], opt-in): the
+//! namespaces its credentials target ([`select`]), only what changed between full rounds
+//! ([`track`], pure), and Events, metrics and credential status for the transitions
+//! ([`publish`]).
 
 pub mod cluster;
 pub mod images;
 pub mod keyring;
+pub mod operator;
 pub mod plan;
 pub mod platforms;
+pub mod publish;
 pub mod report;
 pub mod resolver;
+pub mod select;
+pub mod track;
+pub mod watch;
 
 use crate::registry::RegistryClient;
 

@@ -74,6 +74,26 @@ fn service_account(spec: &PodSpec) -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
+/// What a check of `w` depends on in the cluster: its pod spec, for a template the pull
+/// Secret names of its ServiceAccount, and the version of each of those Secrets that
+/// `versions` knows (those pullkeeper writes: a renewed or repaired one changes it). A
+/// workload whose fingerprint is unchanged needs no new check before the next full round.
+pub fn fingerprint(w: &Workload, sas: &BTreeMap<Key, Vec<String>>, versions: &BTreeMap<Key, String>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&w.spec).unwrap_or_default().hash(&mut h);
+    match secret_names(w, sas) {
+        Ok((names, source)) => {
+            for n in &names {
+                versions.get(&(w.namespace.clone(), n.clone())).hash(&mut h);
+            }
+            (names, source).hash(&mut h);
+        }
+        Err(missing) => missing.hash(&mut h),
+    }
+    h.finish()
+}
+
 /// The pull Secrets every pod spec of `workloads` names, directly or through its
 /// ServiceAccount: what a reader must fetch.
 pub fn secrets_to_read(workloads: &[Workload], sas: &BTreeMap<Key, Vec<String>>) -> Vec<Key> {
@@ -128,7 +148,7 @@ pub fn pod_credentials(w: &Workload, view: &View) -> Result<PodCredentials, Bloc
                 return Err(Blocked {
                     reason: reasons::SECRET_FORBIDDEN,
                     message: format!(
-                        "pull Secret {id} could not be read with your credentials, so which credential the kubelet would use cannot be told: run with get access to Secrets in {}",
+                        "pull Secret {id} may not be read, so which credential the kubelet would use cannot be told: grant get on Secrets in {} to whoever checks (for the operator with the chart value sourceSecrets.namespace, list the namespace in workloadChecks.pullSecretNamespaces)",
                         w.namespace
                     ),
                     fails: false,
@@ -387,6 +407,47 @@ mod tests {
                 ("ns".to_owned(), "own".to_owned()),
                 ("ns".to_owned(), "sa-pull".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_the_template_the_service_accounts_secrets_and_their_versions() {
+        let w = workload(
+            WorkloadKind::Deployment,
+            json!({"containers": [{"name": "c", "image": "reg.example.com/a:v1"}]}),
+        );
+        let v = view(vec![], vec![]);
+        let mut versions = BTreeMap::from([(("ns".to_owned(), "sa-pull".to_owned()), "1".to_owned())]);
+        let before = fingerprint(&w, &v.service_accounts, &versions);
+        assert_eq!(before, fingerprint(&w.clone(), &v.service_accounts, &versions));
+        let mut sas = v.service_accounts.clone();
+        sas.insert(("ns".into(), "default".into()), vec!["sa-pull".into(), "more".into()]);
+        assert_ne!(
+            before,
+            fingerprint(&w, &sas, &versions),
+            "the ServiceAccount's Secrets changed"
+        );
+        let changed = workload(
+            WorkloadKind::Deployment,
+            json!({"containers": [{"name": "c", "image": "reg.example.com/a:v2"}]}),
+        );
+        assert_ne!(
+            before,
+            fingerprint(&changed, &v.service_accounts, &versions),
+            "the template changed"
+        );
+        versions.insert(("ns".into(), "sa-pull".into()), "2".into());
+        assert_ne!(
+            before,
+            fingerprint(&w, &v.service_accounts, &versions),
+            "pullkeeper rewrote the Secret"
+        );
+        versions.insert(("ns".into(), "sa-pull".into()), "1".into());
+        versions.insert(("ns".into(), "unrelated".into()), "7".into());
+        assert_eq!(
+            before,
+            fingerprint(&w, &v.service_accounts, &versions),
+            "a Secret it does not use"
         );
     }
 

@@ -27,6 +27,9 @@ type Answers = HashMap<(String, String), Arc<OnceCell<Outcome>>>;
 struct Host {
     permits: Option<Arc<Semaphore>>,
     paused_until: Option<Instant>,
+    /// Why the host could not be reached this round: the resolutions still queued for it
+    /// fail at once rather than each waiting out its own timeout.
+    unreachable: Option<PullError>,
 }
 
 /// Resolves images for a round of checks.
@@ -76,6 +79,9 @@ impl Resolver {
     /// Forgets this round's answers (the next round asks the registries again).
     pub fn new_round(&self) {
         crate::lock(&self.cache).clear();
+        for h in crate::lock(&self.hosts).values_mut() {
+            h.unreachable = None;
+        }
     }
 
     /// Resolves `reference` with `login` once per round; concurrent callers share it.
@@ -106,8 +112,15 @@ impl Resolver {
             }
             let outcome = {
                 let _permit = permits.acquire().await;
-                self.client.inspect(reference, login, self.read_platforms).await
+                let known = crate::lock(&self.hosts).get(&host).and_then(|h| h.unreachable.clone());
+                match known {
+                    Some(e) => Err(e),
+                    None => self.client.inspect(reference, login, self.read_platforms).await,
+                }
             };
+            if let Err(e @ PullError::Unreachable { .. }) = &outcome {
+                crate::lock(&self.hosts).entry(host.clone()).or_default().unreachable = Some(e.clone());
+            }
             match outcome.as_ref().err().and_then(|e| retry_delay(e, self.max_wait)) {
                 Some(wait) if attempt < ATTEMPTS => {
                     let until = Instant::now() + wait;
@@ -159,6 +172,32 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resolves the `repos` on a loopback port nothing listens on, one at a time; returns
+    /// the requests sent and the reasons.
+    async fn unreachable(repos: &[&str]) -> (u64, Vec<&'static str>) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let client = RegistryClient::new(&crate::registry::TlsOptions::default()).expect("client");
+        let resolver = Resolver::new(client.clone(), 1, DEFAULT_MAX_WAIT, false);
+        let mut reasons = Vec::new();
+        for repo in repos {
+            let reference = Reference::parse(&format!("127.0.0.1:{port}/{repo}")).expect("reference");
+            let e = resolver.resolve(&reference, None).await.expect_err("unreachable");
+            reasons.push(e.reason());
+        }
+        (client.requests(), reasons)
+    }
+
+    #[tokio::test]
+    async fn a_host_that_cannot_be_reached_is_tried_once_per_round() {
+        let (one, _) = unreachable(&["a:v1"]).await;
+        let (many, reasons) = unreachable(&["a:v1", "b:v1", "c:v2"]).await;
+        assert_eq!(reasons, vec!["Unreachable"; 3]);
+        assert_eq!(one, many, "the later images were not tried");
+    }
 
     #[test]
     fn retry_after_in_seconds_is_honoured_up_to_a_cap() {

@@ -20,4 +20,5 @@ mod support;
 mod tenancy;
 mod tokens;
 mod webhook;
+mod workload_checks;
 mod workloads;

@@ -19,6 +19,18 @@ async fn basic_credential(
     password: &str,
     extra: Value,
 ) -> (String, String, String) {
+    labelled_credential(client, registry, user, password, extra, json!({})).await
+}
+
+/// [`basic_credential`] with these labels on the credential (e.g. a test shard's).
+async fn labelled_credential(
+    client: &Client,
+    registry: &str,
+    user: &str,
+    password: &str,
+    extra: Value,
+    labels: Value,
+) -> (String, String, String) {
     let src = support::namespace(client, "node-src", &[]).await;
     support::put_secret(client, &src, "login", json!({"username": user, "password": password})).await;
     let label = support::unique("node");
@@ -31,7 +43,7 @@ async fn basic_credential(
     if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
         spec.extend(extra.clone());
     }
-    support::apply_credential(client, &name, json!({}), spec).await;
+    support::apply_credential(client, &name, labels, spec).await;
     (src, name, label)
 }
 
@@ -316,4 +328,76 @@ async fn a_gcp_token_renewed_twice_keeps_every_new_pod_pulling() {
         "a pull presented an expired token"
     );
     cleanup(&client, &[&name], &[&ns, &src]).await;
+}
+
+/// What the operator's workload checks report is what the kubelet does: the workload they
+/// find pullable runs on the node, and the two they report unpullable (a ServiceAccount
+/// without the Secret, a missing tag) fail to pull there, for the reason they give.
+#[tokio::test]
+async fn what_the_operators_image_checks_report_is_what_the_kubelet_does() {
+    use crate::workload_checks::{metrics_text, row, series};
+    let reg = support::registry();
+    let image = support::push_runnable_image(&reg.addr, &reg.user, &reg.password, "node/checked:v1", None);
+    let missing = format!("{}/node/checked:no-such-tag", reg.addr);
+    let client = support::client().await;
+    let shard = support::unique("node-wlc");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = support::start(
+        &support::env().kubeconfig,
+        &shard,
+        &[
+            ("PULLKEEPER_WORKLOAD_CHECKS", "true"),
+            ("PULLKEEPER_WORKLOAD_CHECK_INTERVAL", "5s"),
+        ],
+        dir.path(),
+        "node-workload-checks",
+    );
+    let shard_label = json!({support::SHARD_LABEL: shard});
+    let (src, name, label) =
+        labelled_credential(&client, &reg.addr, &reg.user, &reg.password, json!({}), shard_label).await;
+    let ns = targeted_namespace(&client, &label, &name).await;
+    support::service_account(&client, &ns, "bare").await;
+
+    support::deploy(&client, &ns, "pulls", &image, "IfNotPresent").await;
+    let bare = json!({"serviceAccountName": "bare"});
+    support::deploy_with(&client, &ns, "unauthorized", &image, "IfNotPresent", bare).await;
+    support::deploy(&client, &ns, "missing", &missing, "IfNotPresent").await;
+
+    let want = std::collections::BTreeSet::from([
+        row("Deployment/missing", "app", "NotFound"),
+        row("Deployment/unauthorized", "app", "Unauthorized"),
+    ]);
+    let reported = eventually(Duration::from_secs(60), || async {
+        (series(&metrics_text(&op.addr).await, &ns) == want).then_some(())
+    })
+    .await;
+    assert!(
+        reported.is_some(),
+        "{:?}\n{}",
+        series(&metrics_text(&op.addr).await, &ns),
+        op.log_text()
+    );
+
+    assert_running(&support::wait_pod(&client, &ns, "pulls").await, "reported pullable");
+    assert_unauthorized(
+        &support::wait_pod(&client, &ns, "unauthorized").await,
+        "reported Unauthorized",
+    );
+    match support::wait_pod(&client, &ns, "missing").await {
+        PodOutcome::PullFailed { message, .. } => {
+            assert!(
+                message.to_lowercase().contains("not found"),
+                "reported NotFound: {message}"
+            )
+        }
+        other => panic!("reported NotFound: expected a pull failure, got {other:?}"),
+    }
+    // Its own operator removes the credential's finalizer before it goes.
+    support::delete_credential(&client, &name).await;
+    eventually(Duration::from_secs(30), || async {
+        support::credential_status(&client, &name).await.is_none().then_some(())
+    })
+    .await;
+    drop(op);
+    cleanup(&client, &[], &[&ns, &src]).await;
 }

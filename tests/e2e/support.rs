@@ -84,6 +84,7 @@ pub fn env() -> &'static Env {
                         // own cloud identity.
                         namespaced_ambient_credentials: false,
                         endpoints: pullkeeper::provider::Endpoints::default(),
+                        workload_checks: None,
                     };
                     // Runs for the life of the test binary.
                     let _ =
@@ -1002,7 +1003,19 @@ pub fn push_runnable_image(addr: &str, user: &str, password: &str, repo: &str, c
 /// no `imagePullSecrets`, the namespace's `default` ServiceAccount. Its pods carry the label
 /// `app=<name>`.
 pub async fn deploy(client: &Client, namespace: &str, name: &str, image: &str, pull_policy: &str) {
-    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+    deploy_with(client, namespace, name, image, pull_policy, serde_json::json!({})).await;
+}
+
+/// [`deploy`] with the fields of `extra` added to the pod spec (e.g. `serviceAccountName`).
+pub async fn deploy_with(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    image: &str,
+    pull_policy: &str,
+    extra: serde_json::Value,
+) {
+    let mut deployment = serde_json::json!({
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "replicas": 1,
@@ -1017,8 +1030,14 @@ pub async fn deploy(client: &Client, namespace: &str, name: &str, image: &str, p
                 }
             }
         }
-    }))
-    .expect("deployment");
+    });
+    if let (Some(spec), Some(extra)) = (
+        deployment["spec"]["template"]["spec"].as_object_mut(),
+        extra.as_object(),
+    ) {
+        spec.extend(extra.clone());
+    }
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(deployment).expect("deployment");
     Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &deployment)
         .await

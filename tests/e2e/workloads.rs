@@ -30,7 +30,7 @@ fn check_as(kubeconfig: &std::path::Path, namespace: &str, output: &str) -> (i32
 }
 
 /// Server-side applies an object of kind `K` as a user would.
-async fn apply<K>(client: &Client, namespace: &str, object: Value)
+pub(crate) async fn apply<K>(client: &Client, namespace: &str, object: Value)
 where
     K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -44,7 +44,7 @@ where
         .unwrap_or_else(|e| panic!("applying {name}: {e}"));
 }
 
-fn deployment(name: &str, pod: Value) -> Value {
+pub(crate) fn deployment(name: &str, pod: Value) -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
@@ -56,7 +56,7 @@ fn deployment(name: &str, pod: Value) -> Value {
     })
 }
 
-fn cron_job(name: &str, mut pod: Value) -> Value {
+pub(crate) fn cron_job(name: &str, mut pod: Value) -> Value {
     pod["restartPolicy"] = json!("Never");
     json!({
         "apiVersion": "batch/v1", "kind": "CronJob",
@@ -65,7 +65,7 @@ fn cron_job(name: &str, mut pod: Value) -> Value {
     })
 }
 
-fn pull_secret(name: &str, registry: &str, user: &str, password: &str) -> Value {
+pub(crate) fn pull_secret(name: &str, registry: &str, user: &str, password: &str) -> Value {
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -75,7 +75,7 @@ fn pull_secret(name: &str, registry: &str, user: &str, password: &str) -> Value 
     })
 }
 
-fn pod(secret: Option<&str>, image: &str) -> Value {
+pub(crate) fn pod(secret: Option<&str>, image: &str) -> Value {
     let mut spec = json!({"containers": [{"name": "app", "image": image}]});
     if let Some(s) = secret {
         spec["imagePullSecrets"] = json!([{"name": s}]);
@@ -84,7 +84,7 @@ fn pod(secret: Option<&str>, image: &str) -> Value {
 }
 
 /// Deletes `repo:tag` from the registry (its manifest, by digest).
-async fn delete_image(reg: &support::Registry, repo: &str, tag: &str) {
+pub(crate) async fn delete_image(reg: &support::Registry, repo: &str, tag: &str) {
     let http = reqwest::Client::new();
     let url = format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr);
     let head = http
