@@ -109,6 +109,21 @@ impl<K: kube::Resource> NamespaceLike for kube::core::PartialObjectMeta<K> {
     }
 }
 
+impl<T: NamespaceLike> NamespaceLike for &T {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        (**self).labels()
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        (**self).annotation(key)
+    }
+    fn terminating(&self) -> bool {
+        (**self).terminating()
+    }
+}
+
 impl<T: NamespaceLike> NamespaceLike for std::sync::Arc<T> {
     fn name(&self) -> &str {
         (**self).name()
