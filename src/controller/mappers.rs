@@ -70,10 +70,10 @@ pub fn secret_concerns(
     namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
     let holder = CredentialRef::holder_of(meta);
-    let hash = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(super::secret::HASH_ANNOTATION));
+    let annotations = meta.annotations.as_ref();
+    let hash = annotations.and_then(|a| a.get(super::secret::HASH_ANNOTATION));
+    // Someone else wrote to it (data edited by hand): its writer must put it back.
+    let edited = annotations.is_some_and(|a| a.contains_key(super::secret::EDITED_MARKER));
     let its_own_write = |who: &CredentialRef| {
         let status = clusters
             .iter()
@@ -86,7 +86,7 @@ pub fn secret_concerns(
                     .map(|r| r.status.as_ref())
             });
         let written = status.flatten().and_then(|s| s.content_hash.as_ref());
-        event == SecretEvent::Written && written.is_some() && written == hash
+        event == SecretEvent::Written && !edited && written.is_some() && written == hash
     };
     let mut out: Vec<CredentialRef> = holder.iter().filter(|who| !its_own_write(who)).cloned().collect();
     if event == SecretEvent::Listed {
@@ -301,6 +301,19 @@ mod tests {
             secret_concerns(&meta, SecretEvent::Written, &refs(&clusters), &[])
         };
         assert_eq!(written("h1"), vec![CredentialRef::cluster("next")]);
+        let mut edited = meta.clone();
+        edited.annotations = Some(
+            [
+                (crate::controller::secret::HASH_ANNOTATION.to_owned(), "h1".to_owned()),
+                (crate::controller::secret::EDITED_MARKER.to_owned(), "true".to_owned()),
+            ]
+            .into(),
+        );
+        assert_eq!(
+            secret_concerns(&edited, SecretEvent::Written, &refs(&clusters), &[])[0],
+            CredentialRef::cluster("holder"),
+            "edited by someone else: put back"
+        );
         assert_eq!(
             written("h0"),
             vec![CredentialRef::cluster("holder"), CredentialRef::cluster("next")]
