@@ -1,5 +1,6 @@
-//! The benchmark's surroundings: a fresh control plane per size, the operator as a separate
-//! process and what it reports on `/metrics`, namespaces and their default ServiceAccounts.
+//! The benchmarks' surroundings (shared by `benches/*`, included with `#[path]`): a fresh
+//! control plane per run, the operator as a separate process and what it reports on
+//! `/metrics`, namespaces and their default ServiceAccounts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,37 +102,65 @@ pub async fn create_namespace(client: &Client, name: String, label: &str) {
         .expect("namespace");
 }
 
+/// Whether `cargo bench` runs this binary (it passes `--bench`); `cargo test --all-targets`
+/// runs it without, and then it must not start clusters. Installs the TLS crypto provider.
+pub fn benchmarking(name: &str) -> bool {
+    pullkeeper::install_crypto_provider();
+    let yes = std::env::args().any(|x| x == "--bench");
+    if !yes {
+        println!("{name} benchmark: run it with `cargo bench --bench {name}`");
+    }
+    yes
+}
+
+/// The value after `name` (`--pods 100`) on the command line; `default` if it is absent
+/// or does not parse.
+pub fn flag<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Polls `count` every half second until it reaches `n`; fails the benchmark, naming
+/// `what`, if that takes longer than `limit`.
+pub async fn wait_count<F: Future<Output = usize>>(what: &str, n: usize, limit: Duration, count: impl Fn() -> F) {
+    let started = Instant::now();
+    loop {
+        let have = count().await;
+        if have >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "only {have} of {n} {what} after {} s",
+            limit.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Waits until kube-controller-manager has given every namespace starting with `prefix` its
 /// `default` ServiceAccount (`n` of them).
 pub async fn wait_default_service_accounts(client: &Client, prefix: &str, n: usize) {
     let api = Api::<ServiceAccount>::all(client.clone());
     let lp = ListParams::default().fields("metadata.name=default");
-    let started = Instant::now();
-    loop {
-        let have = api
-            .list_metadata(&lp)
-            .await
-            .map(|l| {
-                l.items
-                    .iter()
-                    .filter(|sa| {
-                        sa.metadata
-                            .namespace
-                            .as_deref()
-                            .is_some_and(|ns| ns.starts_with(prefix))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if have >= n {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(900),
-            "only {have} of {n} default ServiceAccounts after 15 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_count("default ServiceAccounts", n, Duration::from_secs(900), || async {
+        api.list_metadata(&lp).await.map_or(0, |l| {
+            l.items
+                .iter()
+                .filter(|sa| {
+                    sa.metadata
+                        .namespace
+                        .as_deref()
+                        .is_some_and(|ns| ns.starts_with(prefix))
+                })
+                .count()
+        })
+    })
+    .await;
 }
 
 /// The operator binary as a separate process, killed on drop.
@@ -143,9 +172,15 @@ pub struct Operator {
 impl Operator {
     /// Starts `pullkeeper controller` with its defaults and waits until it is ready.
     pub async fn start(kubeconfig: &Path) -> Self {
+        Self::start_with(kubeconfig, &[]).await
+    }
+
+    /// Starts `pullkeeper controller` with `args` and waits until it is ready.
+    pub async fn start_with(kubeconfig: &Path, args: &[&str]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_pullkeeper"))
             .arg("controller")
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("PULLKEEPER_METRICS_ADDR", &addr)
             .env("PULLKEEPER_LOG", "warn")
@@ -172,8 +207,12 @@ impl Operator {
     }
 
     pub async fn counts(&self) -> Counts {
-        let (_, body) = http_get(&self.addr, "/metrics").await.expect("metrics");
-        Counts::parse(&body)
+        Counts::parse(&self.metrics().await)
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        http_get(&self.addr, "/metrics").await.expect("metrics").1
     }
 
     /// Waits until the operator has sent no request for three seconds (at least `min`, at
