@@ -12,12 +12,13 @@
 //! matters; the Pods stay Pending: there is no node). Then, with the release operator:
 //!
 //! - **checks off**: a fresh `pullkeeper controller` with its defaults, its peak RSS
-//!   (`VmHWM`) once it has been quiet for three seconds (at least ten seconds after start);
+//!   (`VmHWM`) and resident set (`VmRSS`) once it has been quiet for three seconds (at
+//!   least ten seconds after start);
 //! - **checks on**: a fresh one with `--workload-checks --workload-check-interval
 //!   <interval>`, until `--rounds` full rounds have run; for each full round, from its own
 //!   metrics: resolutions (distinct image and credential pairs), HTTP requests sent to
 //!   the registry, the round's duration, and the apiserver requests since the previous
-//!   round; its peak RSS at the end.
+//!   round; its peak RSS and resident set right after the last round.
 
 #[path = "../common/cluster.rs"]
 mod cluster;
@@ -217,8 +218,15 @@ struct Round {
     changed: f64,
 }
 
+/// Peak and current resident set of an operator, MiB.
+type Rss = (f64, f64);
+
+fn rss(op: &Operator) -> Rss {
+    (op.peak_rss_mib(), op.status_mib("VmRSS:"))
+}
+
 /// Runs the operator with the checks on until `rounds` full rounds have run.
-async fn checks_on(kubeconfig: &std::path::Path, a: &Args) -> (Vec<Round>, f64) {
+async fn checks_on(kubeconfig: &std::path::Path, a: &Args) -> (Vec<Round>, Rss) {
     let op = Operator::start_with(
         kubeconfig,
         &["--workload-checks", "--workload-check-interval", &a.interval],
@@ -253,10 +261,10 @@ async fn checks_on(kubeconfig: &std::path::Path, a: &Args) -> (Vec<Round>, f64) 
             rounds.len()
         );
     }
-    (rounds, op.peak_rss_mib())
+    (rounds, rss(&op))
 }
 
-fn table(a: &Args, distinct: usize, rounds: &[Round], rss_off: f64, rss_on: f64) -> String {
+fn table(a: &Args, distinct: usize, rounds: &[Round], off: Rss, on: Rss) -> String {
     use std::fmt::Write as _;
     let mut out = String::from("\n");
     let _ = writeln!(
@@ -280,14 +288,16 @@ fn table(a: &Args, distinct: usize, rounds: &[Round], rss_off: f64, rss_on: f64)
         );
     }
     out.push('\n');
-    let _ = writeln!(out, "| operator | peak RSS (`VmHWM`) |");
-    let _ = writeln!(out, "|---|---:|");
-    let _ = writeln!(out, "| checks off | {rss_off:.1} MiB |");
+    let _ = writeln!(out, "| operator | peak RSS (`VmHWM`) | RSS at the end (`VmRSS`) |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    let _ = writeln!(out, "| checks off | {:.1} MiB | {:.1} MiB |", off.0, off.1);
     let _ = writeln!(
         out,
-        "| checks on (`--workload-check-interval {}`, after {} full rounds) | {rss_on:.1} MiB |",
+        "| checks on (`--workload-check-interval {}`, after {} full rounds) | {:.1} MiB | {:.1} MiB |",
         a.interval,
-        rounds.len()
+        rounds.len(),
+        on.0,
+        on.1
     );
     out
 }
@@ -326,7 +336,7 @@ async fn main() {
     let rss_off = {
         let op = Operator::start(&cp.kubeconfig).await;
         op.settle(Duration::from_secs(10)).await;
-        op.peak_rss_mib()
+        rss(&op)
     };
     eprintln!("{tag} checks on, {} full rounds every {}", a.rounds, a.interval);
     let (rounds, rss_on) = checks_on(&cp.kubeconfig, &a).await;
