@@ -95,7 +95,9 @@ struct WorkloadMetrics {
     unpullable: Family<WorkloadImageLabels, Gauge>,
     ratelimit_remaining: Family<RegistryLabels, Gauge>,
     rounds: Family<RoundLabels, Counter>,
+    round_duration: Family<RoundLabels, Histogram>,
     resolutions: Counter,
+    registry_requests: Counter,
 }
 
 impl WorkloadMetrics {
@@ -114,17 +116,33 @@ impl WorkloadMetrics {
         );
         let rounds = Family::<RoundLabels, Counter>::default();
         registry.register("workload_check_rounds", "Workload check rounds run", rounds.clone());
+        let round_duration = Family::<RoundLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 12))
+        });
+        registry.register(
+            "workload_check_round_duration_seconds",
+            "Time one workload check round took, from reading the workloads to the last resolution",
+            round_duration.clone(),
+        );
         let resolutions = Counter::default();
         registry.register(
             "workload_check_resolutions",
             "Manifest resolutions sent by workload checks (one per image and credential per round)",
             resolutions.clone(),
         );
+        let registry_requests = Counter::default();
+        registry.register(
+            "workload_check_registry_requests",
+            "HTTP requests workload checks sent to registries (pings, token requests, manifest HEADs and GETs)",
+            registry_requests.clone(),
+        );
         Self {
             unpullable,
             ratelimit_remaining,
             rounds,
+            round_duration,
             resolutions,
+            registry_requests,
         }
     }
 }
@@ -343,12 +361,19 @@ impl Metrics {
             .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
-    /// Counts one workload check round and the resolutions it sent.
-    pub fn observe_workload_round(&self, round: &'static str, resolutions: usize) {
-        self.workloads.rounds.get_or_create(&RoundLabels { round }).inc();
+    /// Counts one workload check round, the resolutions and registry requests it sent,
+    /// and how long it took.
+    pub fn observe_workload_round(&self, round: &'static str, resolutions: usize, requests: u64, took: Duration) {
+        let labels = RoundLabels { round };
+        self.workloads.rounds.get_or_create(&labels).inc();
+        self.workloads
+            .round_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         self.workloads
             .resolutions
             .inc_by(u64::try_from(resolutions).unwrap_or(u64::MAX));
+        self.workloads.registry_requests.inc_by(requests);
     }
 
     /// Text exposition format.
@@ -401,5 +426,22 @@ mod tests {
         m.set_workload_unpullable(&labels, false);
         let text = m.encode().expect("encodes");
         assert!(!text.contains("workload=\"web\""), "{text}");
+    }
+
+    #[test]
+    fn a_workload_round_counts_its_resolutions_requests_and_time() {
+        let m = Metrics::default();
+        m.observe_workload_round("full", 400, 401, Duration::from_millis(700));
+        m.observe_workload_round("changed", 2, 2, Duration::from_millis(30));
+        let text = m.encode().expect("encodes");
+        for line in [
+            r#"pullkeeper_workload_check_rounds_total{round="full"} 1"#,
+            "pullkeeper_workload_check_resolutions_total 402",
+            "pullkeeper_workload_check_registry_requests_total 403",
+            r#"pullkeeper_workload_check_round_duration_seconds_count{round="full"} 1"#,
+            r#"pullkeeper_workload_check_round_duration_seconds_sum{round="changed"} 0.03"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! bulk, and a minimal watch-and-write client for new namespaces, timed by the same watch)
 //! and the DIY kubectl loop (sizes above `--diy-max` are extrapolated; 0 skips it).
 
+#[path = "../common/cluster.rs"]
 mod cluster;
 mod floor;
 mod track;
@@ -39,29 +40,15 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        sizes: vec![1000, 3000],
-        credentials: 1,
-        diy_max: 1000,
-        new: 100,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let val = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
-            "--sizes" => a.sizes = val.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
-            "--credentials" => a.credentials = val.parse().unwrap_or(a.credentials).max(1),
-            "--diy-max" => a.diy_max = val.parse().unwrap_or(a.diy_max),
-            "--new" => a.new = val.parse().unwrap_or(a.new),
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    Args {
+        sizes: cluster::flag("--sizes", "1000,3000".to_owned())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+        credentials: cluster::flag("--credentials", 1).max(1),
+        diy_max: cluster::flag("--diy-max", 1000),
+        new: cluster::flag("--new", 100),
     }
-    a
 }
 
 struct Row {
@@ -284,12 +271,8 @@ fn tables(rows: &[Row]) -> String {
 
 #[tokio::main]
 async fn main() {
-    pullkeeper::install_crypto_provider();
     let a = args();
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it
-    // and must not start clusters.
-    if !std::env::args().any(|x| x == "--bench") {
-        println!("fanout benchmark: run it with `cargo bench --bench fanout`");
+    if !cluster::benchmarking("fanout") {
         return;
     }
     let kubectl = PathBuf::from(cluster::sh(

@@ -223,6 +223,8 @@ impl Rounds {
     }
 
     async fn round(&mut self, full: bool) {
+        let started = Instant::now();
+        let requests_before = self.registry.requests();
         let namespaces = self.namespaces();
         let service_accounts = self.service_accounts(&namespaces);
         let all = images::workloads(&self.stores.objects(&namespaces));
@@ -251,11 +253,15 @@ impl Rounds {
         let changes = self.tracker.update(&current, &dirty, records);
         let m = &self.inputs.metrics;
         if let Some(n) = resolutions {
-            m.observe_workload_round(if full { "full" } else { "changed" }, n);
+            let requests = self.registry.requests().saturating_sub(requests_before);
+            let took = started.elapsed();
+            m.observe_workload_round(if full { "full" } else { "changed" }, n, requests, took);
             tracing::debug!(
                 full,
                 workloads = dirty.len(),
                 resolutions = n,
+                requests,
+                took_ms = took.as_millis(),
                 changes = changes.len(),
                 "workload check round"
             );

@@ -1,5 +1,6 @@
-//! The benchmark's surroundings: a fresh control plane per size, the operator as a separate
-//! process and what it reports on `/metrics`, namespaces and their default ServiceAccounts.
+//! The benchmarks' surroundings (shared by `benches/*`, included with `#[path]`): a fresh
+//! control plane per run, the operator as a separate process and what it reports on
+//! `/metrics`, namespaces and their default ServiceAccounts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,37 +102,65 @@ pub async fn create_namespace(client: &Client, name: String, label: &str) {
         .expect("namespace");
 }
 
+/// Whether `cargo bench` runs this binary (it passes `--bench`); `cargo test --all-targets`
+/// runs it without, and then it must not start clusters. Installs the TLS crypto provider.
+pub fn benchmarking(name: &str) -> bool {
+    pullkeeper::install_crypto_provider();
+    let yes = std::env::args().any(|x| x == "--bench");
+    if !yes {
+        println!("{name} benchmark: run it with `cargo bench --bench {name}`");
+    }
+    yes
+}
+
+/// The value after `name` (`--pods 100`) on the command line; `default` if it is absent
+/// or does not parse.
+pub fn flag<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Polls `count` every half second until it reaches `n`; fails the benchmark, naming
+/// `what`, if that takes longer than `limit`.
+pub async fn wait_count<F: Future<Output = usize>>(what: &str, n: usize, limit: Duration, count: impl Fn() -> F) {
+    let started = Instant::now();
+    loop {
+        let have = count().await;
+        if have >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "only {have} of {n} {what} after {} s",
+            limit.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Waits until kube-controller-manager has given every namespace starting with `prefix` its
 /// `default` ServiceAccount (`n` of them).
 pub async fn wait_default_service_accounts(client: &Client, prefix: &str, n: usize) {
     let api = Api::<ServiceAccount>::all(client.clone());
     let lp = ListParams::default().fields("metadata.name=default");
-    let started = Instant::now();
-    loop {
-        let have = api
-            .list_metadata(&lp)
-            .await
-            .map(|l| {
-                l.items
-                    .iter()
-                    .filter(|sa| {
-                        sa.metadata
-                            .namespace
-                            .as_deref()
-                            .is_some_and(|ns| ns.starts_with(prefix))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if have >= n {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(900),
-            "only {have} of {n} default ServiceAccounts after 15 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_count("default ServiceAccounts", n, Duration::from_secs(900), || async {
+        api.list_metadata(&lp).await.map_or(0, |l| {
+            l.items
+                .iter()
+                .filter(|sa| {
+                    sa.metadata
+                        .namespace
+                        .as_deref()
+                        .is_some_and(|ns| ns.starts_with(prefix))
+                })
+                .count()
+        })
+    })
+    .await;
 }
 
 /// The operator binary as a separate process, killed on drop.
@@ -143,12 +172,18 @@ pub struct Operator {
 impl Operator {
     /// Starts `pullkeeper controller` with its defaults and waits until it is ready.
     pub async fn start(kubeconfig: &Path) -> Self {
+        Self::start_with(kubeconfig, &[]).await
+    }
+
+    /// Starts `pullkeeper controller` with `args` and waits until it is ready.
+    pub async fn start_with(kubeconfig: &Path, args: &[&str]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         // PULLKEEPER_BENCH_BIN compares another build (e.g. another allocator) on the same
         // benchmark; by default the release binary of this checkout.
         let bin = std::env::var_os("PULLKEEPER_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pullkeeper").into());
         let child = Command::new(bin)
             .arg("controller")
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("PULLKEEPER_METRICS_ADDR", &addr)
             .env("PULLKEEPER_LOG", "warn")
@@ -175,8 +210,12 @@ impl Operator {
     }
 
     pub async fn counts(&self) -> Counts {
-        let (_, body) = http_get(&self.addr, "/metrics").await.expect("metrics");
-        Counts::parse(&body)
+        Counts::parse(&self.metrics().await)
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        http_get(&self.addr, "/metrics").await.expect("metrics").1
     }
 
     /// Waits until the operator has sent no request for three seconds (at least `min`, at
@@ -204,10 +243,15 @@ impl Operator {
 
     /// The process's peak resident set (`VmHWM`).
     pub fn peak_rss_mib(&self) -> f64 {
+        self.status_mib("VmHWM:")
+    }
+
+    /// A size field of `/proc/PID/status` (`VmRSS:`, the resident set now), in MiB.
+    pub fn status_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|kb| kb.parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0)
