@@ -13,7 +13,7 @@ use kube::runtime::reflector;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, accounts, admission, backoff, cache, credential, sources, verify, watches};
+use super::{Context, admission, apply, backoff, cache, credential, sources, verify, watches};
 
 /// One expected request: method, path and query must match; `check` sees the body.
 pub struct Expect {
@@ -121,14 +121,14 @@ fn normalized(uri: &str) -> (String, Vec<(String, String)>) {
 }
 
 /// A ServiceAccount writer whose cache holds `accounts` (JSON ServiceAccounts).
-pub fn accounts(client: &Client, accounts: &[Value]) -> accounts::Accounts {
+pub fn accounts(client: &Client, accounts: &[Value]) -> apply::Accounts {
     let (store, mut writer) = reflector::store();
     for sa in accounts {
         let sa: k8s_openapi::api::core::v1::ServiceAccount =
             serde_json::from_value(sa.clone()).expect("a ServiceAccount");
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(sa));
     }
-    accounts::Accounts::new(client.clone(), store)
+    apply::Accounts::new(client.clone(), store)
 }
 
 /// An apiserver `Status` error body.
@@ -164,7 +164,7 @@ pub fn context(client: Client) -> Arc<Context> {
         client: client.clone(),
         metrics: Arc::default(),
         backoffs: backoff::Backoffs::default(),
-        accounts: accounts::Accounts::new(client.clone(), service_accounts.clone()),
+        accounts: apply::Accounts::new(client.clone(), service_accounts.clone()),
         caches: watches::Caches {
             namespaces,
             secrets,

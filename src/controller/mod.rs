@@ -3,7 +3,6 @@
 //! Reconcile is a short pipeline (see [`reconcile`]): validate (pure) → issue credential
 //! (provider I/O) → compute status (pure) → patch status (API I/O).
 
-pub mod accounts;
 pub mod admission;
 pub mod apply;
 pub mod backoff;
@@ -66,7 +65,7 @@ pub struct Context {
     /// Namespaces, managed Secrets, ServiceAccounts.
     pub caches: watches::Caches,
     /// Writes ServiceAccount entries, one writer per ServiceAccount.
-    pub accounts: accounts::Accounts,
+    pub accounts: apply::Accounts,
     /// Every credential object of both kinds (the controllers' stores).
     pub objects: watches::Credentials,
     /// Watches on referenced source Secrets.
@@ -205,7 +204,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         client: client.clone(),
         metrics,
         backoffs: backoff::Backoffs::default(),
-        accounts: accounts::Accounts::new(client.clone(), caches.service_accounts.clone()),
+        accounts: apply::Accounts::new(client.clone(), caches.service_accounts.clone()),
         caches,
         objects: credentials,
         sources: sources::SourceWatches::new(client.clone(), requests.clone(), issued.clone(), shutdown.clone()),

@@ -12,12 +12,13 @@ use kube::{Api, Client};
 use crate::crd::NamespaceFailure;
 
 use super::OBJECT_MANAGER;
-use super::accounts::Accounts;
 use super::identity::CredentialRef;
 use super::plan::{Delete, Plan, SaChange, Write};
 use super::secret::{self, Content, Owner};
 
+mod accounts;
 mod error;
+pub use accounts::Accounts;
 pub use error::Error;
 pub(crate) use error::status_code;
 

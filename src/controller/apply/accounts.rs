@@ -17,9 +17,10 @@ use kube::{Api, Client};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::apply::Error;
-use super::plan::SaChange;
-use super::service_account;
+use super::Error;
+use super::status_code;
+use crate::controller::plan::SaChange;
+use crate::controller::service_account;
 
 /// Patches per batch at most (the first from the cached copy, then after reading it again).
 pub const ATTEMPTS: usize = 3;
@@ -140,9 +141,9 @@ impl Accounts {
                     return (Ok(()), requests);
                 }
                 // Gone meanwhile: nothing to do.
-                Err(e) if super::apply::status_code(&e) == Some(404) => return (Ok(()), requests),
+                Err(e) if status_code(&e) == Some(404) => return (Ok(()), requests),
                 // Changed since the copy the patch was made from: read it and try again.
-                Err(e) if matches!(super::apply::status_code(&e), Some(409 | 422)) && attempt < ATTEMPTS => {
+                Err(e) if matches!(status_code(&e), Some(409 | 422)) && attempt < ATTEMPTS => {
                     requests += 1;
                     match api.get_opt(name).await {
                         Ok(fresh) => base = fresh,
