@@ -109,35 +109,27 @@ impl<K: kube::Resource> NamespaceLike for kube::core::PartialObjectMeta<K> {
     }
 }
 
-impl<T: NamespaceLike> NamespaceLike for &T {
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-    fn labels(&self) -> &BTreeMap<String, String> {
-        (**self).labels()
-    }
-    fn annotation(&self, key: &str) -> Option<&str> {
-        (**self).annotation(key)
-    }
-    fn terminating(&self) -> bool {
-        (**self).terminating()
-    }
+/// A reference or a shared pointer to a namespace reads as the namespace.
+macro_rules! forward_namespace_like {
+    ($($ty:ty),+) => {$(
+        impl<T: NamespaceLike> NamespaceLike for $ty {
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+            fn labels(&self) -> &BTreeMap<String, String> {
+                (**self).labels()
+            }
+            fn annotation(&self, key: &str) -> Option<&str> {
+                (**self).annotation(key)
+            }
+            fn terminating(&self) -> bool {
+                (**self).terminating()
+            }
+        }
+    )+};
 }
 
-impl<T: NamespaceLike> NamespaceLike for std::sync::Arc<T> {
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-    fn labels(&self) -> &BTreeMap<String, String> {
-        (**self).labels()
-    }
-    fn annotation(&self, key: &str) -> Option<&str> {
-        (**self).annotation(key)
-    }
-    fn terminating(&self) -> bool {
-        (**self).terminating()
-    }
-}
+forward_namespace_like!(&T, std::sync::Arc<T>);
 
 /// Whether `ns` is targeted: not terminating, in the allow-list (if any), matching the
 /// selector (if any), not excluded by name or by the `pullkeeper.io/exclude: "true"`
