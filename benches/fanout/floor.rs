@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
+use pullkeeper::controller::index::Account;
 use pullkeeper::controller::service_account::add_patch;
 use serde_json::json;
 
@@ -56,7 +57,9 @@ async fn append_entries(client: &Client, namespace: &str, mut sa: ServiceAccount
     let api = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
     for name in names {
         for attempt in 0.. {
-            let Some(patch) = add_patch(&sa, name) else { break };
+            let Some(patch) = add_patch(&Account::of(&sa), name) else {
+                break;
+            };
             let patch: json_patch::Patch = serde_json::from_value(patch).expect("json patch");
             match api
                 .patch("default", &PatchParams::default(), &Patch::<()>::Json(patch))

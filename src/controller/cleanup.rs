@@ -12,6 +12,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 
 use super::identity::CredentialRef;
+use super::index::ManagedSecret;
 use super::plan::{self, Snapshot};
 use super::reconcile::{self, FINALIZER};
 use super::secret::Owner;
@@ -42,15 +43,17 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
         .list_metadata(&kube::api::ListParams::default().labels(&owner.selector()))
         .await
         .map_err(|source| cleanup_failed(who, source))?;
-    let metas: Vec<_> = secrets.items.iter().map(|s| &s.metadata).collect();
-    let sas = ctx.caches.service_accounts.state();
-    let snapshot: Snapshot<'_> = Snapshot {
-        namespaces: &[],
-        managed_secrets: &metas,
-        service_accounts: &sas,
-        rivals: &[],
+    let secrets: Vec<ManagedSecret> = secrets.items.iter().map(|s| ManagedSecret::of(&s.metadata)).collect();
+    let plan = {
+        let sas = ctx.caches.service_accounts.read();
+        let snapshot: Snapshot<'_> = Snapshot {
+            namespaces: &[],
+            managed_secrets: &secrets.iter().collect::<Vec<_>>(),
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
+            rivals: &[],
+        };
+        plan::cleanup(owner, &snapshot)
     };
-    let plan = plan::cleanup(owner, &snapshot);
     let done = apply::execute(
         &ctx.client,
         &ctx.accounts,

@@ -229,17 +229,10 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
     let candidates: Vec<String> = ctx
         .caches
         .secrets
-        .state()
+        .read()
         .iter()
-        .filter(|s| owner.owns(&s.metadata) && s.metadata.name.as_deref() == Some(spec.secret_name.as_str()))
-        .filter(|s| {
-            s.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(secret::HASH_ANNOTATION))
-                .is_some_and(|h| h == expected_hash)
-        })
-        .filter_map(|s| s.metadata.namespace.clone())
+        .filter(|s| *s.name == spec.secret_name && s.owned_by(&owner) && s.has_digest(expected_hash))
+        .map(|s| s.namespace.to_string())
         .take(3)
         .collect();
     for ns in candidates {

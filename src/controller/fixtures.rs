@@ -122,13 +122,12 @@ fn normalized(uri: &str) -> (String, Vec<(String, String)>) {
 
 /// A ServiceAccount writer whose cache holds `accounts` (JSON ServiceAccounts).
 pub fn accounts(client: &Client, accounts: &[Value]) -> apply::Accounts {
-    let (store, mut writer) = reflector::store();
-    for sa in accounts {
+    let index = super::index::Index::of(accounts.iter().map(|sa| {
         let sa: k8s_openapi::api::core::v1::ServiceAccount =
             serde_json::from_value(sa.clone()).expect("a ServiceAccount");
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(sa));
-    }
-    apply::Accounts::new(client.clone(), store)
+        super::index::Account::of(&sa)
+    }));
+    apply::Accounts::new(client.clone(), index)
 }
 
 /// An apiserver `Status` error body.
@@ -145,9 +144,7 @@ pub fn context(client: Client) -> Arc<Context> {
     let (requests, _streams) = watches::Requests::channel();
     let issued = Arc::new(cache::CredentialCache::default());
     // Empty stores; the reconciler plans from what they hold and never waits on them.
-    let (namespaces, _) = reflector::store();
-    let (secrets, _) = reflector::store();
-    let (service_accounts, _) = reflector::store();
+    let caches = watches::Caches::default();
     let (clusters, _) = reflector::store();
     let (namespaced, _) = reflector::store();
     // Source-Secret watches are not part of any script: they stop before they start.
@@ -164,12 +161,8 @@ pub fn context(client: Client) -> Arc<Context> {
         client: client.clone(),
         metrics: Arc::default(),
         backoffs: backoff::Backoffs::default(),
-        accounts: apply::Accounts::new(client.clone(), service_accounts.clone()),
-        caches: watches::Caches {
-            namespaces,
-            secrets,
-            service_accounts,
-        },
+        accounts: apply::Accounts::new(client.clone(), caches.service_accounts.clone()),
+        caches,
         objects: watches::Credentials { clusters, namespaced },
         sources: sources::SourceWatches::new(client, requests.clone(), issued.clone(), stopped),
         credentials: issued,

@@ -10,8 +10,16 @@ use kube::runtime::reflector::ObjectRef;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
-use super::secret::{CREDENTIAL_ANNOTATION, CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
-
+/// `app.kubernetes.io/managed-by`.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "pullkeeper";
+/// Name of the credential that wrote the Secret.
+pub const CREDENTIAL_LABEL: &str = "pullkeeper.io/credential";
+/// `cluster` for a ClusterRegistryCredential, `namespace` for a RegistryCredential.
+pub const SCOPE_LABEL: &str = "pullkeeper.io/scope";
+/// Full name of the credential that wrote the Secret (the label may be a shortened form).
+pub const CREDENTIAL_ANNOTATION: &str = "pullkeeper.io/credential";
 /// Label value of [`SCOPE_LABEL`] for ClusterRegistryCredentials.
 pub const SCOPE_CLUSTER: &str = "cluster";
 /// Label value of [`SCOPE_LABEL`] for RegistryCredentials.
@@ -71,21 +79,7 @@ impl CredentialRef {
     /// shortened form of long names, the full name in its annotation). `None` for a Secret
     /// pullkeeper did not write.
     pub fn holder_of(meta: &ObjectMeta) -> Option<Self> {
-        let labels = meta.labels.as_ref()?;
-        if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
-            return None;
-        }
-        let name = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CREDENTIAL_ANNOTATION))
-            .or_else(|| labels.get(CREDENTIAL_LABEL))?
-            .clone();
-        match labels.get(SCOPE_LABEL).map(String::as_str) {
-            Some(SCOPE_CLUSTER) => Some(Self::cluster(name)),
-            Some(SCOPE_NAMESPACE) => Some(Self::namespaced(meta.namespace.clone()?, name)),
-            _ => None,
-        }
+        Stamp::of(meta)?.holder(meta.namespace.as_deref()?)
     }
 
     /// The reconcile request for a `ClusterRegistryCredential`, if this is one.
@@ -98,6 +92,53 @@ impl CredentialRef {
         self.namespace
             .as_deref()
             .map(|ns| ObjectRef::new(&self.name).within(ns))
+    }
+}
+
+/// What pullkeeper stamps on a Secret it writes to say who wrote it: the credential's name
+/// as a label value (shortened when long), its scope, and its full name. Few distinct
+/// stamps exist (one per credential), so the index shares one copy between all Secrets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    /// The [`CREDENTIAL_LABEL`] value.
+    pub label: Box<str>,
+    /// [`SCOPE_CLUSTER`] or [`SCOPE_NAMESPACE`].
+    pub scope: &'static str,
+    /// The [`CREDENTIAL_ANNOTATION`] value, if any.
+    pub full_name: Option<Box<str>>,
+}
+
+impl Stamp {
+    /// The stamp of a Secret labelled as pullkeeper's, with a credential label and a known
+    /// scope; `None` for any other.
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        let labels = meta.labels.as_ref()?;
+        if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+            return None;
+        }
+        let scope = match labels.get(SCOPE_LABEL).map(String::as_str) {
+            Some(SCOPE_CLUSTER) => SCOPE_CLUSTER,
+            Some(SCOPE_NAMESPACE) => SCOPE_NAMESPACE,
+            _ => return None,
+        };
+        Some(Self {
+            label: labels.get(CREDENTIAL_LABEL)?.as_str().into(),
+            scope,
+            full_name: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CREDENTIAL_ANNOTATION))
+                .map(|n| n.as_str().into()),
+        })
+    }
+
+    /// Who wrote the Secret carrying this stamp in `namespace`.
+    pub fn holder(&self, namespace: &str) -> Option<CredentialRef> {
+        let name = self.full_name.as_deref().unwrap_or(&self.label);
+        Some(match self.scope {
+            SCOPE_CLUSTER => CredentialRef::cluster(name),
+            _ => CredentialRef::namespaced(namespace, name),
+        })
     }
 }
 

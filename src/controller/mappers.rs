@@ -1,13 +1,13 @@
 //! Pure functions saying which credentials a watch event concerns, each unit-tested
 //! without a cluster: a namespace change, a managed Secret's change, a ServiceAccount's.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::crd::{ClusterRegistryCredential, RegistryCredential};
 
 use super::CredentialKind;
 use super::identity::CredentialRef;
+use super::index::ManagedSecret;
 use super::target::{self, NamespaceInfo};
 use super::validate;
 
@@ -64,16 +64,12 @@ pub enum SecretEvent {
 /// namespace (one waiting names the holder in its status; on a deletion the next in line
 /// takes the name over).
 pub fn secret_concerns(
-    meta: &ObjectMeta,
+    secret: &ManagedSecret,
     event: SecretEvent,
     clusters: &[&ClusterRegistryCredential],
     namespaced: &[&RegistryCredential],
 ) -> Vec<CredentialRef> {
-    let holder = CredentialRef::holder_of(meta);
-    let annotations = meta.annotations.as_ref();
-    let hash = annotations.and_then(|a| a.get(super::secret::HASH_ANNOTATION));
-    // Someone else wrote to it (data edited by hand): its writer must put it back.
-    let edited = annotations.is_some_and(|a| a.contains_key(super::secret::EDITED_MARKER));
+    let holder = secret.holder();
     let its_own_write = |who: &CredentialRef| {
         let status = clusters
             .iter()
@@ -85,14 +81,15 @@ pub fn secret_concerns(
                     .find(|r| r.reference() == *who)
                     .map(|r| r.status.as_ref())
             });
-        let written = status.flatten().and_then(|s| s.content_hash.as_ref());
-        event == SecretEvent::Written && !edited && written.is_some() && written == hash
+        let written = status.flatten().and_then(|s| s.content_hash.as_deref());
+        // Someone else wrote to it (data edited by hand): its writer must put it back.
+        event == SecretEvent::Written && !secret.edited && written.is_some_and(|h| secret.has_digest(h))
     };
     let mut out: Vec<CredentialRef> = holder.iter().filter(|who| !its_own_write(who)).cloned().collect();
     if event == SecretEvent::Listed {
         return out;
     }
-    let (namespace, name) = (meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
+    let (namespace, name) = (Some(&*secret.namespace), &*secret.name);
     let wants = |who: &str, explicit: Option<&str>| validate::secret_name_of(who, explicit) == name;
     let rivals = clusters
         .iter()
@@ -192,6 +189,8 @@ mod tests {
         )
     }
 
+    const H1: &str = "0123456789abcdef0123456789abcdef";
+
     fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
         v.iter().map(AsRef::as_ref).collect()
     }
@@ -260,7 +259,7 @@ mod tests {
             namespaced("web", "own", json!({"secretName": "regcred"})),
             namespaced("elsewhere", "own", json!({"secretName": "regcred"})),
         ];
-        let meta = ObjectMeta {
+        let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             namespace: Some("web".into()),
             name: Some("regcred".into()),
             labels: Some(
@@ -273,15 +272,16 @@ mod tests {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             ),
-            ..ObjectMeta::default()
+            ..Default::default()
         };
+        let secret = ManagedSecret::of(&meta);
         assert_eq!(
-            secret_concerns(&meta, SecretEvent::Listed, &refs(&clusters), &refs(&namespaced)),
+            secret_concerns(&secret, SecretEvent::Listed, &refs(&clusters), &refs(&namespaced)),
             vec![CredentialRef::cluster("holder")],
             "an initial list concerns its writer only"
         );
         assert_eq!(
-            secret_concerns(&meta, SecretEvent::Deleted, &refs(&clusters), &refs(&namespaced)),
+            secret_concerns(&secret, SecretEvent::Deleted, &refs(&clusters), &refs(&namespaced)),
             vec![
                 CredentialRef::cluster("holder"),
                 CredentialRef::cluster("next"),
@@ -292,30 +292,27 @@ mod tests {
         // edit (another digest) does.
         let mut clusters = clusters;
         std::sync::Arc::make_mut(&mut clusters[0]).status = Some(crate::crd::RegistryCredentialStatus {
-            content_hash: Some("h1".into()),
+            content_hash: Some(H1.into()),
             ..Default::default()
         });
-        let written = |hash: &str| {
+        let with_digest = |hash: &str| {
             let mut meta = meta.clone();
             meta.annotations = Some([(crate::controller::secret::HASH_ANNOTATION.to_owned(), hash.to_owned())].into());
-            secret_concerns(&meta, SecretEvent::Written, &refs(&clusters), &[])
+            ManagedSecret::of(&meta)
         };
-        assert_eq!(written("h1"), vec![CredentialRef::cluster("next")]);
-        let mut edited = meta.clone();
-        edited.annotations = Some(
-            [
-                (crate::controller::secret::HASH_ANNOTATION.to_owned(), "h1".to_owned()),
-                (crate::controller::secret::EDITED_MARKER.to_owned(), "true".to_owned()),
-            ]
-            .into(),
-        );
+        let written = |hash: &str| secret_concerns(&with_digest(hash), SecretEvent::Written, &refs(&clusters), &[]);
+        assert_eq!(written(H1), vec![CredentialRef::cluster("next")]);
+        let edited = ManagedSecret {
+            edited: true,
+            ..with_digest(H1)
+        };
         assert_eq!(
             secret_concerns(&edited, SecretEvent::Written, &refs(&clusters), &[])[0],
             CredentialRef::cluster("holder"),
             "edited by someone else: put back"
         );
         assert_eq!(
-            written("h0"),
+            written("00000000000000000000000000000000"),
             vec![CredentialRef::cluster("holder"), CredentialRef::cluster("next")]
         );
     }

@@ -13,6 +13,7 @@ mod error;
 #[cfg(test)]
 pub mod fixtures;
 pub mod identity;
+pub mod index;
 pub mod kind;
 pub mod mappers;
 pub mod passes;

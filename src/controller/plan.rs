@@ -2,15 +2,12 @@
 //! Nothing here talks to the apiserver, so every rule is unit-tested.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::identity::CredentialRef;
-use super::secret::{self, Content, Owner, State};
-use super::service_account;
+use super::index::{Account, ManagedSecret};
+use super::secret::{Content, Owner};
 use super::target::{self, NamespaceInfo, NamespaceLike};
 use super::validate::{Scope, ValidSpec};
 
@@ -101,10 +98,10 @@ pub struct Plan {
 pub struct Snapshot<'a, N: NamespaceLike = NamespaceInfo> {
     /// Every namespace.
     pub namespaces: &'a [N],
-    /// Metadata of every pullkeeper-managed Secret (any credential).
-    pub managed_secrets: &'a [&'a ObjectMeta],
+    /// pullkeeper-managed Secrets (any credential's).
+    pub managed_secrets: &'a [&'a ManagedSecret],
     /// ServiceAccounts, any namespace.
-    pub service_accounts: &'a [Arc<ServiceAccount>],
+    pub service_accounts: &'a [&'a Account],
     /// Older credentials writing a Secret of the same name.
     pub rivals: &'a [Rival],
 }
@@ -120,22 +117,14 @@ pub fn compute<N: NamespaceLike>(
 ) -> Plan {
     let targeted = target::targeted(&spec.scope, snap.namespaces);
     let targeted_set: BTreeSet<&str> = targeted.iter().map(String::as_str).collect();
-    let by_ns_name: BTreeMap<(&str, &str), &ObjectMeta> = snap
+    let by_ns_name: BTreeMap<(&str, &str), &ManagedSecret> = snap
         .managed_secrets
         .iter()
-        .map(|m| {
-            (
-                (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or("")),
-                *m,
-            )
-        })
+        .map(|m| ((&*m.namespace, &*m.name), *m))
         .collect();
-    let mut sas_by_ns: BTreeMap<&str, Vec<&ServiceAccount>> = BTreeMap::new();
+    let mut sas_by_ns: BTreeMap<&str, Vec<&Account>> = BTreeMap::new();
     for sa in snap.service_accounts {
-        sas_by_ns
-            .entry(sa.metadata.namespace.as_deref().unwrap_or(""))
-            .or_default()
-            .push(sa);
+        sas_by_ns.entry(&sa.namespace).or_default().push(sa);
     }
     let mut plan = Plan {
         targeted: targeted.clone(),
@@ -146,9 +135,9 @@ pub fn compute<N: NamespaceLike>(
     for ns in &targeted {
         let existing = by_ns_name.get(&(ns.as_str(), spec.secret_name.as_str())).copied();
         let state = match content {
-            Some(c) => secret::state(owner, existing, c),
+            Some(c) => state(owner, existing, c),
             // No new content: whatever of ours is there stays as it is.
-            None if existing.is_some_and(|m| owner.owns(m)) => State::Current,
+            None if existing.is_some_and(|m| m.owned_by(owner)) => State::Current,
             None if existing.is_some() => State::Foreign,
             None => State::Missing,
         };
@@ -156,7 +145,7 @@ pub fn compute<N: NamespaceLike>(
             State::Foreign => {
                 plan.conflicts.push(Conflict {
                     namespace: ns.clone(),
-                    holder: existing.and_then(CredentialRef::holder_of),
+                    holder: existing.and_then(ManagedSecret::holder),
                 });
                 continue;
             }
@@ -180,12 +169,11 @@ pub fn compute<N: NamespaceLike>(
             State::Missing => continue,
         }
         for sa in sas_by_ns.get(ns.as_str()).into_iter().flatten() {
-            let name = sa.metadata.name.clone().unwrap_or_default();
-            let add = spec.service_accounts.contains(&name);
-            if add != service_account::has_entry(sa, &spec.secret_name) {
+            let add = spec.service_accounts.iter().any(|n| *n == *sa.name);
+            if add != sa.lists(&spec.secret_name) {
                 plan.sa_changes.push(SaChange {
                     namespace: ns.clone(),
-                    name,
+                    name: sa.name.to_string(),
                     secret: spec.secret_name.clone(),
                     add,
                 });
@@ -193,55 +181,75 @@ pub fn compute<N: NamespaceLike>(
         }
     }
 
-    for meta in snap.managed_secrets.iter().filter(|m| owner.owns(m)) {
-        let ns = meta.namespace.as_deref().unwrap_or("");
-        let name = meta.name.as_deref().unwrap_or("");
+    for secret in snap.managed_secrets.iter().filter(|m| m.owned_by(owner)) {
+        let (ns, name) = (&*secret.namespace, &*secret.name);
         if targeted_set.contains(ns) && name == spec.secret_name {
             continue;
         }
-        plan.deletes.push(Delete {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            uid: meta.uid.clone(),
-        });
+        plan.deletes.push(deletion(secret));
         for sa in sas_by_ns.get(ns).into_iter().flatten() {
-            if service_account::has_entry(sa, name) {
-                plan.sa_changes.push(removal(ns, sa, name));
+            if sa.lists(name) {
+                plan.sa_changes.push(removal(sa, name));
             }
         }
     }
     plan
+}
+
+/// How an existing Secret of the target name relates to what should be there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Nothing there (as far as the index knows).
+    Missing,
+    /// Ours and current: nothing to write.
+    Current,
+    /// Ours but out of date or edited by someone else: rewrite.
+    Stale,
+    /// Someone else's: never touch.
+    Foreign,
+}
+
+/// Classifies an existing Secret against the content it should hold.
+pub fn state(owner: &Owner, existing: Option<&ManagedSecret>, content: &Content) -> State {
+    match existing {
+        None => State::Missing,
+        Some(s) if !s.owned_by(owner) => State::Foreign,
+        Some(s) if s.has_digest(&content.hash) && !s.edited => State::Current,
+        Some(_) => State::Stale,
+    }
 }
 
 /// The cleanup plan when the credential is deleted: every Secret it wrote and every
 /// `imagePullSecrets` entry naming one of them.
 pub fn cleanup<N: NamespaceLike>(owner: &Owner, snap: &Snapshot<'_, N>) -> Plan {
     let mut plan = Plan::default();
-    for meta in snap.managed_secrets.iter().filter(|m| owner.owns(m)) {
-        let ns = meta.namespace.clone().unwrap_or_default();
-        let name = meta.name.clone().unwrap_or_default();
+    for secret in snap.managed_secrets.iter().filter(|m| m.owned_by(owner)) {
         for sa in snap
             .service_accounts
             .iter()
-            .filter(|sa| sa.metadata.namespace.as_deref() == Some(ns.as_str()))
+            .filter(|sa| sa.namespace == secret.namespace)
         {
-            if service_account::has_entry(sa, &name) {
-                plan.sa_changes.push(removal(&ns, sa, &name));
+            if sa.lists(&secret.name) {
+                plan.sa_changes.push(removal(sa, &secret.name));
             }
         }
-        plan.deletes.push(Delete {
-            namespace: ns,
-            name,
-            uid: meta.uid.clone(),
-        });
+        plan.deletes.push(deletion(secret));
     }
     plan
 }
 
-fn removal(namespace: &str, sa: &ServiceAccount, secret: &str) -> SaChange {
+fn deletion(secret: &ManagedSecret) -> Delete {
+    Delete {
+        namespace: secret.namespace.to_string(),
+        name: secret.name.to_string(),
+        uid: secret.uid.as_ref().map(ToString::to_string),
+    }
+}
+
+fn removal(sa: &Account, secret: &str) -> SaChange {
     SaChange {
-        namespace: namespace.to_owned(),
-        name: sa.metadata.name.clone().unwrap_or_default(),
+        namespace: sa.namespace.to_string(),
+        name: sa.name.to_string(),
         secret: secret.to_owned(),
         add: false,
     }
@@ -250,12 +258,15 @@ fn removal(namespace: &str, sa: &ServiceAccount, secret: &str) -> SaChange {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::secret;
     use crate::controller::validate::{Scope, ValidSpec};
     use crate::crd::{BasicProvider, ClusterSecretRef, Provider, TlsSpec};
     use crate::provider::Credential;
     use crate::registry::RegistryHost;
-    use k8s_openapi::api::core::v1::LocalObjectReference;
+    use k8s_openapi::api::core::v1::{LocalObjectReference, ServiceAccount};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
     use secrecy::SecretString;
+    use serde_json::{Value, json};
 
     fn owner() -> Owner {
         Owner {
@@ -315,18 +326,18 @@ mod tests {
         }
     }
 
-    fn managed(owner: &Owner, ns: &str, name: &str, hash: &str) -> ObjectMeta {
-        ObjectMeta {
+    fn managed(owner: &Owner, ns: &str, name: &str, hash: &str) -> ManagedSecret {
+        ManagedSecret::of(&ObjectMeta {
             namespace: Some(ns.into()),
             name: Some(name.into()),
             uid: Some(format!("uid-{ns}")),
             labels: Some(owner.labels()),
             annotations: Some([(secret::HASH_ANNOTATION.to_owned(), hash.to_owned())].into()),
             ..Default::default()
-        }
+        })
     }
 
-    fn sa(ns: &str, name: &str, entries: &[&str]) -> Arc<ServiceAccount> {
+    fn sa(ns: &str, name: &str, entries: &[&str]) -> Account {
         let mut sa = ServiceAccount::default();
         sa.metadata.namespace = Some(ns.into());
         sa.metadata.name = Some(name.into());
@@ -337,7 +348,7 @@ mod tests {
                 .map(|n| LocalObjectReference { name: (*n).into() })
                 .collect(),
         );
-        Arc::new(sa)
+        Account::of(&sa)
     }
 
     #[test]
@@ -369,7 +380,7 @@ mod tests {
         let snap = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
@@ -389,7 +400,7 @@ mod tests {
         let snap = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
@@ -420,7 +431,7 @@ mod tests {
         let snap = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &[],
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &rivals,
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
@@ -464,7 +475,7 @@ mod tests {
         let snap = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &[],
         };
         let scope = Scope::Cluster {
@@ -507,7 +518,7 @@ mod tests {
         let snap = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &[],
         };
         let plan = compute(&owner(), &spec(all()), Some(&c), &snap);
@@ -529,7 +540,7 @@ mod tests {
         let snap: Snapshot<'_> = Snapshot {
             namespaces: &[],
             managed_secrets: &secrets.iter().collect::<Vec<_>>(),
-            service_accounts: &sas,
+            service_accounts: &sas.iter().collect::<Vec<_>>(),
             rivals: &[],
         };
         let plan = cleanup(&owner(), &snap);
@@ -544,6 +555,61 @@ mod tests {
                 add: false,
             }],
             "only its own entry goes"
+        );
+    }
+
+    fn cred(password: &str) -> Credential {
+        Credential {
+            username: "u".into(),
+            password: SecretString::from(password),
+            expires_at: None,
+        }
+    }
+
+    fn meta_with(owner: &Owner, hash: &str, managers: &[(&str, Value)]) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(owner.labels()),
+            annotations: Some([(secret::HASH_ANNOTATION.to_owned(), hash.to_owned())].into()),
+            managed_fields: Some(
+                managers
+                    .iter()
+                    .map(|(m, f)| ManagedFieldsEntry {
+                        manager: Some((*m).to_owned()),
+                        fields_v1: Some(FieldsV1(f.clone())),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_existing_secret_is_missing_current_stale_or_someone_elses() {
+        let host = RegistryHost::parse("ghcr.io").expect("host");
+        let c = secret::content(&owner(), &host, &cred("pw"));
+        assert_eq!(state(&owner(), None, &c), State::Missing);
+        let ours = json!({"f:data": {"f:.dockerconfigjson": {}}, "f:type": {}});
+        let current = meta_with(&owner(), &c.hash, &[(crate::controller::OBJECT_MANAGER, ours.clone())]);
+        assert_eq!(state(&owner(), Some(&ManagedSecret::of(&current)), &c), State::Current);
+        let old = meta_with(&owner(), "old", &[(crate::controller::OBJECT_MANAGER, ours.clone())]);
+        assert_eq!(state(&owner(), Some(&ManagedSecret::of(&old)), &c), State::Stale);
+        let edited = meta_with(
+            &owner(),
+            &c.hash,
+            &[
+                (crate::controller::OBJECT_MANAGER, ours),
+                ("kubectl-edit", json!({"f:data": {"f:.dockerconfigjson": {}}})),
+            ],
+        );
+        assert_eq!(state(&owner(), Some(&ManagedSecret::of(&edited)), &c), State::Stale);
+        let mut someone_else = owner();
+        someone_else.name = "other".into();
+        let theirs = meta_with(&someone_else, &c.hash, &[]);
+        assert_eq!(state(&owner(), Some(&ManagedSecret::of(&theirs)), &c), State::Foreign);
+        assert_eq!(
+            state(&owner(), Some(&ManagedSecret::of(&ObjectMeta::default())), &c),
+            State::Foreign
         );
     }
 }

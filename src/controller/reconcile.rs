@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use tracing::{Instrument, info_span};
 
 use super::backoff::Step;
@@ -171,35 +170,40 @@ async fn fan_out<K: CredentialKind>(
     content: Option<&secret::Content>,
     within: Option<&BTreeSet<String>>,
 ) -> (SyncReport, bool) {
-    let inside = |ns: Option<&str>| within.is_none_or(|w| ns.is_some_and(|ns| w.contains(ns)));
-    let namespaces = match within {
-        // A few namespaces: looked up, not the whole list.
-        Some(names) => names
-            .iter()
-            .filter_map(|n| ctx.caches.namespaces.get(&ObjectRef::new(n)))
-            .collect(),
-        None => ctx.caches.namespaces.state(),
-    };
-    let secrets = ctx.caches.secrets.state();
-    // Only what concerns this credential: Secrets of its name (its own or in the way) and
-    // its own Secrets of another name (to delete). Thousands of others are no input.
-    let metas: Vec<_> = secrets
-        .iter()
-        .map(|s| &s.metadata)
-        .filter(|m| inside(m.namespace.as_deref()))
-        .filter(|m| m.name.as_deref() == Some(spec.secret_name.as_str()) || owner.owns(m))
-        .collect();
-    let mut sas = ctx.caches.service_accounts.state();
-    sas.retain(|sa| inside(sa.metadata.namespace.as_deref()));
+    let inside = |ns: &str| within.is_none_or(|w| w.contains(ns));
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let rivals = ctx.objects.rivals(&obj.reference(), created, &spec.secret_name);
-    let snapshot = Snapshot {
-        namespaces: &namespaces,
-        managed_secrets: &metas,
-        service_accounts: &sas,
-        rivals: &rivals,
+    // Planned from the indexes as they are now; nothing is awaited while they are read.
+    let (plan, managed) = {
+        let (namespaces, secrets, sas) = (
+            ctx.caches.namespaces.read(),
+            ctx.caches.secrets.read(),
+            ctx.caches.service_accounts.read(),
+        );
+        let namespaces: Vec<_> = match within {
+            // A few namespaces: looked up, not the whole list.
+            Some(names) => names.iter().filter_map(|n| namespaces.get(n, n)).collect(),
+            None => namespaces.iter().collect(),
+        };
+        // Only what concerns this credential: Secrets of its name (its own or in the way)
+        // and its own Secrets of another name (to delete). Thousands of others are no input.
+        let mine: Vec<_> = secrets
+            .iter()
+            .filter(|s| inside(&s.namespace))
+            .filter(|s| *s.name == spec.secret_name || s.owned_by(owner))
+            .collect();
+        let sas: Vec<_> = match within {
+            Some(names) => names.iter().flat_map(|n| sas.within(n)).collect(),
+            None => sas.iter().collect(),
+        };
+        let snapshot = Snapshot {
+            namespaces: &namespaces,
+            managed_secrets: &mine,
+            service_accounts: &sas,
+            rivals: &rivals,
+        };
+        (plan::compute(owner, spec, content, &snapshot), secrets.len())
     };
-    let plan = plan::compute(owner, spec, content, &snapshot);
     let done = apply::execute(
         &ctx.client,
         &ctx.accounts,
@@ -211,7 +215,7 @@ async fn fan_out<K: CredentialKind>(
     )
     .await;
     ctx.metrics.observe_writes(K::KIND, done.requests);
-    ctx.metrics.set_managed_secrets(secrets.len());
+    ctx.metrics.set_managed_secrets(managed);
     let failed: HashSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
     let holding: HashSet<&str> = plan.current.iter().chain(&done.written).map(String::as_str).collect();
     let synced = plan

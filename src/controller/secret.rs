@@ -12,46 +12,13 @@ use crate::provider::{Credential, DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYP
 use crate::registry::RegistryHost;
 
 use super::OBJECT_MANAGER;
+use super::identity::Stamp;
+pub use super::identity::{CREDENTIAL_ANNOTATION, CREDENTIAL_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SCOPE_LABEL};
 
-/// `app.kubernetes.io/managed-by`.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY_VALUE: &str = "pullkeeper";
-/// Name of the credential that wrote the Secret.
-pub const CREDENTIAL_LABEL: &str = "pullkeeper.io/credential";
-/// `cluster` for a ClusterRegistryCredential, `namespace` for a RegistryCredential.
-pub const SCOPE_LABEL: &str = "pullkeeper.io/scope";
 /// RFC 3339 time at which the credential in the Secret expires.
 pub const EXPIRES_AT_ANNOTATION: &str = "pullkeeper.io/expires-at";
 /// Salted digest of the written content, to know without reading data whether a write is needed.
 pub const HASH_ANNOTATION: &str = "pullkeeper.io/content-hash";
-
-/// Set in the operator's own cache (never on the cluster) when someone else has edited a
-/// managed Secret, so the cache can drop managed fields and stay small.
-pub const EDITED_MARKER: &str = "pullkeeper.io/cached-edited-by-others";
-
-/// Shrinks a managed Secret's metadata for the cache: keeps what planning needs (name,
-/// namespace, uid, labels, our annotations) and replaces managed fields by a marker.
-pub fn slim_for_cache(meta: &mut ObjectMeta) {
-    let edited = edited_by_others(meta);
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    let mut annotations: BTreeMap<String, String> = meta
-        .annotations
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| k == HASH_ANNOTATION || k == EXPIRES_AT_ANNOTATION || k == CREDENTIAL_ANNOTATION)
-        .collect();
-    if edited {
-        annotations.insert(EDITED_MARKER.to_owned(), "true".to_owned());
-    }
-    meta.annotations = Some(annotations);
-}
-
-/// Full name of the credential that wrote the Secret (the label may be a shortened form).
-pub const CREDENTIAL_ANNOTATION: &str = "pullkeeper.io/credential";
 
 /// Longest label value Kubernetes accepts.
 const MAX_LABEL_VALUE: usize = 63;
@@ -60,21 +27,26 @@ const MAX_LABEL_VALUE: usize = 63;
 /// else a prefix and a digest of the whole name, so every accepted name (up to 253
 /// characters) can label what it writes and select it again.
 pub fn label_value(name: &str) -> String {
-    shorten(name, MAX_LABEL_VALUE)
+    shorten_cow(name, MAX_LABEL_VALUE).into_owned()
 }
 
 /// `name` itself if it has at most `max` characters, else a prefix, `-` and 10 hex
 /// characters of the name's SHA-256: stable, distinct for distinct names, and still a
 /// valid DNS subdomain or label value. For ASCII names (Kubernetes names are).
 pub fn shorten(name: &str, max: usize) -> String {
+    shorten_cow(name, max).into_owned()
+}
+
+/// [`shorten`], borrowing `name` when it is short enough.
+fn shorten_cow(name: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if name.len() <= max || !name.is_ascii() {
-        return name.to_owned();
+        return name.into();
     }
     let digest = Sha256::digest(name.as_bytes());
     let suffix: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
     // Both label values and DNS names must end alphanumeric, hence the trim.
     let prefix = name[..max - suffix.len() - 1].trim_end_matches(['-', '.']);
-    format!("{prefix}-{suffix}")
+    format!("{prefix}-{suffix}").into()
 }
 
 /// Which credential owns a Secret: its kind (scope), its namespace for the namespaced
@@ -116,21 +88,15 @@ impl Owner {
     /// Whether a Secret's labels (and, for a shortened label, its name annotation) say
     /// it is this owner's, in a namespace this owner may write to.
     pub fn owns(&self, meta: &ObjectMeta) -> bool {
-        let labels = meta.labels.as_ref();
-        let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-        let full_name = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CREDENTIAL_ANNOTATION))
-            .map(String::as_str);
-        get(MANAGED_BY_LABEL) == Some(MANAGED_BY_VALUE)
-            && get(CREDENTIAL_LABEL) == Some(label_value(&self.name).as_str())
-            && get(SCOPE_LABEL) == Some(self.scope)
-            && full_name.is_none_or(|n| n == self.name)
-            && self
-                .namespace
-                .as_deref()
-                .is_none_or(|ns| meta.namespace.as_deref() == Some(ns))
+        Stamp::of(meta).is_some_and(|s| self.stamped(&s, meta.namespace.as_deref().unwrap_or_default()))
+    }
+
+    /// Whether a Secret in `namespace` carrying `stamp` is this owner's.
+    pub fn stamped(&self, stamp: &Stamp, namespace: &str) -> bool {
+        *stamp.label == *shorten_cow(&self.name, MAX_LABEL_VALUE)
+            && stamp.scope == self.scope
+            && stamp.full_name.as_deref().is_none_or(|n| n == self.name)
+            && self.namespace.as_deref().is_none_or(|ns| namespace == ns)
     }
 
     /// Label selector for this owner's Secrets (list them in [`Owner::namespace`] when set).
@@ -245,40 +211,6 @@ pub fn apply_body(owner: &Owner, name: &str, namespace: &str, content: &Content)
     })
 }
 
-/// How an existing Secret of the target name relates to what should be there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    /// Nothing there (as far as the cache knows).
-    Missing,
-    /// Ours and current: nothing to write.
-    Current,
-    /// Ours but out of date or edited by someone else: rewrite.
-    Stale,
-    /// Someone else's: never touch.
-    Foreign,
-}
-
-/// Classifies an existing Secret's metadata.
-pub fn state(owner: &Owner, existing: Option<&ObjectMeta>, content: &Content) -> State {
-    let Some(meta) = existing else {
-        return State::Missing;
-    };
-    if !owner.owns(meta) {
-        return State::Foreign;
-    }
-    let hash_ok = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(HASH_ANNOTATION))
-        .is_some_and(|h| *h == content.hash);
-    let edited = edited_by_others(meta) || meta.annotations.as_ref().is_some_and(|a| a.contains_key(EDITED_MARKER));
-    if hash_ok && !edited {
-        State::Current
-    } else {
-        State::Stale
-    }
-}
-
 /// Whether a field manager other than pullkeeper owns the data, type, or our labels and
 /// annotations: someone edited the Secret by hand (`kubectl edit`, `apply`, `replace`).
 pub fn edited_by_others(meta: &ObjectMeta) -> bool {
@@ -327,7 +259,6 @@ mod tests {
         assert_eq!(written.hash, recovered.hash);
         assert_eq!(written.expires_at.as_deref(), Some("2027-01-15T08:00:00Z"));
     }
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use secrecy::SecretString;
 
     fn owner() -> Owner {
@@ -471,57 +402,5 @@ mod tests {
         let mut other = owner();
         other.uid = "uid-2".into();
         assert_ne!(a.hash, content(&other, &host, &cred("one")).hash);
-    }
-
-    fn meta_with(owner: &Owner, hash: &str, managers: &[(&str, Value)]) -> ObjectMeta {
-        ObjectMeta {
-            labels: Some(owner.labels()),
-            annotations: Some([(HASH_ANNOTATION.to_owned(), hash.to_owned())].into()),
-            managed_fields: Some(
-                managers
-                    .iter()
-                    .map(|(m, f)| ManagedFieldsEntry {
-                        manager: Some((*m).to_owned()),
-                        fields_v1: Some(FieldsV1(f.clone())),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn states() {
-        let host = RegistryHost::parse("ghcr.io").expect("host");
-        let c = content(&owner(), &host, &cred("pw"));
-        assert_eq!(state(&owner(), None, &c), State::Missing);
-        let ours = json!({"f:data": {"f:.dockerconfigjson": {}}, "f:type": {}});
-        let current = meta_with(&owner(), &c.hash, &[(OBJECT_MANAGER, ours.clone())]);
-        assert_eq!(state(&owner(), Some(&current), &c), State::Current);
-        let old = meta_with(&owner(), "old", &[(OBJECT_MANAGER, ours.clone())]);
-        assert_eq!(state(&owner(), Some(&old), &c), State::Stale);
-        let edited = meta_with(
-            &owner(),
-            &c.hash,
-            &[
-                (OBJECT_MANAGER, ours),
-                ("kubectl-edit", json!({"f:data": {"f:.dockerconfigjson": {}}})),
-            ],
-        );
-        assert_eq!(state(&owner(), Some(&edited), &c), State::Stale);
-        // The cache keeps only a marker of the edit, and the verdict is the same.
-        let mut slim = edited.clone();
-        slim_for_cache(&mut slim);
-        assert!(slim.managed_fields.is_none());
-        assert_eq!(state(&owner(), Some(&slim), &c), State::Stale);
-        let mut slim_current = current.clone();
-        slim_for_cache(&mut slim_current);
-        assert_eq!(state(&owner(), Some(&slim_current), &c), State::Current);
-        let mut someone_else = owner();
-        someone_else.name = "other".into();
-        let theirs = meta_with(&someone_else, &c.hash, &[]);
-        assert_eq!(state(&owner(), Some(&theirs), &c), State::Foreign);
-        assert_eq!(state(&owner(), Some(&ObjectMeta::default()), &c), State::Foreign);
     }
 }

@@ -3,24 +3,17 @@
 //! first tests the resourceVersion (or the entry) it was computed from, so a concurrent
 //! change makes it fail and retry instead of clobbering.
 
-use k8s_openapi::api::core::v1::ServiceAccount;
 use serde_json::{Value, json};
 
-/// Whether the ServiceAccount lists `secret` in `imagePullSecrets`.
-pub fn has_entry(sa: &ServiceAccount, secret: &str) -> bool {
-    sa.image_pull_secrets
-        .iter()
-        .flatten()
-        .any(|r| r.name.as_str() == secret)
-}
+use super::index::Account;
 
 /// A JSON patch appending `secret`, or `None` if it is already there.
-pub fn add_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
+pub fn add_patch(sa: &Account, secret: &str) -> Option<Value> {
     patch(sa, &[secret], &[])
 }
 
 /// A JSON patch removing every entry naming `secret`, or `None` if there is none.
-pub fn remove_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
+pub fn remove_patch(sa: &Account, secret: &str) -> Option<Value> {
     patch(sa, &[], &[secret])
 }
 
@@ -28,28 +21,28 @@ pub fn remove_patch(sa: &ServiceAccount, secret: &str) -> Option<Value> {
 /// `add` not listed yet, or `None` when there is nothing to do. Removals test the entry
 /// they remove (from the end, so earlier indices stay valid); appending also tests the
 /// resourceVersion it was computed from, so two writers never append the same entry.
-pub fn patch(sa: &ServiceAccount, add: &[&str], remove: &[&str]) -> Option<Value> {
-    let entries = sa.image_pull_secrets.as_deref().unwrap_or_default();
+pub fn patch(sa: &Account, add: &[&str], remove: &[&str]) -> Option<Value> {
+    let entries = sa.pull_secrets.as_deref().unwrap_or_default();
     let mut ops = Vec::new();
-    for (i, r) in entries.iter().enumerate().rev() {
-        if remove.contains(&r.name.as_str()) {
-            ops.push(json!({"op": "test", "path": format!("/imagePullSecrets/{i}/name"), "value": r.name}));
+    for (i, name) in entries.iter().enumerate().rev() {
+        if remove.contains(&&**name) {
+            ops.push(json!({"op": "test", "path": format!("/imagePullSecrets/{i}/name"), "value": &**name}));
             ops.push(json!({"op": "remove", "path": format!("/imagePullSecrets/{i}")}));
         }
     }
     let mut missing: Vec<&str> = Vec::new();
     for secret in add {
-        if !has_entry(sa, secret) && !missing.contains(secret) && !remove.contains(secret) {
+        if !sa.lists(secret) && !missing.contains(secret) && !remove.contains(secret) {
             missing.push(secret);
         }
     }
     if !missing.is_empty() {
-        let rv = sa.metadata.resource_version.clone().unwrap_or_default();
+        let rv = &*sa.resource_version;
         ops.insert(
             0,
             json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
         );
-        if sa.image_pull_secrets.is_none() {
+        if sa.pull_secrets.is_none() {
             let all: Vec<Value> = missing.iter().map(|s| json!({"name": s})).collect();
             ops.push(json!({"op": "add", "path": "/imagePullSecrets", "value": all}));
         } else {
@@ -64,7 +57,7 @@ pub fn patch(sa: &ServiceAccount, add: &[&str], remove: &[&str]) -> Option<Value
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::LocalObjectReference;
+    use k8s_openapi::api::core::v1::{LocalObjectReference, ServiceAccount};
 
     fn sa(entries: Option<&[&str]>) -> ServiceAccount {
         let mut sa = ServiceAccount::default();
@@ -92,22 +85,25 @@ mod tests {
     #[test]
     fn appends_after_existing_entries() {
         let s = sa(Some(&["theirs", "also-theirs"]));
-        let p = add_patch(&s, "pullkeeper-x").expect("patch");
+        let p = add_patch(&Account::of(&s), "pullkeeper-x").expect("patch");
         assert_eq!(apply(&s, &p), vec!["theirs", "also-theirs", "pullkeeper-x"]);
     }
 
     #[test]
     fn creates_the_list_when_absent_and_is_idempotent() {
         let s = sa(None);
-        let p = add_patch(&s, "pullkeeper-x").expect("patch");
+        let p = add_patch(&Account::of(&s), "pullkeeper-x").expect("patch");
         assert_eq!(apply(&s, &p), vec!["pullkeeper-x"]);
-        assert_eq!(add_patch(&sa(Some(&["pullkeeper-x"])), "pullkeeper-x"), None);
+        assert_eq!(
+            add_patch(&Account::of(&sa(Some(&["pullkeeper-x"]))), "pullkeeper-x"),
+            None
+        );
     }
 
     #[test]
     fn add_is_guarded_by_resource_version() {
         let s = sa(Some(&[]));
-        let p = add_patch(&s, "x").expect("patch");
+        let p = add_patch(&Account::of(&s), "x").expect("patch");
         assert_eq!(p[0]["op"], "test");
         assert_eq!(p[0]["value"], "42");
     }
@@ -115,17 +111,17 @@ mod tests {
     #[test]
     fn removes_only_ours_keeping_order() {
         let s = sa(Some(&["a", "pullkeeper-x", "b", "pullkeeper-x"]));
-        let p = remove_patch(&s, "pullkeeper-x").expect("patch");
+        let p = remove_patch(&Account::of(&s), "pullkeeper-x").expect("patch");
         assert_eq!(apply(&s, &p), vec!["a", "b"]);
-        assert_eq!(remove_patch(&sa(Some(&["a"])), "pullkeeper-x"), None);
-        assert_eq!(remove_patch(&sa(None), "pullkeeper-x"), None);
+        assert_eq!(remove_patch(&Account::of(&sa(Some(&["a"]))), "pullkeeper-x"), None);
+        assert_eq!(remove_patch(&Account::of(&sa(None)), "pullkeeper-x"), None);
     }
 
     #[test]
     fn one_patch_removes_and_appends_for_several_credentials() {
         let s = sa(Some(&["theirs", "old", "pullkeeper-a"]));
         let p = patch(
-            &s,
+            &Account::of(&s),
             &["pullkeeper-a", "pullkeeper-b", "pullkeeper-c", "pullkeeper-b"],
             &["old"],
         )
@@ -137,14 +133,18 @@ mod tests {
             "each missing entry once, after everyone else's"
         );
         let none = sa(None);
-        let p = patch(&none, &["a", "b"], &["c"]).expect("patch");
+        let p = patch(&Account::of(&none), &["a", "b"], &["c"]).expect("patch");
         assert_eq!(apply(&none, &p), vec!["a", "b"]);
-        assert_eq!(patch(&s, &["pullkeeper-a"], &["gone"]), None, "nothing to do");
+        assert_eq!(
+            patch(&Account::of(&s), &["pullkeeper-a"], &["gone"]),
+            None,
+            "nothing to do"
+        );
     }
 
     #[test]
     fn a_removal_alone_is_not_guarded_by_the_resource_version() {
-        let p = remove_patch(&sa(Some(&["x"])), "x").expect("patch");
+        let p = remove_patch(&Account::of(&sa(Some(&["x"]))), "x").expect("patch");
         assert!(
             p.as_array()
                 .expect("ops")

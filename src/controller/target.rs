@@ -23,29 +23,20 @@ pub struct NamespaceInfo {
 }
 
 impl NamespaceInfo {
-    /// From a namespace's metadata.
+    /// From a namespace's metadata: what targeting reads (name, labels, pullkeeper's own
+    /// annotations, deletion), whatever else it carries
+    /// (`kubectl.kubernetes.io/last-applied-configuration`, managed fields).
     pub fn from_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        let ours = |(k, _): &(&String, &String)| k.starts_with("pullkeeper.io/");
         Self {
             name: meta.name.clone().unwrap_or_default(),
             labels: meta.labels.clone().unwrap_or_default(),
-            annotations: meta.annotations.clone().unwrap_or_default(),
+            annotations: (meta.annotations.iter().flatten())
+                .filter(ours)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             terminating: meta.deletion_timestamp.is_some(),
         }
-    }
-}
-
-/// Trims a namespace's metadata to what targeting reads (name, labels, pullkeeper's own
-/// annotations, deletion), so a cache of 10,000 namespaces stays small whatever else
-/// they carry (`kubectl.kubernetes.io/last-applied-configuration`, managed fields).
-pub fn slim_for_cache(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.uid = None;
-    meta.creation_timestamp = None;
-    meta.generate_name = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.retain(|k, _| k.starts_with("pullkeeper.io/"));
     }
 }
 
@@ -195,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_cached_namespace_keeps_what_targeting_reads() {
-        let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some("web".into()),
             uid: Some("u".into()),
             labels: Some([("team".to_owned(), "a".to_owned())].into()),
@@ -211,28 +202,17 @@ mod tests {
             ),
             ..Default::default()
         };
-        let before = NamespaceInfo::from_meta(&meta);
-        slim_for_cache(&mut meta);
-        assert_eq!(meta.uid, None);
-        assert_eq!(meta.annotations.as_ref().map(|a| a.len()), Some(1));
-        assert_eq!(
-            is_targeted(
-                &Scope::Cluster {
-                    selector: None,
-                    namespaces: None,
-                    exclude: vec![]
-                },
-                &NamespaceInfo::from_meta(&meta)
-            ),
-            is_targeted(
-                &Scope::Cluster {
-                    selector: None,
-                    namespaces: None,
-                    exclude: vec![]
-                },
-                &before
-            ),
-        );
+        let kept = NamespaceInfo::from_meta(&meta);
+        assert_eq!(kept.annotations.len(), 1, "only pullkeeper's own annotations");
+        assert_eq!(kept.labels.len(), 1);
+        assert!(!is_targeted(
+            &Scope::Cluster {
+                selector: None,
+                namespaces: None,
+                exclude: vec![]
+            },
+            &kept
+        ));
     }
 
     #[test]

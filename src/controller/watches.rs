@@ -1,20 +1,21 @@
-//! Watches as data: one reflector per cluster-wide input (namespaces, metadata only;
-//! pullkeeper's own Secrets, metadata only and label-filtered; ServiceAccounts, trimmed),
+//! Watches as data: one index per cluster-wide input (namespaces, metadata only;
+//! pullkeeper's own Secrets, metadata only and label-filtered; ServiceAccounts), each a
+//! compact copy (see [`super::index`]),
 //! one narrow watch per referenced source Secret, and for each a pure function saying
 //! which credentials an event concerns. The reconcile requests go to the controller of
 //! the credential's kind. Watch errors are logged and retried with backoff (kube-runtime's
 //! watcher), and a watch that ends is reported as an error: none stalls silently.
 //!
 //! kube-runtime's shared streams (`watches_shared_stream`) do not pass deletions on, and a
-//! deleted managed Secret must bring its credential back, so each reflector's
-//! `touched_objects` feeds both controllers through [`Requests`] instead.
+//! deleted managed Secret must bring its credential back, so each watch's events feed both
+//! controllers through [`Requests`] instead.
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use std::sync::Arc;
 
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use kube::Resource;
 
 use super::CredentialKind;
 use super::identity::CredentialRef;
+use super::index::{Account, Index, ManagedSecret, Objects, map_event};
 use super::mappers::{SecretEvent, namespace_concerns, secret_concerns, service_account_concerns};
 use super::plan;
 pub use super::requests::{RequestStreams, Requests};
@@ -34,22 +36,22 @@ use super::target::NamespaceInfo;
 use super::validate;
 
 /// Read-only caches the reconcilers plan from.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Caches {
-    /// Every namespace (metadata).
-    pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    /// Every Secret labelled `app.kubernetes.io/managed-by=pullkeeper` (metadata).
-    pub secrets: Store<PartialObjectMeta<Secret>>,
-    /// Every ServiceAccount, without managed fields and annotations.
-    pub service_accounts: Store<ServiceAccount>,
+    /// Every namespace.
+    pub namespaces: Index<NamespaceInfo>,
+    /// Every Secret labelled `app.kubernetes.io/managed-by=pullkeeper`.
+    pub secrets: Index<ManagedSecret>,
+    /// Every ServiceAccount.
+    pub service_accounts: Index<Account>,
 }
 
 impl Caches {
     /// Waits until every cache has done its initial list.
     pub async fn ready(&self) {
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.secrets.wait_until_ready().await;
-        let _ = self.service_accounts.wait_until_ready().await;
+        self.namespaces.ready().await;
+        self.secrets.ready().await;
+        self.service_accounts.ready().await;
     }
 }
 
@@ -113,42 +115,39 @@ impl Credentials {
 /// Starts the cluster-wide watches; their events become requests for the credentials
 /// they concern until `shutdown`.
 pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, shutdown: &CancellationToken) -> Caches {
-    let (ns_store, ns_writer) = reflector::store();
-    let (secret_store, secret_writer) = reflector::store();
-    let (sa_store, sa_writer) = reflector::store();
-    let caches = Caches {
-        namespaces: ns_store,
-        secrets: secret_store,
-        service_accounts: sa_store,
-    };
+    let caches = Caches::default();
 
+    let index = caches.namespaces.clone();
     let namespaces = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .modify(|ns| super::target::slim_for_cache(&mut ns.metadata))
-    .reflect(ns_writer)
+    .map_ok(|event| map_event(event, |ns| NamespaceInfo::from_meta(&ns.metadata)))
+    .inspect_ok(move |event| index.apply(event))
     .touched_objects();
     let (creds, secrets) = (credentials.clone(), caches.secrets.clone());
-    drive("namespaces", namespaces, requests.clone(), shutdown, move |ns| {
-        let info = NamespaceInfo::from_meta(&ns.metadata);
+    drive("namespaces", namespaces, requests.clone(), shutdown, move |info| {
         let concerns = namespace_concerns(
             &info,
             &readable(&creds.clusters.state()),
             &readable(&creds.namespaced.state()),
-            |who, name| holds(&secrets, who, &info.name, name),
+            |who, name| {
+                let secrets = secrets.read();
+                secrets.get(&info.name, name).and_then(ManagedSecret::holder).as_ref() == Some(who)
+            },
         );
         (Some(info.name), concerns)
     });
 
+    let (index, mut objects) = (caches.secrets.clone(), Objects::default());
     let managed = watcher(
         Api::<PartialObjectMeta<Secret>>::all(client.clone()),
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
     )
     .default_backoff()
-    .modify(|s| super::secret::slim_for_cache(&mut s.metadata))
-    .reflect(secret_writer)
+    .map_ok(move |event| map_event(event, |s| objects.secret(&s.metadata)))
+    .inspect_ok(move |event| index.apply(event))
     .try_filter_map(|event| async move {
         Ok(match event {
             // A Secret written or deleted concerns the credentials that want its name there
@@ -168,29 +167,20 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         shutdown,
         move |(s, event)| {
             let concerns = secret_concerns(
-                &s.metadata,
+                &s,
                 event,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
             );
-            (s.metadata.namespace.clone(), concerns)
+            (Some(s.namespace.to_string()), concerns)
         },
     );
 
+    let (index, mut objects) = (caches.service_accounts.clone(), Objects::default());
     let service_accounts = watcher(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .modify(|sa| {
-            // Only identity, resourceVersion and imagePullSecrets are used.
-            let m = &mut sa.metadata;
-            m.managed_fields = None;
-            m.annotations = None;
-            m.labels = None;
-            m.owner_references = None;
-            m.finalizers = None;
-            sa.secrets = None;
-            sa.automount_service_account_token = None;
-        })
-        .reflect(sa_writer)
+        .map_ok(move |event| map_event(event, |sa| objects.account(&sa)))
+        .inspect_ok(move |event| index.apply(event))
         .touched_objects();
     let creds = credentials.clone();
     drive(
@@ -199,31 +189,18 @@ pub fn start(client: &Client, credentials: &Credentials, requests: &Requests, sh
         requests.clone(),
         shutdown,
         move |sa| {
-            let listed: Vec<&str> = sa
-                .image_pull_secrets
-                .iter()
-                .flatten()
-                .map(|r| r.name.as_str())
-                .collect();
-            let namespace = sa.namespace().unwrap_or_default();
+            let listed: Vec<&str> = sa.pull_secrets.iter().flatten().map(|s| &**s).collect();
             let concerns = service_account_concerns(
-                &namespace,
-                &sa.name_any(),
+                &sa.namespace,
+                &sa.name,
                 &listed,
                 &readable(&creds.clusters.state()),
                 &readable(&creds.namespaced.state()),
             );
-            (Some(namespace), concerns)
+            (Some(sa.namespace.to_string()), concerns)
         },
     );
     caches
-}
-
-/// Whether `who` wrote the Secret `name` in `namespace`, by the managed-Secret cache.
-fn holds(secrets: &Store<PartialObjectMeta<Secret>>, who: &CredentialRef, namespace: &str, name: &str) -> bool {
-    secrets
-        .get(&ObjectRef::new(name).within(namespace))
-        .is_some_and(|s| CredentialRef::holder_of(&s.metadata).as_ref() == Some(who))
 }
 
 /// Feeds what each event of `stream` concerns to the controllers until `shutdown`:
@@ -284,6 +261,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::reflector;
     use serde_json::json;
 
     fn guarded(name: &str, created: &str, extra: serde_json::Value) -> DeserializeGuard<ClusterRegistryCredential> {

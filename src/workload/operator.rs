@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
-use kube::ResourceExt as _;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -20,7 +19,6 @@ use super::track::{Tracker, WorkloadKey};
 use super::{cluster, images, plan, platforms, publish, resolver, select, track, watch};
 use crate::controller::CredentialKind as _;
 use crate::controller::identity::CredentialRef;
-use crate::controller::target::NamespaceInfo;
 use crate::controller::watches::{Caches, Credentials, readable};
 use crate::crd::WorkloadSummary;
 use crate::metrics::Metrics;
@@ -158,30 +156,19 @@ impl Rounds {
             .chain(readable(&namespaced).into_iter().filter_map(|c| c.validate().ok()))
             .map(|v| v.scope)
             .collect();
-        let infos: Vec<NamespaceInfo> = self
-            .inputs
-            .caches
-            .namespaces
-            .state()
-            .iter()
-            .map(|ns| NamespaceInfo::from_meta(&ns.metadata))
-            .collect();
-        select::checked_namespaces(&infos, &scopes)
+        let namespaces = self.inputs.caches.namespaces.read();
+        select::checked_namespaces(namespaces.iter(), &scopes)
     }
 
     /// Each ServiceAccount's `imagePullSecrets` names, in `namespaces`.
     fn service_accounts(&self, namespaces: &BTreeSet<String>) -> BTreeMap<plan::Key, Vec<String>> {
-        self.inputs
-            .caches
-            .service_accounts
-            .state()
+        let sas = self.inputs.caches.service_accounts.read();
+        namespaces
             .iter()
-            .filter_map(|sa| {
-                let ns = sa.namespace()?;
-                namespaces.contains(&ns).then(|| {
-                    let names = sa.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
-                    ((ns, sa.name_any()), names)
-                })
+            .flat_map(|ns| sas.within(ns))
+            .map(|sa| {
+                let names = sa.pull_secrets.iter().flatten().map(|s| s.to_string()).collect();
+                ((sa.namespace.to_string(), sa.name.to_string()), names)
             })
             .collect()
     }
@@ -190,12 +177,10 @@ impl Rounds {
     /// cache): one written, renewed or repaired changes the fingerprints of the workloads
     /// that use it.
     fn managed_versions(&self) -> BTreeMap<plan::Key, String> {
-        self.inputs
-            .caches
-            .secrets
-            .state()
+        let secrets = self.inputs.caches.secrets.read();
+        secrets
             .iter()
-            .filter_map(|s| Some(((s.namespace()?, s.name_any()), s.resource_version()?)))
+            .map(|s| ((s.namespace.to_string(), s.name.to_string()), s.version.to_string()))
             .collect()
     }
 
@@ -210,14 +195,12 @@ impl Rounds {
             .map(|c| c.reference())
             .chain(readable(&namespaced).into_iter().map(|c| c.reference()))
             .collect();
-        self.inputs
-            .caches
-            .secrets
-            .state()
+        let secrets = self.inputs.caches.secrets.read();
+        secrets
             .iter()
             .filter_map(|s| {
-                let who = CredentialRef::holder_of(&s.metadata).filter(|w| ours.contains(w))?;
-                Some((format!("{}/{}", s.namespace()?, s.name_any()), who))
+                let who = s.holder().filter(|w| ours.contains(w))?;
+                Some((format!("{}/{}", s.namespace, s.name), who))
             })
             .collect()
     }

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::Error;
 use super::status_code;
+use crate::controller::index::{Account, Index};
 use crate::controller::plan::SaChange;
 use crate::controller::service_account;
 
@@ -33,7 +33,7 @@ type Answer = Result<(), Arc<Error>>;
 struct Slot {
     /// Held by the writer whose turn it is, with the answer to the last patch in this turn's
     /// run (a fresher copy than the cache until the watch catches up).
-    turn: tokio::sync::Mutex<Option<ServiceAccount>>,
+    turn: tokio::sync::Mutex<Option<Account>>,
     waiting: Mutex<Vec<(SaChange, oneshot::Sender<Answer>)>>,
 }
 
@@ -41,13 +41,13 @@ struct Slot {
 #[derive(Clone)]
 pub struct Accounts {
     client: Client,
-    cache: Store<ServiceAccount>,
+    cache: Index<Account>,
     slots: Arc<Mutex<HashMap<Key, Arc<Slot>>>>,
 }
 
 impl Accounts {
     /// A writer reading ServiceAccounts from `cache`.
-    pub fn new(client: Client, cache: Store<ServiceAccount>) -> Self {
+    pub fn new(client: Client, cache: Index<Account>) -> Self {
         Self {
             client,
             cache,
@@ -104,15 +104,12 @@ impl Accounts {
     async fn write(
         &self,
         (namespace, name): &Key,
-        latest: &mut Option<ServiceAccount>,
+        latest: &mut Option<Account>,
         batch: &[(SaChange, oneshot::Sender<Answer>)],
     ) -> (Answer, usize) {
         let (add, remove) = wanted(batch.iter().map(|(c, _)| c));
         let api = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace);
-        let cached = self
-            .cache
-            .get(&ObjectRef::new(name).within(namespace))
-            .map(|sa| (*sa).clone());
+        let cached = self.cache.read().get(namespace, name).cloned();
         let mut base = freshest(cached, latest.take());
         let mut requests = 0;
         for attempt in 1..=ATTEMPTS {
@@ -137,7 +134,7 @@ impl Accounts {
                 .await
             {
                 Ok(written) => {
-                    *latest = Some(written);
+                    *latest = Some(Account::of(&written));
                     return (Ok(()), requests);
                 }
                 // Gone meanwhile: nothing to do.
@@ -146,7 +143,7 @@ impl Accounts {
                 Err(e) if matches!(status_code(&e), Some(409 | 422)) && attempt < ATTEMPTS => {
                     requests += 1;
                     match api.get_opt(name).await {
-                        Ok(fresh) => base = fresh,
+                        Ok(fresh) => base = fresh.as_ref().map(Account::of),
                         Err(source) => return (Err(patch_error(namespace, name, source)), requests),
                     }
                 }
@@ -180,13 +177,8 @@ fn wanted<'a>(changes: impl Iterator<Item = &'a SaChange>) -> (Vec<&'a str>, Vec
 
 /// The newer of two copies by resourceVersion (numeric in practice; the cache wins when
 /// either is not a number).
-fn freshest(cached: Option<ServiceAccount>, written: Option<ServiceAccount>) -> Option<ServiceAccount> {
-    let rv = |sa: &ServiceAccount| {
-        sa.metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+fn freshest(cached: Option<Account>, written: Option<Account>) -> Option<Account> {
+    let rv = |sa: &Account| sa.resource_version.parse::<u64>().ok();
     match (cached, written) {
         (Some(c), Some(w)) => match (rv(&c), rv(&w)) {
             (Some(a), Some(b)) if b > a => Some(w),
@@ -209,10 +201,10 @@ mod tests {
         }
     }
 
-    fn sa(rv: &str) -> ServiceAccount {
+    fn sa(rv: &str) -> Account {
         let mut sa = ServiceAccount::default();
         sa.metadata.resource_version = Some(rv.into());
-        sa
+        Account::of(&sa)
     }
 
     #[test]
@@ -229,7 +221,7 @@ mod tests {
     #[test]
     fn the_freshest_copy_is_the_higher_resource_version() {
         let pick =
-            |c: Option<&str>, w: Option<&str>| freshest(c.map(sa), w.map(sa)).and_then(|s| s.metadata.resource_version);
+            |c: Option<&str>, w: Option<&str>| freshest(c.map(sa), w.map(sa)).map(|s| s.resource_version.to_string());
         assert_eq!(
             pick(Some("10"), Some("12")).as_deref(),
             Some("12"),
