@@ -3,14 +3,14 @@
 //! failed call is kept too, until its retry time, so no trigger (a namespace, a
 //! ServiceAccount, the operator's own status write) can send the provider more requests
 //! than the backoff allows. An entry is dropped when the spec changes (new generation) or
-//! a source Secret changes, so a fix is tried at once.
+//! a source Secret changes from the copy its provider read, so a fix is tried at once.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::provider::Credential;
+use crate::provider::{Credential, Found, Read};
 
 use super::identity::CredentialRef;
 
@@ -18,6 +18,8 @@ use super::identity::CredentialRef;
 struct Entry {
     generation: Option<i64>,
     state: State,
+    /// The source Secrets the provider read for this entry, as it found them.
+    read: Read,
 }
 
 #[derive(Clone)]
@@ -102,26 +104,62 @@ impl CredentialCache {
         self.lookup(key, generation, now)?.ok()
     }
 
-    /// Remembers a credential until its `refresh_at`.
+    /// Remembers a credential until its `refresh_at`. What its provider read stays as
+    /// recorded for this generation (the same credential, re-timed), and is unknown for a
+    /// credential not issued here (one recovered after a restart).
     pub fn put(&self, key: CredentialRef, generation: Option<i64>, cached: Cached) {
+        let mut entries = crate::lock(&self.entries);
+        let read = entries
+            .remove(&key)
+            .filter(|e| e.generation == generation)
+            .map(|e| e.read)
+            .unwrap_or_default();
+        entries.insert(
+            key,
+            Entry {
+                generation,
+                state: State::Issued(cached),
+                read,
+            },
+        );
+    }
+
+    /// Remembers a credential the provider just issued from the source Secrets in `read`,
+    /// until its `refresh_at`.
+    pub fn put_issued(&self, key: CredentialRef, generation: Option<i64>, cached: Cached, read: Read) {
         crate::lock(&self.entries).insert(
             key,
             Entry {
                 generation,
                 state: State::Issued(cached),
+                read,
             },
         );
     }
 
-    /// Remembers a failed call until its `retry_at`.
-    pub fn put_failure(&self, key: CredentialRef, generation: Option<i64>, failure: Failure) {
+    /// Remembers a failed call, made with the source Secrets in `read`, until its
+    /// `retry_at`.
+    pub fn put_failure(&self, key: CredentialRef, generation: Option<i64>, failure: Failure, read: Read) {
         crate::lock(&self.entries).insert(
             key,
             Entry {
                 generation,
                 state: State::Failed(failure),
+                read,
             },
         );
+    }
+
+    /// How the provider call behind the entry kept for `key` found the source Secret
+    /// `namespace/name`; `None` when unknown (nothing kept, a credential recovered after a
+    /// restart, or a Secret the call did not or could not read).
+    pub fn source_read(&self, key: &CredentialRef, namespace: &str, name: &str) -> Option<Found> {
+        let entries = crate::lock(&self.entries);
+        entries
+            .get(key)?
+            .read
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
@@ -177,7 +215,7 @@ mod tests {
             permanent: false,
             retry_at,
         };
-        c.put_failure(key.clone(), Some(1), failure.clone());
+        c.put_failure(key.clone(), Some(1), failure.clone(), Read::new());
         assert_eq!(c.lookup(&key, Some(1), t0).and_then(Result::err), Some(failure));
         assert!(c.get(&key, Some(1), t0).is_none());
         assert!(c.lookup(&key, Some(1), retry_at).is_none(), "due for a retry");
@@ -185,6 +223,38 @@ mod tests {
         c.invalidate(&key);
         assert!(c.lookup(&key, Some(1), t0).is_none(), "a source change retries at once");
     }
+    #[test]
+    fn what_the_provider_read_is_kept_with_its_entry() {
+        let c = CredentialCache::default();
+        let key = CredentialRef::cluster("a");
+        let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("t");
+        let cached = Cached {
+            credential: cred(),
+            issued_at: t(0),
+            refresh_at: t(100),
+        };
+        let read = Read::from([(("ops".into(), "pat".into()), Found::At("7".into()))]);
+        c.put_issued(key.clone(), Some(1), cached.clone(), read);
+        assert_eq!(c.source_read(&key, "ops", "pat"), Some(Found::At("7".into())));
+        assert_eq!(c.source_read(&key, "ops", "other"), None, "not read");
+        c.put(key.clone(), Some(1), cached.clone());
+        assert_eq!(
+            c.source_read(&key, "ops", "pat"),
+            Some(Found::At("7".into())),
+            "the same credential re-timed"
+        );
+        c.put(key.clone(), Some(2), cached.clone());
+        assert_eq!(c.source_read(&key, "ops", "pat"), None, "another generation");
+        c.put_issued(
+            key.clone(),
+            Some(2),
+            cached,
+            Read::from([(("ops".into(), "pat".into()), Found::Missing)]),
+        );
+        c.invalidate(&key);
+        assert_eq!(c.source_read(&key, "ops", "pat"), None, "nothing kept");
+    }
+
     #[test]
     fn the_last_answer_stays_available_while_a_new_call_is_under_way() {
         let c = CredentialCache::default();
@@ -208,7 +278,7 @@ mod tests {
         );
         assert!(c.last(&key, Some(2)).is_none(), "another generation");
         let failure = Failure::waiting("gcp", t(150), std::time::Duration::from_secs(30));
-        c.put_failure(key.clone(), Some(1), failure.clone());
+        c.put_failure(key.clone(), Some(1), failure.clone(), Read::new());
         assert_eq!(
             c.last(&key, Some(1)).and_then(Result::err),
             Some(failure),

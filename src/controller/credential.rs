@@ -133,7 +133,8 @@ impl Issue {
         let (ctx, key, generation) = (&self.ctx, &self.key, self.generation);
         let started = Instant::now();
         let now = Timestamp::now();
-        let result = match issue(ctx, &self.spec).await {
+        let reads = provider::Reads::default();
+        let result = match issue(ctx, &self.spec, &reads).await {
             Ok(credential) => {
                 ctx.backoffs.reset(key, Step::Provider);
                 crate::telemetry::resolved("provider", &key.to_string());
@@ -145,7 +146,8 @@ impl Issue {
                     issued_at: now,
                     refresh_at,
                 };
-                ctx.credentials.put(key.clone(), generation, cached.clone());
+                ctx.credentials
+                    .put_issued(key.clone(), generation, cached.clone(), reads.read());
                 ctx.metrics
                     .set_next_attempt(&self.labels, Some(refresh_at.as_second() as f64));
                 ctx.metrics
@@ -168,14 +170,21 @@ impl Issue {
                     retry_at: now.checked_add(wait).unwrap_or(Timestamp::MAX),
                 };
                 crate::warn_repeated!("provider", &key.to_string(), credential = %key, reason = failure.reason, error = %e, attempt = attempt + 1, retry_in = ?wait, "the provider gave no credential");
-                ctx.credentials.put_failure(key.clone(), generation, failure.clone());
+                ctx.credentials
+                    .put_failure(key.clone(), generation, failure.clone(), reads.read());
                 ctx.metrics
                     .set_next_attempt(&self.labels, Some(failure.retry_at.as_second() as f64));
                 Err(failure)
             }
         };
         ctx.issuing.done(key, generation);
-        if started.elapsed() >= ISSUE_BUDGET {
+        // A source Secret edited after the provider read it, before the answer was kept:
+        // its watch found nothing to drop then, so the answer is dropped now.
+        let outdated = ctx.sources.outdated(&reads.read());
+        if outdated {
+            ctx.credentials.invalidate(key);
+        }
+        if outdated || started.elapsed() >= ISSUE_BUDGET {
             ctx.requests.send(key);
         }
         result
@@ -286,14 +295,14 @@ pub fn verified_copy(
     Some(credential)
 }
 
-async fn issue(ctx: &Context, spec: &ValidSpec) -> Result<Credential, ProviderError> {
+async fn issue(ctx: &Context, spec: &ValidSpec, reads: &provider::Reads) -> Result<Credential, ProviderError> {
     let author = match spec.scope {
         Scope::Namespace(_) => provider::Author::Namespace,
         Scope::Cluster { .. } => provider::Author::Cluster,
     };
     let provider = provider::from_spec(&ctx.client, &spec.registry, &spec.provider, &ctx.endpoints, author)?;
     let started = Instant::now();
-    let result = provider.issue().await;
+    let result = provider.issue(reads).await;
     ctx.metrics.observe_provider_call(
         spec.provider.kind_name(),
         result.as_ref().err().map(ProviderError::metric_label),

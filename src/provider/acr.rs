@@ -75,7 +75,7 @@ impl Acr {
         }
     }
 
-    async fn mint(&self) -> Result<Credential, ProviderError> {
+    async fn mint(&self, reads: &source::Reads) -> Result<Credential, ProviderError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         // With a ServiceAccount of the cluster, the app that trusts it is the spec's own:
         // never fall back to the operator's AZURE_TENANT_ID/AZURE_CLIENT_ID.
@@ -118,7 +118,7 @@ impl Acr {
                 form.push(("client_assertion", assertion.expose_secret().to_owned()));
             }
             (None, Some(r)) => {
-                let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+                let secret = source::read_secret(&self.client, reads, &r.namespace, &r.name).await?;
                 secret_value = SecretString::from(source::key_string(&secret, &r.namespace, &r.key)?);
                 form.push(("client_secret", secret_value.expose_secret().to_owned()));
             }
@@ -175,8 +175,8 @@ pub fn jwt_exp(token: &str) -> Option<Timestamp> {
 }
 
 impl CredentialProvider for Acr {
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
-        Box::pin(self.mint())
+    fn issue<'a>(&'a self, reads: &'a source::Reads) -> BoxFuture<'a, Result<Credential, ProviderError>> {
+        Box::pin(self.mint(reads))
     }
 }
 

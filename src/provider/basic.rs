@@ -21,10 +21,10 @@ impl Basic {
 }
 
 impl CredentialProvider for Basic {
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
+    fn issue<'a>(&'a self, reads: &'a source::Reads) -> BoxFuture<'a, Result<Credential, ProviderError>> {
         Box::pin(async move {
             let r = &self.spec.secret_ref;
-            let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+            let secret = source::read_secret(&self.client, reads, &r.namespace, &r.name).await?;
             let username = source::key_string(&secret, &r.namespace, &self.spec.username_key)?;
             let password = source::key_string(&secret, &r.namespace, &self.spec.password_key)?;
             Ok(Credential {

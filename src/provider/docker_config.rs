@@ -33,10 +33,10 @@ impl DockerConfig {
 }
 
 impl CredentialProvider for DockerConfig {
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
+    fn issue<'a>(&'a self, reads: &'a source::Reads) -> BoxFuture<'a, Result<Credential, ProviderError>> {
         Box::pin(async move {
             let r = &self.spec.secret_ref;
-            let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+            let secret = source::read_secret(&self.client, reads, &r.namespace, &r.name).await?;
             let found = secret.type_.clone().unwrap_or_else(|| "Opaque".to_owned());
             if found != DOCKER_CONFIG_JSON_TYPE {
                 return Err(ProviderError::WrongSecretType {

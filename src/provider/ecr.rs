@@ -115,7 +115,7 @@ impl Ecr {
         ))
     }
 
-    async fn mint(&self) -> Result<Credential, ProviderError> {
+    async fn mint(&self, reads: &source::Reads) -> Result<Credential, ProviderError> {
         let parsed = parse_host(&self.registry);
         let region = match (&self.spec.region, &parsed) {
             (Some(r), _) => r.clone(),
@@ -135,7 +135,7 @@ impl Ecr {
             (None, secret) => {
                 let mut loader = self.loader(&region);
                 if let Some(r) = secret {
-                    let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+                    let secret = source::read_secret(&self.client, reads, &r.namespace, &r.name).await?;
                     let id = source::key_string(&secret, &r.namespace, ACCESS_KEY_ID)?;
                     let key = source::key_string(&secret, &r.namespace, SECRET_ACCESS_KEY)?;
                     let token = source::key_string(&secret, &r.namespace, SESSION_TOKEN).ok();
@@ -275,8 +275,8 @@ where
 }
 
 impl CredentialProvider for Ecr {
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
-        Box::pin(self.mint())
+    fn issue<'a>(&'a self, reads: &'a source::Reads) -> BoxFuture<'a, Result<Credential, ProviderError>> {
+        Box::pin(self.mint(reads))
     }
 }
 

@@ -196,7 +196,7 @@ impl Gcp {
         }
     }
 
-    async fn mint(&self) -> Result<Credential, ProviderError> {
+    async fn mint(&self, reads: &source::Reads) -> Result<Credential, ProviderError> {
         let now = Timestamp::now();
         let token: TokenResponse = match (
             &self.spec.service_account_ref,
@@ -204,7 +204,7 @@ impl Gcp {
         ) {
             (Some(sa), _) => self.federated(sa, now).await?,
             (None, Some(r)) => {
-                let secret = source::read_secret(&self.client, &r.namespace, &r.name).await?;
+                let secret = source::read_secret(&self.client, reads, &r.namespace, &r.name).await?;
                 let text = source::key_string(&secret, &r.namespace, &r.key)?;
                 let key: KeyFile = serde_json::from_str(&text).map_err(|_| {
                     Self::invalid(format!(
@@ -285,8 +285,8 @@ fn sign(key: &KeyFile, aud: &str, now: Timestamp) -> Result<SecretString, Provid
 }
 
 impl CredentialProvider for Gcp {
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>> {
-        Box::pin(self.mint())
+    fn issue<'a>(&'a self, reads: &'a source::Reads) -> BoxFuture<'a, Result<Credential, ProviderError>> {
+        Box::pin(self.mint(reads))
     }
 }
 

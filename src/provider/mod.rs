@@ -11,6 +11,7 @@ mod oauth;
 mod source;
 
 pub use docker_config::{DOCKER_CONFIG_JSON_KEY, DOCKER_CONFIG_JSON_TYPE, EntryError, entry_for};
+pub use source::{Found, Read, Reads};
 
 use futures::future::BoxFuture;
 use k8s_openapi::jiff::Timestamp;
@@ -344,8 +345,9 @@ where
 
 /// A source of registry credentials.
 pub trait CredentialProvider: Send + Sync {
-    /// Obtains a credential: reads a Secret or mints a token.
-    fn issue(&self) -> BoxFuture<'_, Result<Credential, ProviderError>>;
+    /// Obtains a credential: reads a Secret or mints a token. Each source Secret it reads
+    /// is noted in `reads`, as it was found.
+    fn issue<'a>(&'a self, reads: &'a Reads) -> BoxFuture<'a, Result<Credential, ProviderError>>;
 }
 
 /// Chooses the provider for a spec written by `author`. The tenancy rules

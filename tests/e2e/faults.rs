@@ -1,6 +1,7 @@
 //! Fault injection: a token endpoint failing (500, hanging, refusing) across a refresh, the
 //! operator killed mid renewal, the apiserver killed and etcd paused on a control plane of
-//! this test's own, and a few hundred hostile credentials beside good ones. Each test runs
+//! this test's own, and a few hundred hostile credentials beside good ones; and what a
+//! restart or a shared source Secret costs in writes and provider calls. Each test runs
 //! its own operator process (a shard) so that what it counts (provider requests, log
 //! lines, API requests) is that operator's alone; measurements are printed as
 //! `faults: ...` lines (`cargo test --test e2e faults -- --nocapture`).
@@ -1030,6 +1031,59 @@ async fn faults_a_restart_with_nothing_to_change_writes_nothing() {
         writes,
         0.0,
         "writes after a restart with nothing to change; log:\n{}",
+        s.op.log_text()
+    );
+    s.delete(&names).await;
+}
+
+/// Twenty credentials reading one source Secret: the provider is asked once for each (the
+/// list that starts the Secret's watch shows the very copy the first one read), and once
+/// more for each after the Secret is edited.
+#[tokio::test]
+async fn the_provider_is_asked_once_per_credential_reading_a_shared_source_secret() {
+    let env = support::env();
+    let s = Shard::start(&env.kubeconfig, "fonce").await;
+    let ns = s.target("fonce").await;
+    support::put_secret(&s.client, &ns, "login", json!({"username": "robot", "password": "pw"})).await;
+    let login = json!({"name": "login", "namespace": ns});
+    let names: Vec<String> = (0..20).map(|_| support::unique("fonce")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let spec = json!({"registry": format!("r{i}.example.com"), "provider": {"basic": {"secretRef": login}}});
+        s.apply(name, spec).await;
+    }
+    for name in &names {
+        support::wait_ready(&s.client, name, "True", "Synced").await;
+    }
+    let calls = || async {
+        metric_with(&s.op.addr, "pullkeeper_provider_calls_total", "provider=\"basic\"")
+            .await
+            .unwrap_or(0.0)
+    };
+    // Long enough for a late watch list to ask again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(calls().await, 20.0, "provider calls; log:\n{}", s.op.log_text());
+
+    support::put_secret(&s.client, &ns, "login", json!({"username": "robot", "password": "pw2"})).await;
+    let propagated = eventually(Duration::from_secs(30), || async {
+        for (i, name) in names.iter().enumerate() {
+            let (password, _, _) = secret_state(
+                &s.client,
+                &ns,
+                &format!("pullkeeper-{name}"),
+                &format!("r{i}.example.com"),
+            )
+            .await?;
+            (password == "pw2").then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    assert!(propagated.is_some(), "the edit reached every credential");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        calls().await,
+        40.0,
+        "provider calls after the edit; log:\n{}",
         s.op.log_text()
     );
     s.delete(&names).await;
