@@ -69,6 +69,8 @@ pub struct Cached {
 #[derive(Default)]
 pub struct CredentialCache {
     entries: Mutex<HashMap<CredentialRef, Entry>>,
+    /// How many entries were dropped so far (see [`CredentialCache::put_unless_dropped`]).
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl CredentialCache {
@@ -108,7 +110,24 @@ impl CredentialCache {
     /// recorded for this generation (the same credential, re-timed), and is unknown for a
     /// credential not issued here (one recovered after a restart).
     pub fn put(&self, key: CredentialRef, generation: Option<i64>, cached: Cached) {
+        self.put_unless_dropped(key, generation, cached, self.drops());
+    }
+
+    /// How many entries have been dropped so far: a mark to pass to
+    /// [`CredentialCache::put_unless_dropped`].
+    pub fn drops(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// [`CredentialCache::put`], unless an entry was dropped since `mark` (from
+    /// [`CredentialCache::drops`], taken before `cached` was obtained): a source Secret
+    /// edited meanwhile must not see the credential read from its old copy kept again.
+    /// Returns whether it was kept.
+    pub fn put_unless_dropped(&self, key: CredentialRef, generation: Option<i64>, cached: Cached, mark: u64) -> bool {
         let mut entries = crate::lock(&self.entries);
+        if self.drops() != mark {
+            return false;
+        }
         let read = entries
             .remove(&key)
             .filter(|e| e.generation == generation)
@@ -122,6 +141,7 @@ impl CredentialCache {
                 read,
             },
         );
+        true
     }
 
     /// Remembers a credential the provider just issued from the source Secrets in `read`,
@@ -164,7 +184,9 @@ impl CredentialCache {
 
     /// Forgets a credential (source changed, object deleted, or a refresh failed).
     pub fn invalidate(&self, key: &CredentialRef) {
-        crate::lock(&self.entries).remove(key);
+        let mut entries = crate::lock(&self.entries);
+        entries.remove(key);
+        self.dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -223,6 +245,25 @@ mod tests {
         c.invalidate(&key);
         assert!(c.lookup(&key, Some(1), t0).is_none(), "a source change retries at once");
     }
+    #[test]
+    fn a_credential_obtained_before_a_drop_is_not_kept_again() {
+        let c = CredentialCache::default();
+        let (key, other) = (CredentialRef::cluster("a"), CredentialRef::cluster("b"));
+        let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("t");
+        let cached = Cached {
+            credential: cred(),
+            issued_at: t(0),
+            refresh_at: t(100),
+        };
+        let mark = c.drops();
+        // A source Secret edit drops the credential while a reconcile holds its old copy.
+        c.invalidate(&key);
+        assert!(!c.put_unless_dropped(key.clone(), Some(1), cached.clone(), mark));
+        assert!(c.get(&key, Some(1), t(0)).is_none(), "the edit is not undone");
+        assert!(c.put_unless_dropped(other.clone(), Some(1), cached, c.drops()));
+        assert!(c.get(&other, Some(1), t(0)).is_some());
+    }
+
     #[test]
     fn what_the_provider_read_is_kept_with_its_entry() {
         let c = CredentialCache::default();

@@ -159,11 +159,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     if let Some(selector) = &settings.credential_selector {
         wc = wc.labels(selector);
     }
-    let cluster_ctl = Controller::new(
+    let cluster_ctl = controller(
         Api::<DeserializeGuard<ClusterRegistryCredential>>::all(client.clone()),
         wc.clone(),
     );
-    let namespaced_ctl = Controller::new(Api::<DeserializeGuard<RegistryCredential>>::all(client.clone()), wc);
+    let namespaced_ctl = controller(Api::<DeserializeGuard<RegistryCredential>>::all(client.clone()), wc);
     let credentials = watches::Credentials {
         clusters: cluster_ctl.store(),
         namespaced: namespaced_ctl.store(),
@@ -254,6 +254,28 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     };
     futures::join!(cluster, namespaced, workload_checks);
     tracing::info!("controllers stopped");
+}
+
+/// The controller of one kind, woken by the changes of its objects that matter (the spec,
+/// through the generation, which deletion bumps too; labels, annotations, finalizers) and
+/// not by their status: the reconciler's own status write would otherwise bring another
+/// full pass over every namespace, and status counts behind every new namespace.
+fn controller<K>(api: Api<K>, wc: watcher::Config) -> Controller<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector};
+    let (store, writer) = reflector::store();
+    let changes = predicates::generation
+        .combine(predicates::labels)
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers);
+    let stream = watcher(api, wc)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(changes, Default::default());
+    Controller::for_stream(stream, store)
 }
 
 fn log_result<K, E1, E2>(

@@ -76,6 +76,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
         return report::finish(obj, ctx, &Outcome::Suspended, Action::await_change()).await;
     }
     ctx.sources.sync(&obj.reference(), &source_secrets(&spec.provider));
+    let mark = ctx.credentials.drops();
     let mut issued = credential::obtain(obj, ctx, &spec).await;
     let owner = obj.owner();
     let content = issued
@@ -89,7 +90,8 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
             credential::unchanged_schedule(status, generation, mints, &content.hash, c, Timestamp::now())
         {
             (c.issued_at, c.refresh_at) = (at, refresh);
-            ctx.credentials.put(obj.reference(), generation, c.clone());
+            ctx.credentials
+                .put_unless_dropped(obj.reference(), generation, c.clone(), mark);
             ctx.metrics
                 .set_next_attempt(&obj.metric_labels(), Some(refresh.as_second() as f64));
         }
