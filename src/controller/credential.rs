@@ -191,24 +191,6 @@ impl Issue {
     }
 }
 
-/// A stored credential (basic, dockerConfig) read again after a restart, unchanged (the
-/// same content digest as in status): it keeps the schedule status recorded, so a restart
-/// with nothing to change writes nothing. Returns the issue and refresh times to keep.
-pub fn unchanged_schedule(
-    status: Option<&crate::crd::RegistryCredentialStatus>,
-    generation: Option<i64>,
-    mints: bool,
-    hash: &str,
-    fresh: &Cached,
-    now: Timestamp,
-) -> Option<(Timestamp, Timestamp)> {
-    let status = status.filter(|s| !mints && s.observed_generation == generation)?;
-    let issued = status.last_refresh_time.as_ref()?.0;
-    let refresh = status.next_refresh_time.as_ref()?.0;
-    (status.content_hash.as_deref() == Some(hash) && issued < fresh.issued_at && now < refresh)
-        .then_some((issued, refresh.min(fresh.refresh_at)))
-}
-
 /// After a restart, a token minted by the previous process is still in the Secrets it
 /// wrote. Trust it until the recorded refresh time instead of minting new tokens for every
 /// credential at once, but only from a copy whose content matches the digest in status
@@ -316,41 +298,6 @@ mod tests {
     use super::*;
     use crate::controller::schedule::tests::{spec, t};
     use crate::controller::validate::ValidSpec;
-
-    #[test]
-    fn a_stored_credential_read_again_unchanged_keeps_the_schedule_in_status() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        let status = crate::crd::RegistryCredentialStatus {
-            observed_generation: Some(3),
-            content_hash: Some("h1".into()),
-            last_refresh_time: Some(Time(t(1_000))),
-            next_refresh_time: Some(Time(t(4_600))),
-            ..Default::default()
-        };
-        let fresh = Cached {
-            credential: Credential {
-                username: "u".into(),
-                password: secrecy::SecretString::from("p"),
-                expires_at: None,
-            },
-            issued_at: t(2_000),
-            refresh_at: t(5_600),
-        };
-        let keep = |s: Option<&crate::crd::RegistryCredentialStatus>, generation, mints, hash| {
-            unchanged_schedule(s, generation, mints, hash, &fresh, t(2_000))
-        };
-        assert_eq!(keep(Some(&status), Some(3), false, "h1"), Some((t(1_000), t(4_600))));
-        assert_eq!(keep(Some(&status), Some(3), false, "h2"), None, "changed content");
-        assert_eq!(keep(Some(&status), Some(4), false, "h1"), None, "new generation");
-        assert_eq!(
-            keep(Some(&status), Some(3), true, "h1"),
-            None,
-            "minted tokens are recovered, not re-read"
-        );
-        assert_eq!(keep(None, Some(3), false, "h1"), None);
-        let due = unchanged_schedule(Some(&status), Some(3), false, "h1", &fresh, t(4_600));
-        assert_eq!(due, None, "the recorded refresh is due: a new schedule");
-    }
 
     #[tokio::test]
     async fn one_call_per_credential_and_generation_whatever_asks_meanwhile() {

@@ -87,7 +87,7 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
         let (status, generation) = (obj.current_status(), obj.meta().generation);
         let mints = spec.provider.mints();
         if let Some((at, refresh)) =
-            credential::unchanged_schedule(status, generation, mints, &content.hash, c, Timestamp::now())
+            schedule::unchanged_schedule(status, generation, mints, &content.hash, c, Timestamp::now())
         {
             (c.issued_at, c.refresh_at) = (at, refresh);
             ctx.credentials

@@ -77,6 +77,11 @@ impl<V: Entry> Groups<V> {
         match group.iter_mut().find(|v| v.name() == value.name()) {
             Some(slot) => *slot = value,
             None => {
+                // A quarter to spare, not double: 10,000 namespaces x 20 Secrets each would
+                // otherwise carry room for 12 more in every one.
+                if group.len() == group.capacity() {
+                    group.reserve_exact(1 + group.len() / 4);
+                }
                 group.push(value);
                 self.len += 1;
             }
