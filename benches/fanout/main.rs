@@ -161,6 +161,12 @@ async fn run_size(n: usize, a: &Args, kubectl: &Path) -> Row {
     // restart below really has nothing to change.
     op.settle(Duration::from_secs(3)).await;
     let rss_mib = op.peak_rss_mib();
+    eprintln!(
+        "[{n}x{k}] operator resident set: peak {rss_mib:.1} MiB; now {:.1} MiB, of which {:.1} MiB heap and stacks, {:.1} MiB the binary's pages",
+        op.status_mib("VmRSS:"),
+        op.status_mib("RssAnon:"),
+        op.status_mib("RssFile:")
+    );
     drop(op);
     drop(tracker);
 

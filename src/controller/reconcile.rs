@@ -12,6 +12,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use tracing::{Instrument, info_span};
 
 use super::backoff::Step;
+use super::index::ManagedSecret;
 use super::passes::{self, Pass};
 use super::plan::{self, Snapshot};
 use super::secret;
@@ -172,7 +173,6 @@ async fn fan_out<K: CredentialKind>(
     content: Option<&secret::Content>,
     within: Option<&BTreeSet<String>>,
 ) -> (SyncReport, bool) {
-    let inside = |ns: &str| within.is_none_or(|w| w.contains(ns));
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let rivals = ctx.objects.rivals(&obj.reference(), created, &spec.secret_name);
     // Planned from the indexes as they are now; nothing is awaited while they are read.
@@ -189,11 +189,12 @@ async fn fan_out<K: CredentialKind>(
         };
         // Only what concerns this credential: Secrets of its name (its own or in the way)
         // and its own Secrets of another name (to delete). Thousands of others are no input.
-        let mine: Vec<_> = secrets
-            .iter()
-            .filter(|s| inside(&s.namespace))
-            .filter(|s| *s.name == spec.secret_name || s.owned_by(owner))
-            .collect();
+        let relevant = |s: &&ManagedSecret| *s.name == spec.secret_name || s.owned_by(owner);
+        let mine: Vec<_> = match within {
+            // A namespace pass looks at those namespaces' Secrets, not at all 200,000.
+            Some(names) => names.iter().flat_map(|n| secrets.within(n)).filter(relevant).collect(),
+            None => secrets.iter().filter(relevant).collect(),
+        };
         let sas: Vec<_> = match within {
             Some(names) => names.iter().flat_map(|n| sas.within(n)).collect(),
             None => sas.iter().collect(),
