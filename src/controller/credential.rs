@@ -215,6 +215,8 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
         return None;
     }
     let owner = obj.owner();
+    // A source Secret edited while the copies are read must not see this one kept.
+    let mark = ctx.credentials.drops();
     // Up to three copies whose digest annotation matches (the cache holds metadata only);
     // the data of each is then checked against the digest before it is trusted.
     let candidates: Vec<String> = ctx
@@ -244,7 +246,7 @@ async fn recover<K: CredentialKind>(obj: &K, ctx: &Context, spec: &ValidSpec, no
             refresh_at,
         };
         ctx.credentials
-            .put(obj.reference(), obj.meta().generation, cached.clone());
+            .put_unless_dropped(obj.reference(), obj.meta().generation, cached.clone(), mark);
         return Some(cached);
     }
     None

@@ -260,6 +260,16 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_about_a_hundred_bytes() {
+        // The README's figure: the entry itself; its strings and stamp are shared.
+        assert!(
+            std::mem::size_of::<ManagedSecret>() <= 104,
+            "{}",
+            std::mem::size_of::<ManagedSecret>()
+        );
+    }
+
+    #[test]
     fn digests_and_uids_are_read_exactly_as_written() {
         assert!(Digest::parse("00112233445566778899aabbccddeeff").is_some());
         for odd in [
