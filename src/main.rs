@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 use pullkeeper::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Keeps image pull secrets fresh in every namespace that needs them.
 #[derive(Parser, Debug)]
 #[command(name = "pullkeeper", version, about)]

@@ -196,6 +196,29 @@ pub fn compute<N: NamespaceLike>(
     plan
 }
 
+/// The status counts from the index: the namespaces `spec` targets, and how many of them
+/// hold the current Secret (`secret` looks up the Secret of the target name in a
+/// namespace).
+pub fn tally<'a, N: NamespaceLike + 'a>(
+    owner: &Owner,
+    spec: &ValidSpec,
+    content: &Content,
+    namespaces: impl IntoIterator<Item = &'a N>,
+    secret: impl Fn(&str) -> Option<&'a ManagedSecret>,
+) -> (usize, usize) {
+    let (mut targeted, mut current) = (0, 0);
+    for ns in namespaces
+        .into_iter()
+        .filter(|ns| target::is_targeted(&spec.scope, *ns))
+    {
+        targeted += 1;
+        if state(owner, secret(ns.name()), content) == State::Current {
+            current += 1;
+        }
+    }
+    (targeted, current)
+}
+
 /// How an existing Secret of the target name relates to what should be there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -369,6 +392,32 @@ mod tests {
         assert_eq!(plan.writes, vec![Write::Create("a".into()), Write::Apply("c".into())]);
         assert_eq!(plan.current, vec!["b".to_owned()]);
         assert!(plan.deletes.is_empty() && plan.conflicts.is_empty());
+    }
+
+    #[test]
+    fn the_tally_counts_targeted_namespaces_and_those_holding_the_current_secret() {
+        let c = content();
+        let other = Owner {
+            name: "other".into(),
+            ..owner()
+        };
+        let namespaces = [ns("a"), ns("b"), ns("c"), ns("d"), ns("kube-system")];
+        let secrets = [
+            managed(&owner(), "a", "pullkeeper-ghcr", &c.hash),
+            managed(&owner(), "b", "pullkeeper-ghcr", "old"),
+            managed(&other, "c", "pullkeeper-ghcr", &c.hash),
+        ];
+        let scope = Scope::Cluster {
+            selector: None,
+            namespaces: None,
+            exclude: vec!["kube-system".into()],
+        };
+        let lookup = |n: &str| secrets.iter().find(|s| *s.namespace == *n);
+        assert_eq!(
+            tally(&owner(), &spec(scope), &c, &namespaces, lookup),
+            (4, 1),
+            "a: current; b: stale; c: someone else's; d: missing; kube-system: not targeted"
+        );
     }
 
     #[test]

@@ -99,17 +99,26 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
     }
     let (generation, who) = (obj.meta().generation, obj.reference());
     let last = ctx.requests.passes().last(&who);
-    if let Some(content) = &content
-        && let Pass::Namespaces(namespaces, due) =
-            passes::choose(pending, last.as_ref(), generation, &content.hash, Instant::now())
-    {
-        let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, Some(content), Some(&namespaces)).await;
-        let clean = sync.failures.is_empty() && !retryable;
-        ctx.requests.passes().namespaces_done(&who, due, clean);
-        let wait = due.saturating_duration_since(Instant::now());
-        return Ok(Action::requeue(wait.max(passes::SOON)));
-    }
-    let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, content.as_ref(), None).await;
+    let pass = content
+        .as_ref()
+        .map(|c| passes::choose(pending, last.as_ref(), generation, &c.hash, Instant::now()));
+    let counted = match (pass, &content) {
+        (Some(Pass::Namespaces(namespaces, due)), Some(content)) => {
+            let (sync, retryable) = fan_out(obj, &owner, ctx, &spec, Some(content), Some(&namespaces)).await;
+            let clean = sync.failures.is_empty() && !retryable;
+            ctx.requests.passes().namespaces_done(&who, due, clean);
+            let wait = due.saturating_duration_since(Instant::now());
+            return Ok(Action::requeue(wait.max(passes::SOON)));
+        }
+        (Some(Pass::Status(namespaces)), Some(content)) => {
+            status_pass(obj, &owner, ctx, &spec, content, &namespaces).await
+        }
+        _ => None,
+    };
+    let (sync, retryable) = match counted {
+        Some(sync) => (sync, false),
+        None => fan_out(obj, &owner, ctx, &spec, content.as_ref(), None).await,
+    };
     if let Some(content) = &content {
         let clean = sync.failures.is_empty() && !retryable && sync.synced == sync.targeted;
         ctx.requests.passes().full_done(&who, generation, &content.hash, clean);
@@ -162,6 +171,38 @@ async fn apply_spec<K: CredentialKind>(obj: &K, ctx: &Arc<Context>) -> Result<Ac
     report::finish(obj, ctx, &outcome, Action::requeue(delay)).await
 }
 
+/// A status pass: writes what differs in `namespaces` (if any), then counts the others
+/// from the index. `None` when anything is out of place: a full pass is needed.
+async fn status_pass<K: CredentialKind>(
+    obj: &K,
+    owner: &secret::Owner,
+    ctx: &Context,
+    spec: &ValidSpec,
+    content: &secret::Content,
+    namespaces: &BTreeSet<String>,
+) -> Option<SyncReport> {
+    // Those namespaces as the pass left them (the index may not show its writes yet).
+    let mut done = SyncReport::default();
+    if !namespaces.is_empty() {
+        let retryable;
+        (done, retryable) = fan_out(obj, owner, ctx, spec, Some(content), Some(namespaces)).await;
+        if !done.failures.is_empty() || retryable {
+            return None;
+        }
+    }
+    let (targeted, synced) = {
+        let (all, secrets) = (ctx.caches.namespaces.read(), ctx.caches.secrets.read());
+        let others = all.iter().filter(|n| !namespaces.contains(&*n.name));
+        plan::tally(owner, spec, content, others, |ns| secrets.get(ns, &spec.secret_name))
+    };
+    let (targeted, synced) = (targeted + done.targeted, synced + done.synced);
+    (synced == targeted).then(|| SyncReport {
+        targeted,
+        synced,
+        failures: Vec::new(),
+    })
+}
+
 /// Plans from the caches and writes what differs, in every namespace or only `within`
 /// those; returns how it went and whether a failure deserves a quick retry. Without a
 /// credential nothing is written.
@@ -182,23 +223,12 @@ async fn fan_out<K: CredentialKind>(
             ctx.caches.secrets.read(),
             ctx.caches.service_accounts.read(),
         );
-        let namespaces: Vec<_> = match within {
-            // A few namespaces: looked up, not the whole list.
-            Some(names) => names.iter().filter_map(|n| namespaces.get(n, n)).collect(),
-            None => namespaces.iter().collect(),
-        };
+        let namespaces: Vec<_> = namespaces.among(within).collect();
         // Only what concerns this credential: Secrets of its name (its own or in the way)
         // and its own Secrets of another name (to delete). Thousands of others are no input.
         let relevant = |s: &&ManagedSecret| *s.name == spec.secret_name || s.owned_by(owner);
-        let mine: Vec<_> = match within {
-            // A namespace pass looks at those namespaces' Secrets, not at all 200,000.
-            Some(names) => names.iter().flat_map(|n| secrets.within(n)).filter(relevant).collect(),
-            None => secrets.iter().filter(relevant).collect(),
-        };
-        let sas: Vec<_> = match within {
-            Some(names) => names.iter().flat_map(|n| sas.within(n)).collect(),
-            None => sas.iter().collect(),
-        };
+        let mine: Vec<_> = secrets.among(within).filter(relevant).collect();
+        let sas: Vec<_> = sas.among(within).collect();
         let snapshot = Snapshot {
             namespaces: &namespaces,
             managed_secrets: &mine,

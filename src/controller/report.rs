@@ -33,6 +33,9 @@ pub async fn finish<K: CredentialKind>(
         // those (a later reconcile writes the last), at once for anything else.
         let who = obj.reference();
         if previous.is_some_and(|p| status::counts_only(p, &next)) && ctx.status_writes.recent(&who) {
+            // The counts follow in a status pass, not another full one.
+            let at = std::time::Instant::now() + status::COALESCE;
+            ctx.requests.passes().status_later(&who, at);
             return Ok(Action::requeue(status::COALESCE));
         }
         patch_status(obj, ctx, &next).await?;

@@ -9,7 +9,7 @@
 //! and strings that repeat (Secret names, writers, `imagePullSecrets` entries) are stored
 //! once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
@@ -57,6 +57,16 @@ impl<V: Entry> Groups<V> {
     /// Every entry.
     pub fn iter(&self) -> impl Iterator<Item = &V> {
         self.groups.values().flatten()
+    }
+
+    /// The entries in `namespaces`, or (`None`) every entry: a pass over a few namespaces
+    /// looks them up instead of walking everything.
+    pub fn among<'a>(&'a self, namespaces: Option<&'a BTreeSet<String>>) -> impl Iterator<Item = &'a V> + 'a {
+        let (some, all) = match namespaces {
+            Some(names) => (Some(names.iter().flat_map(|n| self.within(n))), None),
+            None => (None, Some(self.iter())),
+        };
+        some.into_iter().flatten().chain(all.into_iter().flatten())
     }
 
     /// How many entries.
@@ -242,6 +252,22 @@ mod tests {
 
     fn at(ns: &'static str, e: (&'static str, u32)) -> E {
         E(ns, e.0, e.1)
+    }
+
+    #[test]
+    fn among_some_namespaces_reads_only_theirs_and_none_means_all() {
+        let index = Index::<E>::default();
+        for (ns, name) in [("a", "x"), ("a", "y"), ("b", "x"), ("c", "x")] {
+            index.apply(&watcher::Event::Apply(at(ns, (name, 1))));
+        }
+        let names = |within: Option<&BTreeSet<String>>| {
+            let mut out: Vec<_> = index.read().among(within).map(|e| format!("{}/{}", e.0, e.1)).collect();
+            out.sort();
+            out
+        };
+        let some = BTreeSet::from(["a".to_owned(), "c".to_owned(), "gone".to_owned()]);
+        assert_eq!(names(Some(&some)), ["a/x", "a/y", "c/x"]);
+        assert_eq!(names(None), ["a/x", "a/y", "b/x", "c/x"]);
     }
 
     #[tokio::test]
