@@ -29,7 +29,9 @@ pub fn namespace_concerns(
             let who = CredentialRef::cluster(name.as_str());
             let t = &c.spec.target;
             let scope = validate::Scope::Cluster {
-                selector: t.namespace_selector.clone().and_then(|s| s.try_into().ok()),
+                selector: (t.namespace_selector.clone())
+                    .and_then(|s| kube::core::Selector::try_from(s).ok())
+                    .map(Into::into),
                 namespaces: t.namespaces.clone(),
                 exclude: t.exclude_namespaces.clone(),
             };

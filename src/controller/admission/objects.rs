@@ -79,7 +79,7 @@ pub fn namespace_selector(scope: &Scope) -> LabelSelector {
             namespaces,
             exclude,
         } => {
-            let mut s = selector.clone().unwrap_or_default();
+            let mut s = selector.as_ref().map(|s| s.selector().clone()).unwrap_or_default();
             if let Some(allowed) = namespaces {
                 s.extend([Expression::In(NAMESPACE_NAME_LABEL.into(), name(allowed))]);
             }

@@ -16,8 +16,11 @@ use crate::provider::ProviderSpec;
 use crate::registry::{HostError, RegistryHost};
 
 mod duration;
+mod selector;
 mod tenancy;
+
 pub use duration::duration;
+pub use selector::NamespaceSelector;
 use tenancy::own_registry_only;
 pub use tenancy::{confine_sources, tenancy};
 
@@ -128,7 +131,7 @@ pub enum Scope {
     /// Cluster kind: namespaces chosen by the target rules.
     Cluster {
         /// Label selector, if any.
-        selector: Option<Selector>,
+        selector: Option<NamespaceSelector>,
         /// Allow-list, if any.
         namespaces: Option<Vec<String>>,
         /// Deny-list.
@@ -194,6 +197,7 @@ pub fn cluster(name: &str, spec: &ClusterRegistryCredentialSpec) -> Result<Valid
                 .clone()
                 .map(Selector::try_from)
                 .transpose()
+                .map(|s| s.map(NamespaceSelector::from))
                 .map_err(|e| SpecError::Selector(e.to_string()))?,
             namespaces: t.namespaces.clone(),
             exclude: t.exclude_namespaces.clone(),
