@@ -54,16 +54,8 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
         };
         plan::cleanup(owner, &snapshot)
     };
-    let done = apply::execute(
-        &ctx.client,
-        &ctx.accounts,
-        owner,
-        "",
-        None,
-        &plan,
-        ctx.write_concurrency,
-    )
-    .await;
+    let deleted = plan.deletes.len();
+    let done = apply::execute(&ctx.client, &ctx.accounts, owner, "", None, plan, ctx.write_concurrency).await;
     if let Some(f) = done.failures.first() {
         return Err(Error::CleanupIncomplete {
             kind: who.kind(),
@@ -71,7 +63,7 @@ pub async fn remove_everything(who: &CredentialRef, owner: &Owner, ctx: &Context
             message: f.message.clone(),
         });
     }
-    tracing::info!(secrets = plan.deletes.len(), "removed everything this credential wrote");
+    tracing::info!(secrets = deleted, "removed everything this credential wrote");
     Ok(())
 }
 

@@ -210,7 +210,7 @@ mod tests {
     /// time, with the `default` ServiceAccount of [`default_sa`] in the cache.
     async fn execute(client: &Client, plan: &Plan) -> apply::Outcome {
         let accounts = accounts(client, &[default_sa()]);
-        apply::execute(client, &accounts, &owner(), "pull", Some(&content()), plan, 1).await
+        apply::execute(client, &accounts, &owner(), "pull", Some(&content()), plan.clone(), 1).await
     }
 
     fn default_sa() -> Value {

@@ -217,7 +217,7 @@ async fn fan_out<K: CredentialKind>(
     let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
     let rivals = ctx.objects.rivals(&obj.reference(), created, &spec.secret_name);
     // Planned from the indexes as they are now; nothing is awaited while they are read.
-    let (plan, managed) = {
+    let (mut plan, managed) = {
         let (namespaces, secrets, sas) = (
             ctx.caches.namespaces.read(),
             ctx.caches.secrets.read(),
@@ -237,27 +237,27 @@ async fn fan_out<K: CredentialKind>(
         };
         (plan::compute(owner, spec, content, &snapshot), secrets.len())
     };
+    let (targeted, current) = (std::mem::take(&mut plan.targeted), std::mem::take(&mut plan.current));
     let done = apply::execute(
         &ctx.client,
         &ctx.accounts,
         owner,
         &spec.secret_name,
         content,
-        &plan,
+        plan,
         ctx.write_concurrency,
     )
     .await;
     ctx.metrics.observe_writes(K::KIND, done.requests);
     ctx.metrics.set_managed_secrets(managed);
     let failed: HashSet<&str> = done.failures.iter().map(|f| f.namespace.as_str()).collect();
-    let holding: HashSet<&str> = plan.current.iter().chain(&done.written).map(String::as_str).collect();
-    let synced = plan
-        .targeted
+    let holding: HashSet<&str> = current.iter().chain(&done.written).map(String::as_str).collect();
+    let synced = targeted
         .iter()
         .filter(|ns| !failed.contains(ns.as_str()) && holding.contains(ns.as_str()))
         .count();
     let sync = SyncReport {
-        targeted: plan.targeted.len(),
+        targeted: targeted.len(),
         synced,
         failures: done.failures,
     };

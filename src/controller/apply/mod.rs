@@ -47,35 +47,43 @@ struct Unit {
 
 /// Executes the plan, namespaces concurrently (at most `concurrency` at once), each
 /// namespace's steps in order; a namespace whose Secret could not be written gets no
-/// ServiceAccount entry.
+/// ServiceAccount entry. The plan's steps move into the work (at 10,000 namespaces a
+/// copy of them was megabytes at the peak); its `targeted` and `current` are not read.
 pub async fn execute(
     client: &Client,
     accounts: &Accounts,
     owner: &Owner,
     secret_name: &str,
     content: Option<&Content>,
-    plan: &Plan,
+    plan: Plan,
     concurrency: usize,
 ) -> Outcome {
     let mut out = Outcome::default();
-    for c in &plan.conflicts {
+    for c in plan.conflicts {
         let conflict = Error::Conflict {
-            namespace: c.namespace.clone(),
+            namespace: c.namespace,
             name: secret_name.to_owned(),
-            holder: c.holder.clone(),
+            holder: c.holder,
         };
         out.failures.push(conflict.to_failure());
     }
-    let mut units: BTreeMap<&str, Unit> = BTreeMap::new();
-    for w in &plan.writes {
-        let (Write::Create(ns) | Write::Apply(ns)) = w;
-        units.entry(ns).or_default().write = Some(w.clone());
+    let mut units: BTreeMap<String, Unit> = BTreeMap::new();
+    for w in plan.writes {
+        let (Write::Create(ns) | Write::Apply(ns)) = &w;
+        let ns = ns.clone();
+        units.entry(ns).or_default().write = Some(w);
     }
-    for c in &plan.sa_changes {
-        units.entry(&c.namespace).or_default().sa_changes.push(c.clone());
+    for c in plan.sa_changes {
+        match units.get_mut(&c.namespace) {
+            Some(unit) => unit.sa_changes.push(c),
+            None => units.entry(c.namespace.clone()).or_default().sa_changes.push(c),
+        }
     }
-    for d in &plan.deletes {
-        units.entry(&d.namespace).or_default().deletes.push(d.clone());
+    for d in plan.deletes {
+        match units.get_mut(&d.namespace) {
+            Some(unit) => unit.deletes.push(d),
+            None => units.entry(d.namespace.clone()).or_default().deletes.push(d),
+        }
     }
     // Each namespace's results are taken in as they come, not gathered first (at 10,000
     // namespaces that was megabytes at the peak).
