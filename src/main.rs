@@ -375,10 +375,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let deny_registry_cidrs: Vec<pullkeeper::registry::Cidr> =
         args.deny_registry_cidrs.into_iter().flat_map(|l| l.0).collect();
-    let workload_checks = args.workload_checks.then(|| pullkeeper::workload::operator::Settings {
-        interval: args.workload_check_interval,
-        deny_registry_cidrs: deny_registry_cidrs.clone(),
-    });
+    let workload_checks = args.workload_checks.then_some(args.workload_check_interval);
     let settings = pullkeeper::controller::Settings {
         credential_selector: args.credential_selector,
         leader,

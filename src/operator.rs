@@ -106,14 +106,15 @@ pub async fn run_with(
             webhook = start_webhook(&client, &settings, listener, w, &shutdown).await;
         }
         health.set_ready(true);
+        let beside = workload_checks(&settings, &shutdown);
         match settings.leader.clone() {
-            None => controller::run(client, metrics, settings, shutdown.clone()).await,
+            None => controller::run(client, metrics, settings, beside, shutdown.clone()).await,
             Some(config) => {
                 let elector = crate::leader::Elector::new(client.clone(), config);
                 metrics.set_leader(false);
                 if elector.acquire(&shutdown).await {
                     metrics.set_leader(true);
-                    let controllers = controller::run(client, metrics.clone(), settings, shutdown.clone());
+                    let controllers = controller::run(client, metrics.clone(), settings, beside, shutdown.clone());
                     tokio::select! {
                         () = controllers => elector.release().await,
                         // Dropping the controllers stops every reconcile at once: a replica
@@ -169,6 +170,18 @@ async fn start_webhook(
         webhook,
         shutdown.clone(),
     )))
+}
+
+/// The workload checks, if turned on, as work beside the controllers.
+fn workload_checks(settings: &Settings, shutdown: &CancellationToken) -> Option<controller::Beside> {
+    let checks = crate::workload::operator::Settings {
+        interval: settings.workload_checks?,
+        deny_registry_cidrs: settings.deny_registry_cidrs.clone(),
+    };
+    let shutdown = shutdown.clone();
+    Some(Box::new(move |shared| {
+        Box::pin(crate::workload::operator::run(shared, checks, shutdown))
+    }))
 }
 
 fn joined(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {

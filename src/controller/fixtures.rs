@@ -486,7 +486,7 @@ mod tests {
                 assert_eq!(body[1]["value"], json!(["other.io/keep"]), "{body}");
             }),
         ]);
-        crate::controller::cleanup::reconcile_guarded(Arc::new(unreadable), context(client))
+        crate::controller::guarded::reconcile_guarded(Arc::new(unreadable), context(client))
             .await
             .expect("cleaned up");
         server.await.expect("the apiserver saw what it expected");

@@ -12,6 +12,7 @@ pub mod credential;
 mod error;
 #[cfg(test)]
 pub mod fixtures;
+pub mod guarded;
 pub mod identity;
 pub mod index;
 pub mod kind;
@@ -124,10 +125,30 @@ pub struct Settings {
     pub namespaced_ambient_credentials: bool,
     /// Cloud endpoints chosen by the administrator (Google STS, IAM Credentials, token URL).
     pub endpoints: crate::provider::Endpoints,
-    /// Check the images workloads use, beside the controllers (opt-in; see
-    /// [`crate::workload::operator`]).
-    pub workload_checks: Option<crate::workload::operator::Settings>,
+    /// Check the images workloads use, beside the controllers, every this often (opt-in;
+    /// `None`: off). The operator runs the checks as the [`Beside`] work.
+    pub workload_checks: Option<Duration>,
 }
+
+/// What the controllers share with work that runs beside them on the leader (the
+/// workload checks): the client, metrics, and the watches' indexes and credential stores.
+#[derive(Clone)]
+pub struct Shared {
+    /// API client.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Namespaces, managed Secrets and ServiceAccounts.
+    pub caches: watches::Caches,
+    /// Both kinds of credentials.
+    pub credentials: watches::Credentials,
+    /// Reporter instance for Events (the pod name).
+    pub instance: Option<String>,
+}
+
+/// Work that runs beside the controllers, started with what they share once their
+/// watches are up, and stopped with them.
+pub type Beside = Box<dyn FnOnce(Shared) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 /// Waits until both CRDs are served, polling with a capped delay, so the operator can start
 /// before its CRDs are installed instead of crashing. Returns false if shut down first.
@@ -154,7 +175,13 @@ pub async fn wait_for_crds(client: &Client, shutdown: &CancellationToken) -> boo
 }
 
 /// Runs both controllers until `shutdown` is cancelled. Call [`wait_for_crds`] first.
-pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    beside: Option<Beside>,
+    shutdown: CancellationToken,
+) {
     let mut wc = watcher::Config::default().any_semantic();
     if let Some(selector) = &settings.credential_selector {
         wc = wc.labels(selector);
@@ -183,15 +210,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         }
     };
     tracing::info!(?route, "pod admission route");
-    let workload_checks = settings.workload_checks.clone().map(|w| {
-        let inputs = crate::workload::operator::Inputs {
+    let beside = beside.map(|start| {
+        start(Shared {
             client: client.clone(),
             metrics: metrics.clone(),
             caches: caches.clone(),
             credentials: credentials.clone(),
             instance: settings.instance.clone(),
-        };
-        crate::workload::operator::run(inputs, w, shutdown.clone())
+        })
     });
     let issued = Arc::new(cache::CredentialCache::default());
     let ctx = Arc::new(Context {
@@ -230,8 +256,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .reconcile_on(cluster_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
-            cleanup::reconcile_guarded::<ClusterRegistryCredential>,
-            cleanup::error_policy_guarded::<ClusterRegistryCredential>,
+            guarded::reconcile_guarded::<ClusterRegistryCredential>,
+            guarded::error_policy_guarded::<ClusterRegistryCredential>,
             ctx.clone(),
         )
         .for_each(|res| async move { log_result(res) });
@@ -240,19 +266,19 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .reconcile_on(namespaced_requests)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
-            cleanup::reconcile_guarded::<RegistryCredential>,
-            cleanup::error_policy_guarded::<RegistryCredential>,
+            guarded::reconcile_guarded::<RegistryCredential>,
+            guarded::error_policy_guarded::<RegistryCredential>,
             ctx,
         )
         .for_each(|res| async move { log_result(res) });
     tracing::info!("controllers started");
     // Joined, not spawned: a replica that loses the Lease drops them with the controllers.
-    let workload_checks = async move {
-        if let Some(checks) = workload_checks {
-            checks.await;
+    let beside = async move {
+        if let Some(work) = beside {
+            work.await;
         }
     };
-    futures::join!(cluster, namespaced, workload_checks);
+    futures::join!(cluster, namespaced, beside);
     tracing::info!("controllers stopped");
 }
 

@@ -63,7 +63,7 @@ pub fn senior(a: (Option<Timestamp>, &CredentialRef), b: (Option<Timestamp>, &Cr
 
 /// An entry to add to or remove from a ServiceAccount's `imagePullSecrets`. The patch is
 /// made when it is written, from the freshest copy of the ServiceAccount, together with
-/// the other credentials' entries for it (see [`super::apply::Accounts`]).
+/// the other credentials' entries for it (see `apply::Accounts`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaChange {
     /// Namespace.

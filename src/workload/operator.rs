@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,9 +18,8 @@ use super::track::{Tracker, WorkloadKey};
 use super::{cluster, images, plan, platforms, publish, resolver, select, track, watch};
 use crate::controller::CredentialKind as _;
 use crate::controller::identity::CredentialRef;
-use crate::controller::watches::{Caches, Credentials, readable};
+use crate::controller::watches::{Credentials, readable};
 use crate::crd::WorkloadSummary;
-use crate::metrics::Metrics;
 use crate::registry::{AddressPolicy, Cidr, RegistryClient, TlsOptions};
 
 /// How the operator runs workload checks.
@@ -41,18 +39,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 const RESCAN: Duration = Duration::from_secs(5);
 
 /// What the rounds read from: the controllers' caches and credential stores.
-pub struct Inputs {
-    /// API client.
-    pub client: Client,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Namespaces, managed Secrets and ServiceAccounts.
-    pub caches: Caches,
-    /// Both kinds of credentials.
-    pub credentials: Credentials,
-    /// Reporter instance for Events (the pod name).
-    pub instance: Option<String>,
-}
+pub type Inputs = crate::controller::Shared;
 
 struct Rounds {
     inputs: Inputs,
