@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use pullkeeper::crd::{ClusterRegistryCredential, RegistryCredential};
 use serde_json::{Value, json};
@@ -45,7 +45,19 @@ async fn tenant(admin: &Client, namespace: &str, user: &str) -> Client {
         .await
         .expect("config");
     config.auth_info.impersonate = Some(user.to_owned());
-    Client::try_from(config).expect("tenant client")
+    let client = Client::try_from(config).expect("tenant client");
+    // The apiserver's authorizer learns of the binding from its own watch: wait until the
+    // tenant's rights are in effect (a 403 right after creating them was seen once).
+    let in_effect = eventually(Duration::from_secs(30), || async {
+        let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+        secrets.list(&ListParams::default().limit(1)).await.ok().map(|_| ())
+    })
+    .await;
+    assert!(
+        in_effect.is_some(),
+        "the tenant's Role in {namespace} never took effect"
+    );
+    client
 }
 
 /// Applies a RegistryCredential as `client` (a tenant).
